@@ -1,0 +1,139 @@
+"""Every error workflow-agent raises on purpose, in one tree.
+
+    WorkflowAgentError                  root; ``hint`` says what to do about it
+    ├── InvalidInputError               the request is wrong            (exit 2)
+    │   ├── UnknownIntegrationError     no such integration; close names offered
+    │   ├── ParameterError              missing / unknown / mistyped / pattern mismatch
+    │   ├── UnsupportedPlatformError    no platform or method fits the target's facts
+    │   └── ConfigurationError          configuration file or setting is invalid
+    ├── DefinitionError                 an integration definition is invalid (file + field)
+    ├── ValidationRefusedError          generated scripts failed validation   (exit 3)
+    ├── TargetError                     the target cannot be used            (exit 6)
+    │   ├── TargetUnreachableError      cannot connect / start the target
+    │   └── SandboxToolingMissingError  a host tool the sandbox needs is missing
+    ├── ExecutionFailedError            a script on the target failed / timed out (exit 4)
+    ├── VerificationFailedError         the integration does not work after install (exit 5)
+    ├── LeftoversError                  uninstall left things behind           (exit 5)
+    └── HistoryError                    the history store cannot be read or written
+
+Third-party errors are converted at the boundary (``raise ... from exc``). Only the CLI
+turns these into messages for people; everything below it raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class WorkflowAgentError(Exception):
+    """Root of every deliberate workflow-agent error.
+
+    ``hint`` tells the user what to do; the CLI prints it under the message.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class InvalidInputError(WorkflowAgentError):
+    """The request itself is wrong: nothing was changed on any target."""
+
+    exit_code = 2
+
+
+class UnknownIntegrationError(InvalidInputError):
+    """The named integration is not in the registry."""
+
+    def __init__(self, name: str, close: Sequence[str], available: Sequence[str]) -> None:
+        if close:
+            hint = "Did you mean: " + ", ".join(close) + "?"
+        else:
+            hint = "Available integrations: " + (", ".join(available) or "none")
+        super().__init__(f"unknown integration {name!r}", hint=hint)
+        self.name = name
+        self.close = list(close)
+
+
+class ParameterError(InvalidInputError):
+    """A parameter is missing, unknown, of the wrong type or does not match its pattern."""
+
+    def __init__(self, parameter: str, problem: str, *, hint: str | None = None) -> None:
+        super().__init__(f"parameter {parameter!r}: {problem}", hint=hint)
+        self.parameter = parameter
+
+
+class UnsupportedPlatformError(InvalidInputError):
+    """No supported platform or installation method matches the target's facts."""
+
+
+class ConfigurationError(InvalidInputError):
+    """The configuration (file, environment or flags) is invalid."""
+
+
+class DefinitionError(WorkflowAgentError):
+    """An integration definition failed to load; names the file and the field."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, field: str, problem: str) -> None:
+        super().__init__(
+            f"{path}: {field}: {problem}",
+            hint="Fix the integration definition; docs/writing-integrations.md "
+            "describes every field.",
+        )
+        self.path = path
+        self.field = field
+
+
+class ValidationRefusedError(WorkflowAgentError):
+    """Generated scripts have validation errors, so nothing was run."""
+
+    exit_code = 3
+
+
+class TargetError(WorkflowAgentError):
+    """The target cannot be used."""
+
+    exit_code = 6
+
+
+class TargetUnreachableError(TargetError):
+    """The target cannot be reached or started."""
+
+
+class SandboxToolingMissingError(TargetError):
+    """A host tool that the sandbox target needs is not installed."""
+
+    def __init__(self, tool: str, package: str) -> None:
+        super().__init__(
+            f"the sandbox target needs {tool!r}, which is not installed",
+            hint=f"Install it with: apt-get install {package}",
+        )
+        self.tool = tool
+        self.package = package
+
+
+class ExecutionFailedError(WorkflowAgentError):
+    """A script on the target exited non-zero or timed out."""
+
+    exit_code = 4
+
+
+class VerificationFailedError(WorkflowAgentError):
+    """Checks after install found the integration not working."""
+
+    exit_code = 5
+
+
+class LeftoversError(WorkflowAgentError):
+    """Uninstall finished but left files, packages or users behind."""
+
+    exit_code = 5
+
+
+class HistoryError(WorkflowAgentError):
+    """The history store cannot be read or written."""

@@ -1,0 +1,1 @@
+"""Targets (where scripts run) and the executor that changes them."""

@@ -1,0 +1,137 @@
+"""Facts about a target: what it is, how it installs software, how it runs services.
+
+Gathered by one read-only script run on the target, so every target kind (local,
+sandbox, and later ssh and docker) reports facts the same way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from workflow_agent.errors import TargetUnreachableError
+
+if TYPE_CHECKING:
+    from workflow_agent.execution.target import Target
+
+InitSystem = Literal["systemd", "sysv", "none"]
+
+# Read-only. Prints "key=value" lines, then "--packages--" and "name<TAB>version" lines.
+FACTS_SCRIPT = r"""
+. /etc/os-release 2>/dev/null || true
+echo "distro=${ID:-unknown}"
+echo "distro_like=${ID_LIKE:-}"
+echo "distro_version=${VERSION_ID:-}"
+echo "distro_codename=${VERSION_CODENAME:-}"
+echo "kernel=$(uname -r)"
+echo "machine=$(uname -m)"
+echo "hostname=$(cat /etc/hostname 2>/dev/null || uname -n)"
+echo "uid=$(id -u)"
+if command -v dpkg >/dev/null 2>&1; then echo "dpkg_arch=$(dpkg --print-architecture)"; fi
+for pm in apt-get dnf yum zypper apk pacman; do
+  if command -v "$pm" >/dev/null 2>&1; then echo "package_manager=$pm"; break; fi
+done
+if [ -d /run/systemd/system ]; then echo "init=systemd"
+elif [ -d /etc/init.d ] && command -v start-stop-daemon >/dev/null 2>&1; then echo "init=sysv"
+else echo "init=none"; fi
+echo "pid1=$(tr '\0' ' ' < /proc/1/cmdline 2>/dev/null | cut -d' ' -f1)"
+echo "--packages--"
+if command -v dpkg-query >/dev/null 2>&1; then
+  dpkg-query -W -f '${db:Status-Abbrev}\t${Package}\t${Version}\n' 2>/dev/null \
+    | awk -F'\t' '$1 ~ /^ii/ {print $2 "\t" $3}'
+elif command -v rpm >/dev/null 2>&1; then
+  rpm -qa --qf '%{NAME}\t%{VERSION}-%{RELEASE}\n'
+fi
+"""
+
+_FAMILIES = {
+    "debian": "debian",
+    "ubuntu": "debian",
+    "raspbian": "debian",
+    "rhel": "rhel",
+    "fedora": "rhel",
+    "centos": "rhel",
+    "rocky": "rhel",
+    "almalinux": "rhel",
+    "alpine": "alpine",
+    "opensuse": "suse",
+    "sles": "suse",
+    "arch": "arch",
+}
+
+_MACHINE_TO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf", "i686": "i386"}
+
+_PACKAGE_MANAGERS = {"apt-get": "apt", "dnf": "dnf", "yum": "yum", "zypper": "zypper",
+                     "apk": "apk", "pacman": "pacman"}
+
+
+class Facts(BaseModel):
+    """What a target is. Frozen: facts are gathered, never edited."""
+
+    model_config = ConfigDict(frozen=True)
+
+    os_family: str
+    distro: str
+    distro_version: str
+    distro_codename: str = ""
+    arch: str
+    kernel: str = ""
+    hostname: str = ""
+    package_manager: str | None = None
+    init_system: InitSystem = "none"
+    is_root: bool = False
+    installed_packages: dict[str, str] = {}
+
+    def summary(self) -> dict[str, object]:
+        """The facts without the package list, for display and templates."""
+        return self.model_dump(exclude={"installed_packages"})
+
+
+def parse_facts(output: str) -> Facts:
+    """Parse the output of ``FACTS_SCRIPT``."""
+    head, _, packages_text = output.partition("--packages--\n")
+    values: dict[str, str] = {}
+    for line in head.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key not in values:
+            values[key] = value.strip()
+    packages: dict[str, str] = {}
+    for line in packages_text.splitlines():
+        name, sep, version = line.partition("\t")
+        if sep:
+            packages[name] = version
+    distro = values.get("distro", "unknown")
+    family = _FAMILIES.get(distro)
+    if family is None:
+        family = next(
+            (_FAMILIES[like] for like in values.get("distro_like", "").split() if like in _FAMILIES),
+            "unknown",
+        )
+    machine = values.get("machine", "")
+    init = values.get("init", "none")
+    return Facts(
+        os_family=family,
+        distro=distro,
+        distro_version=values.get("distro_version", ""),
+        distro_codename=values.get("distro_codename", ""),
+        arch=values.get("dpkg_arch") or _MACHINE_TO_ARCH.get(machine, machine),
+        kernel=values.get("kernel", ""),
+        hostname=values.get("hostname", ""),
+        package_manager=_PACKAGE_MANAGERS.get(values.get("package_manager", "")),
+        init_system=init if init in ("systemd", "sysv", "none") else "none",  # type: ignore[arg-type]
+        is_root=values.get("uid") == "0",
+        installed_packages=packages,
+    )
+
+
+async def gather_facts(target: Target) -> Facts:
+    """Run ``FACTS_SCRIPT`` on ``target`` and parse what it prints."""
+    result = await target.run(FACTS_SCRIPT, timeout=60)
+    if not result.ok:
+        raise TargetUnreachableError(
+            f"could not gather facts from {target.identity}: exit {result.exit_code}: "
+            f"{result.stderr.strip()[-500:]}",
+            hint="Check that the target runs bash and that you can run commands on it.",
+        )
+    return parse_facts(result.stdout)
