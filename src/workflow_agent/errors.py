@@ -14,6 +14,7 @@
     ├── ExecutionFailedError            a script on the target failed / timed out (exit 4)
     ├── VerificationFailedError         the integration does not work after install (exit 5)
     ├── LeftoversError                  uninstall left things behind           (exit 5)
+    ├── NotConfirmedError               the user declined (or could not be asked) (exit 7)
     └── HistoryError                    the history store cannot be read or written
 
 Third-party errors are converted at the boundary (``raise ... from exc``). Only the CLI
@@ -133,6 +134,12 @@ class LeftoversError(WorkflowAgentError):
     """Uninstall finished but left files, packages or users behind."""
 
     exit_code = 5
+
+
+class NotConfirmedError(WorkflowAgentError):
+    """The user declined the change, or it needed confirmation nobody could give."""
+
+    exit_code = 7
 
 
 class HistoryError(WorkflowAgentError):

@@ -1,0 +1,32 @@
+"""``WorkflowAgent``: the main controller. Wires the agents onto the bus and runs workflows."""
+
+from __future__ import annotations
+
+from workflow_agent.agents.builder import ScriptBuilderAgent
+from workflow_agent.agents.coordinator import Confirm, Coordinator, WorkflowRequest
+from workflow_agent.agents.execution import ExecutionAgent
+from workflow_agent.agents.knowledge import KnowledgeAgent
+from workflow_agent.agents.recorder import HistoryRecorder
+from workflow_agent.agents.verification import VerificationAgent
+from workflow_agent.container import Container
+from workflow_agent.state import WorkflowState
+
+
+class WorkflowAgent:
+    """Runs workflows with the services of one ``Container``."""
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        bus = container.bus
+        HistoryRecorder(container.history).attach(bus)
+        KnowledgeAgent(container.registry).attach(bus)
+        ScriptBuilderAgent(container.config.cache_dir).attach(bus)
+        ExecutionAgent(container.pool, container.redactor).attach(bus)
+        VerificationAgent(container.pool).attach(bus)
+        self.coordinator = Coordinator(
+            bus, container.pool, container.config, container.redactor, container.history
+        )
+
+    async def run(self, request: WorkflowRequest, confirm: Confirm | None = None) -> WorkflowState:
+        """Run one workflow to its end; the returned state says how it ended."""
+        return await self.coordinator.run(request, confirm)

@@ -1,0 +1,475 @@
+"""The coordinator: drives one workflow through its stages over the bus.
+
+install:   validate > facts > knowledge > strategy > generate > script-validation >
+           (confirm) > baseline > execute > verify
+verify:    validate > facts > knowledge > strategy > generate > script-validation > verify
+uninstall: validate > facts > knowledge > strategy > generate > script-validation >
+           (confirm) > execute > proof
+plan:      validate > facts > knowledge > strategy > generate > script-validation
+
+Each stage returns a new ``WorkflowState``; after each, a ``workflow.stage`` event carries
+the state and the stage's artifacts (history and progress subscribe). Only the
+execution agent changes the target, and only after validation passed and the user
+confirmed.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from workflow_agent.agents import builder, execution, knowledge, verification
+from workflow_agent.bus import MessageBus
+from workflow_agent.config import WorkflowConfiguration
+from workflow_agent.errors import (
+    ExecutionFailedError,
+    LeftoversError,
+    NotConfirmedError,
+    ValidationRefusedError,
+    VerificationFailedError,
+    WorkflowAgentError,
+)
+from workflow_agent.execution.pool import TargetPool
+from workflow_agent.execution.target import Target
+from workflow_agent.integrations.params import ResolvedParams, resolve_params
+from workflow_agent.integrations.registry import Integration
+from workflow_agent.scripting.render import render_checks
+from workflow_agent.secrets import Redactor
+from workflow_agent.state import Action, ErrorInfo, StageRecord, WorkflowState, now
+from workflow_agent.storage.history import HistoryStore
+
+STARTED_EVENT = "workflow.started"
+STAGE_EVENT = "workflow.stage"
+FINISHED_EVENT = "workflow.finished"
+
+#: Called with the state just before the target is changed; False declines.
+Confirm = Callable[[WorkflowState], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class WorkflowRequest:
+    """What the user asked for. ``params`` are raw and may hold secrets: never stored."""
+
+    action: Action
+    integration: str
+    target: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=dict)
+    #: An already open target to use instead of opening ``target``; the caller closes it.
+    target_object: Target | None = None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Something a stage produced that history keeps (already masked)."""
+
+    kind: str
+    name: str
+    content: str
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """A stage ended: the new state, its record and its artifacts."""
+
+    state: WorkflowState
+    record: StageRecord
+    artifacts: tuple[Artifact, ...] = ()
+
+
+@dataclass
+class _Outcome:
+    changes: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+class _Failed(Exception):
+    """A stage failed but produced something worth keeping (output, findings, results)."""
+
+    def __init__(self, error: WorkflowAgentError, outcome: _Outcome) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.outcome = outcome
+
+
+class _Stopped(Exception):
+    """A stage failed; carries the final state."""
+
+    def __init__(self, state: WorkflowState) -> None:
+        super().__init__(state.error.message if state.error else "stopped")
+        self.state = state
+
+
+@dataclass
+class _Run:
+    """What one workflow has learned so far that is not part of the stored state."""
+
+    request: WorkflowRequest
+    integration: Integration | None = None
+    params: ResolvedParams | None = None
+    baseline: execution.Baseline | None = None
+
+
+class Coordinator:
+    """Runs workflows; one instance serves many."""
+
+    def __init__(
+        self,
+        bus: MessageBus,
+        pool: TargetPool,
+        config: WorkflowConfiguration,
+        redactor: Redactor,
+        history: HistoryStore,
+    ) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.config = config
+        self.redactor = redactor
+        self.history = history
+
+    async def run(self, request: WorkflowRequest, confirm: Confirm | None = None) -> WorkflowState:
+        """Run ``request`` to the end and return the final state (errors are in it)."""
+        state = WorkflowState(
+            workflow_id=str(uuid.uuid4()),
+            action=request.action,
+            integration=request.integration,
+            target=request.target,
+            started_at=now(),
+        )
+        await self.bus.publish(STARTED_EVENT, state)
+        run = _Run(request)
+        try:
+            state = await self._stages(state, run, confirm)
+            state = state.model_copy(update={"status": "succeeded", "finished_at": now()})
+        except _Stopped as stopped:
+            state = stopped.state
+        except BaseException as exc:
+            # A bug or an interrupt: still leave a complete record, then let it propagate.
+            info = ErrorInfo(type=type(exc).__name__, message=str(exc) or repr(exc), exit_code=1)
+            state = state.model_copy(update={"status": "failed", "error": info,
+                                             "finished_at": now()})
+            await self.bus.publish(FINISHED_EVENT, state)
+            await self.pool.release(state.workflow_id)
+            raise
+        await self.pool.release(state.workflow_id)
+        await self.bus.publish(FINISHED_EVENT, state)
+        return state
+
+    async def _stage(
+        self,
+        state: WorkflowState,
+        name: str,
+        body: Callable[[WorkflowState], Awaitable[_Outcome]],
+    ) -> WorkflowState:
+        started = now()
+        try:
+            outcome = await body(state)
+        except (WorkflowAgentError, _Failed) as caught:
+            kept = caught.outcome if isinstance(caught, _Failed) else _Outcome()
+            exc = caught.error if isinstance(caught, _Failed) else caught
+            record = StageRecord(
+                name=name, status="failed", started_at=started, finished_at=now(),
+                detail={**kept.detail, "error": self.redactor.redact(exc.message)},
+            )
+            status = "refused" if isinstance(exc, ValidationRefusedError) else "failed"
+            info = ErrorInfo(
+                type=type(exc).__name__,
+                message=self.redactor.redact(exc.message),
+                hint=self.redactor.redact(exc.hint) if exc.hint else None,
+                exit_code=exc.exit_code,
+            )
+            failed = state.after(
+                record, status=status, error=info, finished_at=now(), **kept.changes
+            )
+            await self.bus.publish(STAGE_EVENT, StageEvent(failed, record, tuple(kept.artifacts)))
+            raise _Stopped(failed) from exc
+        record = StageRecord(
+            name=name, status="succeeded", started_at=started, finished_at=now(),
+            detail=outcome.detail,
+        )
+        new = state.after(record, **outcome.changes)
+        await self.bus.publish(STAGE_EVENT, StageEvent(new, record, tuple(outcome.artifacts)))
+        return new
+
+    async def _stages(
+        self, state: WorkflowState, run: _Run, confirm: Confirm | None
+    ) -> WorkflowState:
+        action = run.request.action
+        state = await self._stage(state, "validate", lambda s: self._validate(s, run))
+        state = await self._stage(state, "facts", self._facts)
+        state = await self._stage(state, "knowledge", lambda s: self._knowledge(s, run))
+        state = await self._stage(state, "strategy", lambda s: self._strategy(s, run))
+        state = await self._stage(state, "generate", lambda s: self._generate(s, run))
+        state = await self._stage(state, "script-validation", lambda s: self._check(s, run))
+        if action == "plan":
+            return state
+        if action in ("install", "uninstall"):
+            if confirm is not None and not await confirm(state):
+                raise _Stopped(self._declined(state))
+        if action == "install":
+            state = await self._stage(state, "baseline", lambda s: self._baseline(s, run))
+        if action in ("install", "uninstall"):
+            state = await self._stage(state, "execute", lambda s: self._execute(s, run))
+        if action in ("install", "verify"):
+            state = await self._stage(state, "verify", lambda s: self._verify(s, run))
+        if action == "uninstall":
+            state = await self._stage(state, "proof", lambda s: self._proof(s, run))
+        return state
+
+    def _declined(self, state: WorkflowState) -> WorkflowState:
+        error = NotConfirmedError(
+            f"{state.action} of {state.integration} on {state.target} was not confirmed; "
+            "nothing was changed",
+            hint="Pass --yes to confirm without a prompt.",
+        )
+        info = ErrorInfo(type=type(error).__name__, message=error.message, hint=error.hint,
+                         exit_code=error.exit_code)
+        return state.model_copy(update={"status": "refused", "error": info, "finished_at": now()})
+
+    # -- stages ---------------------------------------------------------------------------
+
+    async def _validate(self, state: WorkflowState, run: _Run) -> _Outcome:
+        reply: knowledge.Knowledge = await self.bus.request(
+            knowledge.TOPIC, knowledge.KnowledgeRequest(run.request.integration),
+            timeout=self.config.bus_timeout,
+        )
+        run.integration = reply.integration
+        run.params = resolve_params(
+            reply.integration.definition, run.request.params, run.request.environ
+        )
+        # From here on, nothing this run stores or shows may contain a secret value.
+        self.redactor.add(run.params.secrets.values())
+        if run.request.target_object is not None:
+            target = run.request.target_object
+            self.pool.adopt(state.workflow_id, target)
+        else:
+            target = await self.pool.open(state.workflow_id, run.request.target)
+        return _Outcome(
+            changes={"params": run.params.masked(), "target_identity": target.identity},
+            detail={"params": run.params.masked(), "target": target.identity},
+        )
+
+    async def _facts(self, state: WorkflowState) -> _Outcome:
+        facts = await self.bus.request(
+            execution.FACTS, execution.FactsRequest(state.workflow_id),
+            timeout=self.config.bus_timeout,
+        )
+        summary = facts.summary()
+        return _Outcome(
+            changes={"facts": facts},
+            detail={**summary, "packages": len(facts.installed_packages)},
+            artifacts=[Artifact("facts", "facts", facts.model_dump_json())],
+        )
+
+    async def _knowledge(self, state: WorkflowState, run: _Run) -> _Outcome:
+        reply: knowledge.Knowledge = await self.bus.request(
+            knowledge.TOPIC, knowledge.KnowledgeRequest(state.integration, state.facts),
+            timeout=self.config.bus_timeout,
+        )
+        return _Outcome(detail={"sources": list(reply.sources)})
+
+    async def _strategy(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.integration is not None and state.facts is not None
+        decision = await self.bus.request(
+            builder.STRATEGY, builder.StrategyRequest(run.integration, state.facts),
+            timeout=self.config.bus_timeout,
+        )
+        return _Outcome(
+            changes={"strategy": decision},
+            detail={"method": decision.method, "reason": decision.reason},
+            artifacts=[Artifact("plan", "strategy", decision.model_dump_json())],
+        )
+
+    def _uninstall_context(self, state: WorkflowState, run: _Run) -> dict[str, Any]:
+        """What uninstall may remove: only what the install created, per the baseline."""
+        assert run.integration is not None
+        spec = run.integration.definition.uninstall
+        stored = self.history.latest_snapshot(
+            target=state.target_identity or "", integration=state.integration
+        )
+        purge = self.config.purge
+        if stored is None:
+            return {"purge": purge, "remove_users": [], "remove_groups": [], "remove_paths": []}
+        baseline = execution.Baseline.model_validate_json(stored)
+        run.baseline = baseline
+        return {
+            "purge": purge,
+            "remove_users": [u for u in spec.users if u not in baseline.snapshot.users],
+            "remove_groups": [g for g in spec.groups if g not in baseline.snapshot.groups],
+            "remove_paths": [p for p in spec.paths if p not in baseline.preexisting_paths],
+        }
+
+    async def _generate(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.integration is not None and run.params is not None
+        assert state.facts is not None and state.strategy is not None
+        actions = {
+            "install": ("install", "verify"),
+            "verify": ("verify",),
+            "uninstall": ("uninstall",),
+            "plan": ("install", "verify", "uninstall"),
+        }[state.action]
+        extra = self._uninstall_context(state, run) if "uninstall" in actions else {}
+        scripts = await self.bus.request(
+            builder.GENERATE,
+            builder.GenerateRequest(
+                run.integration, state.strategy.method, state.facts, run.params, actions, extra
+            ),
+            timeout=self.config.bus_timeout,
+        )
+        notes = list(state.notes)
+        if state.action == "uninstall" and run.baseline is None:
+            notes.append(
+                "no pre-install baseline for this target: uninstall removes the package "
+                "but cannot prove nothing is left, nor remove users it did not see created"
+            )
+        return _Outcome(
+            changes={"scripts": scripts, "notes": notes},
+            detail={"scripts": {a: s.template for a, s in scripts.items()}},
+            artifacts=[Artifact("script", a, self.redactor.redact(s.text))
+                       for a, s in scripts.items()],
+        )
+
+    async def _check(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.integration is not None
+        secret_env = tuple(
+            spec.env for spec in run.integration.definition.parameters.values()
+            if spec.secret and spec.env
+        )
+        reports = await self.bus.request(
+            builder.VALIDATE, builder.ValidateRequest(state.scripts, secret_env),
+            timeout=self.config.bus_timeout,
+        )
+        errors = [(a, f) for a, r in reports.items() for f in r.errors]
+        warnings = [(a, f) for a, r in reports.items() for f in r.warnings]
+        artifacts = [Artifact("findings", a, r.model_dump_json()) for a, r in reports.items()]
+        outcome = _Outcome(
+            changes={"validation": reports},
+            detail={"errors": len(errors), "warnings": len(warnings)},
+            artifacts=artifacts,
+        )
+        refusing = errors + (warnings if self.config.strict_validation else [])
+        if refusing:
+            first = "; ".join(
+                f"{a} line {f.line}: {f.code}: {f.message}" for a, f in refusing[:5]
+            )
+            raise _Failed(ValidationRefusedError(
+                f"{len(refusing)} validation finding(s) refuse these scripts: {first}",
+                hint="Nothing was run. Fix the integration's templates "
+                "(`workflow-agent plan` shows every finding).",
+            ), outcome)
+        return outcome
+
+    async def _baseline(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.integration is not None and state.facts is not None
+        spec = run.integration.definition.uninstall
+        installed = bool(spec.packages) and all(
+            p in state.facts.installed_packages for p in spec.packages
+        )
+        if installed:
+            return _Outcome(detail={"skipped": "already installed; the first install's "
+                                    "baseline stays the reference"})
+        baseline: execution.Baseline = await self.bus.request(
+            execution.SNAPSHOT,
+            execution.SnapshotRequest(state.workflow_id, spec.watch, spec.ignore, spec.paths),
+            timeout=self.config.bus_timeout,
+        )
+        return _Outcome(
+            detail={"files": len(baseline.snapshot.files),
+                    "packages": len(baseline.snapshot.packages)},
+            artifacts=[Artifact("baseline", "baseline", baseline.model_dump_json())],
+        )
+
+    def _timeout(self, run: _Run, action: str) -> float:
+        assert run.integration is not None
+        timeouts: dict[str, float] = dict(run.integration.definition.timeouts)
+        return timeouts.get(action, self.config.script_timeout)
+
+    async def _execute(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.params is not None
+        action = state.action
+        script = state.scripts[action]
+        result = await self.bus.request(
+            execution.RUN,
+            execution.RunRequest(state.workflow_id, "execute", script,
+                                 self._timeout(run, action), run.params.secret_env),
+            timeout=self.config.bus_timeout,
+        )
+        summary = execution.summarize(result, self.redactor)
+        runs = {**state.runs, action: summary}
+        output = Artifact("output", action,
+                          self.redactor.redact(result.stdout + result.stderr))
+        if not result.ok:
+            if summary.timed_out:
+                why = f"timed out after {self._timeout(run, action):g} s"
+            elif summary.failed_line is not None:
+                why = (f"failed at line {summary.failed_line} with exit "
+                       f"{result.exit_code}: {summary.failed_command}")
+            else:
+                why = f"exited with status {result.exit_code}"
+            raise _Failed(ExecutionFailedError(
+                f"the {action} script {why}",
+                hint=f"Last output:\n{summary.output_tail}" if summary.output_tail else None,
+            ), _Outcome(changes={"runs": runs}, detail=summary.model_dump(), artifacts=[output]))
+        return _Outcome(changes={"runs": runs}, detail=summary.model_dump(),
+                        artifacts=[output])
+
+    async def _verify(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.integration is not None and run.params is not None
+        checks = render_checks(run.integration.definition.checks, run.params.values)
+        reply: verification.VerifyReply = await self.bus.request(
+            verification.VERIFY,
+            verification.VerifyRequest(
+                state.workflow_id, checks, self.config.verify_timeout,
+                state.scripts.get("verify"), self._timeout(run, "verify"),
+                run.params.secret_env,
+            ),
+            timeout=self.config.bus_timeout,
+        )
+        runs = dict(state.runs)
+        problems = [f"{r.name}: {r.detail}" for r in reply.checks if not r.passed]
+        if reply.script_result is not None:
+            runs["verify"] = execution.summarize(reply.script_result, self.redactor)
+            if not reply.script_result.ok:
+                problems.insert(0, f"verify script: {runs['verify'].output_tail}")
+        artifact = Artifact("verification", "checks",
+                            json.dumps([r.model_dump() for r in reply.checks]))
+        if problems:
+            raise _Failed(VerificationFailedError(
+                f"{state.integration} does not work on {state.target}: "
+                + "; ".join(problems),
+                hint="`workflow-agent show WORKFLOW_ID` has the install output.",
+            ), _Outcome(changes={"checks": reply.checks, "runs": runs},
+                        detail={"failed": problems}, artifacts=[artifact]))
+        return _Outcome(
+            changes={"checks": reply.checks, "runs": runs},
+            detail={"passed": [r.name for r in reply.checks]},
+            artifacts=[artifact],
+        )
+
+    async def _proof(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.integration is not None
+        if run.baseline is None:
+            return _Outcome(detail={"skipped": "no pre-install baseline for this target"})
+        spec = run.integration.definition.uninstall
+        reply: verification.LeftoversReply = await self.bus.request(
+            verification.LEFTOVERS,
+            verification.LeftoversRequest(
+                state.workflow_id, run.baseline.snapshot, spec.watch, spec.ignore,
+                self.config.purge,
+            ),
+            timeout=self.config.bus_timeout,
+        )
+        detail = {"leftovers": reply.leftovers, "removed_empty_dirs": reply.removed_dirs}
+        outcome = _Outcome(changes={"leftovers": reply.leftovers}, detail=detail)
+        if reply.leftovers and self.config.purge:
+            raise _Failed(LeftoversError(
+                f"uninstall left {len(reply.leftovers)} change(s) behind: "
+                + "; ".join(reply.leftovers[:10]),
+                hint="These differ from the snapshot taken before install. Remove them by "
+                "hand or extend the integration's uninstall section.",
+            ), outcome)
+        return outcome

@@ -1,0 +1,153 @@
+"""The execution agent: the only agent that changes a target.
+
+Gathers facts, takes the pre-install baseline, and runs scripts, streaming their output
+as ``workflow.output`` events (secrets masked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict
+
+from workflow_agent.bus import Message, MessageBus
+from workflow_agent.execution.pool import TargetPool
+from workflow_agent.execution.target import RunResult
+from workflow_agent.facts import Facts
+from workflow_agent.scripting.render import FAILURE_MARKER, RenderedScript
+from workflow_agent.secrets import Redactor
+from workflow_agent.state import RunSummary
+from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot, take_snapshot
+
+FACTS = "target.facts"
+SNAPSHOT = "target.snapshot"
+RUN = "execute.run"
+OUTPUT_EVENT = "workflow.output"
+
+_FAILED = re.compile(re.escape(FAILURE_MARKER) + r"(\d+) with exit (\d+): (.*)")
+
+
+class Baseline(BaseModel):
+    """The target before install: what uninstall must bring it back to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    snapshot: Snapshot
+    #: Which of the integration's uninstall paths existed before install.
+    preexisting_paths: list[str]
+
+
+@dataclass(frozen=True)
+class OutputLine:
+    """A line a script printed (masked)."""
+
+    workflow_id: str
+    stage: str
+    stream: str
+    line: str
+
+
+@dataclass(frozen=True)
+class FactsRequest:
+    """Gather facts from the workflow's target."""
+
+    workflow_id: str
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """Record the baseline of the workflow's target."""
+
+    workflow_id: str
+    paths: Sequence[str]
+    ignore: Sequence[str]
+    probe_paths: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Run ``script`` on the workflow's target."""
+
+    workflow_id: str
+    stage: str
+    script: RenderedScript
+    timeout: float
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def summarize(result: RunResult, redactor: Redactor) -> RunSummary:
+    """The part of a run worth keeping: exit status, failing line, the end of the output."""
+    failed_line = failed_command = None
+    for line in result.stderr.splitlines():
+        match = _FAILED.search(line)
+        if match:
+            failed_line, failed_command = int(match.group(1)), match.group(3)
+            break
+    tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+    return RunSummary(
+        exit_code=result.exit_code,
+        duration=round(result.duration, 3),
+        timed_out=result.timed_out,
+        failed_line=failed_line,
+        failed_command=redactor.redact(failed_command) if failed_command else None,
+        output_tail=redactor.redact(tail),
+    )
+
+
+class ExecutionAgent:
+    """Answers ``target.facts``, ``target.snapshot`` and ``execute.run``."""
+
+    def __init__(self, pool: TargetPool, redactor: Redactor) -> None:
+        self.pool = pool
+        self.redactor = redactor
+        self._bus: MessageBus | None = None
+
+    def attach(self, bus: MessageBus) -> None:
+        """Serve this agent's topics on ``bus``."""
+        self._bus = bus
+        bus.serve(FACTS, self._facts)
+        bus.serve(SNAPSHOT, self._snapshot)
+        bus.serve(RUN, self._run)
+
+    async def _facts(self, message: Message) -> Facts:
+        request: FactsRequest = message.payload
+        return await self.pool.get(request.workflow_id).facts(refresh=True)
+
+    async def _snapshot(self, message: Message) -> Baseline:
+        request: SnapshotRequest = message.payload
+        target = self.pool.get(request.workflow_id)
+        snapshot = await take_snapshot(
+            target, paths=request.paths, ignore=[*DEFAULT_IGNORE, *request.ignore]
+        )
+        existing: list[str] = []
+        if request.probe_paths:
+            probe = "".join(
+                f"[ -e {shlex.quote(p)} ] && echo {shlex.quote(p)}\n" for p in request.probe_paths
+            )
+            result = await target.run(probe + "true\n", timeout=60)
+            existing = result.stdout.split()
+        return Baseline(snapshot=snapshot, preexisting_paths=existing)
+
+    async def _run(self, message: Message) -> RunResult:
+        request: RunRequest = message.payload
+        target = self.pool.get(request.workflow_id)
+        loop = asyncio.get_running_loop()
+        bus = self._bus
+        pending: list[asyncio.Task[None]] = []
+
+        def forward(stream: str, line: str) -> None:
+            if bus is not None:
+                event = OutputLine(request.workflow_id, request.stage, stream,
+                                   self.redactor.redact(line))
+                pending.append(loop.create_task(bus.publish(OUTPUT_EVENT, event)))
+
+        result = await target.run(
+            request.script.text, env=request.env, timeout=request.timeout, on_output=forward
+        )
+        if pending:
+            await asyncio.gather(*pending)
+        return result

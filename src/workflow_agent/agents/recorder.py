@@ -1,0 +1,74 @@
+"""The history recorder: writes every workflow event to the history store as it happens.
+
+Each write is its own transaction, so a run killed mid-way leaves everything up to its
+last finished stage, and shows as incomplete.
+"""
+
+from __future__ import annotations
+
+from workflow_agent.agents.coordinator import (
+    FINISHED_EVENT,
+    STAGE_EVENT,
+    STARTED_EVENT,
+    StageEvent,
+)
+from workflow_agent.bus import Message, MessageBus
+from workflow_agent.state import WorkflowState
+from workflow_agent.storage.history import HistoryStore
+
+
+class HistoryRecorder:
+    """Subscribes to the workflow events and records them."""
+
+    def __init__(self, history: HistoryStore) -> None:
+        self.history = history
+
+    def attach(self, bus: MessageBus) -> None:
+        """Subscribe to the workflow events on ``bus``."""
+        bus.subscribe(STARTED_EVENT, self._started)
+        bus.subscribe(STAGE_EVENT, self._stage)
+        bus.subscribe(FINISHED_EVENT, self._finished)
+
+    async def _started(self, message: Message) -> None:
+        state: WorkflowState = message.payload
+        self.history.start_workflow(
+            workflow_id=state.workflow_id,
+            action=state.action,
+            integration=state.integration,
+            target=state.target,
+            params=state.params,
+        )
+
+    async def _stage(self, message: Message) -> None:
+        event: StageEvent = message.payload
+        state, record = event.state, event.record
+        self.history.record_stage(
+            state.workflow_id,
+            name=record.name,
+            status=record.status,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            detail=record.detail,
+        )
+        for artifact in event.artifacts:
+            self.history.add_artifact(
+                state.workflow_id, stage=record.name, kind=artifact.kind,
+                name=artifact.name, content=artifact.content,
+            )
+            if artifact.kind == "baseline" and state.target_identity:
+                self.history.save_snapshot(
+                    target=state.target_identity, integration=state.integration,
+                    workflow_id=state.workflow_id, content=artifact.content,
+                )
+        self.history.checkpoint(
+            state.workflow_id, stage=record.name, state_json=state.model_dump_json()
+        )
+
+    async def _finished(self, message: Message) -> None:
+        state: WorkflowState = message.payload
+        self.history.finish_workflow(
+            state.workflow_id,
+            status=state.status,
+            error=state.error.message if state.error else None,
+            exit_code=state.exit_code,
+        )

@@ -1,0 +1,364 @@
+"""The ``workflow-agent`` command line.
+
+Turns arguments into a ``WorkflowRequest``, runs it, shows the result. Heavy modules are
+imported inside the commands so ``--help`` stays fast. Exit codes: 0 success, 2 invalid
+input, 3 validation refused, 4 execution failed, 5 verification failed (or uninstall left
+things behind), 6 target unusable, 7 not confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from workflow_agent.errors import WorkflowAgentError
+
+if TYPE_CHECKING:
+    from workflow_agent.agents.coordinator import Confirm
+    from workflow_agent.container import Container
+    from workflow_agent.state import Action, WorkflowState
+
+app = typer.Typer(
+    name="workflow-agent",
+    help="Install, verify and uninstall monitoring integrations, and never leave a target "
+    "worse than it was found.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+integrations_app = typer.Typer(help="List and inspect the integrations this run can see.",
+                               no_args_is_help=True)
+app.add_typer(integrations_app, name="integrations")
+
+
+class OutputFormat(str, Enum):
+    """How results are printed."""
+
+    text = "text"
+    json = "json"
+
+
+IntegrationArg = Annotated[str, typer.Argument(help="Integration name (see `integrations list`).")]
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", metavar="KEY=VALUE",
+                 help="A parameter; repeat for more. Secrets: prefer their environment variable."),
+]
+TargetOpt = Annotated[
+    str | None, typer.Option("--target", "-t", help="local (this host) or sandbox (a disposable "
+                             "Debian root file system).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file.")]
+OutputOpt = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Change the target without asking.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show script output live.")]
+
+
+def _fail(exc: WorkflowAgentError) -> typer.Exit:
+    from workflow_agent.cli.output import error
+
+    error(exc.message, exc.hint)
+    return typer.Exit(exc.exit_code)
+
+
+def _parse_params(pairs: list[str] | None) -> dict[str, str]:
+    from workflow_agent.errors import InvalidInputError
+
+    params: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(
+                f"--param {pair!r} is not KEY=VALUE",
+                hint="Write parameters as --param listen_port=9100.",
+            )
+        params[key.strip()] = value
+    return params
+
+
+def _container(config: Path | None, **overrides: Any) -> Container:
+    from workflow_agent.config import load_configuration
+    from workflow_agent.container import Container
+
+    return Container(load_configuration(config_file=config, **overrides))
+
+
+def _confirmer(yes: bool, output: OutputFormat) -> Confirm:
+    async def confirm(state: WorkflowState) -> bool:
+        if yes or (state.target_identity or "").startswith("sandbox:"):
+            return True
+        if not sys.stdin.isatty() or output is OutputFormat.json:
+            return False
+        from rich.prompt import Confirm as Prompt
+
+        return Prompt.ask(
+            f"{state.action} {state.integration} on {state.target_identity} "
+            f"(method {state.strategy.method if state.strategy else '?'})?",
+            console=None,
+        )
+
+    return confirm
+
+
+async def _run_workflow(
+    container: Container,
+    action: Action,
+    integration: str,
+    params: dict[str, str],
+    *,
+    target: str,
+    confirm: Confirm | None,
+    output: OutputFormat,
+    verbose: bool,
+    target_object: Any = None,
+) -> WorkflowState:
+    from workflow_agent.agent import WorkflowAgent
+    from workflow_agent.agents.coordinator import STAGE_EVENT, WorkflowRequest
+    from workflow_agent.agents.execution import OUTPUT_EVENT
+    from workflow_agent.cli.output import Progress
+
+    agent = WorkflowAgent(container)
+    if output is OutputFormat.text:
+        progress = Progress(verbose=verbose)
+
+        async def on_stage(message: Any) -> None:
+            await progress.on_stage(message.payload)
+
+        async def on_output(message: Any) -> None:
+            await progress.on_output(message.payload)
+
+        container.bus.subscribe(STAGE_EVENT, on_stage)
+        container.bus.subscribe(OUTPUT_EVENT, on_output)
+    request = WorkflowRequest(
+        action=action, integration=integration, target=target, params=params,
+        environ=dict(os.environ), target_object=target_object,
+    )
+    return await agent.run(request, confirm)
+
+
+def _workflow_command(
+    action: Action,
+    integration: str,
+    param: list[str] | None,
+    target: str | None,
+    config: Path | None,
+    output: OutputFormat,
+    yes: bool,
+    verbose: bool,
+    **overrides: Any,
+) -> None:
+    from workflow_agent.cli.output import emit_json, show_plan, show_result, state_json
+
+    try:
+        params = _parse_params(param)
+        container = _container(config, target=target, **overrides)
+        state = asyncio.run(_run_workflow(
+            container, action, integration, params, target=container.config.target,
+            confirm=_confirmer(yes, output), output=output, verbose=verbose,
+        ))
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json(state_json(state, include_scripts=action == "plan"))
+    elif action == "plan":
+        show_plan(state)
+    else:
+        show_result(state)
+    raise typer.Exit(state.exit_code)
+
+
+@app.command()
+def install(
+    integration: IntegrationArg,
+    param: ParamOpt = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+    yes: YesOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Install an integration, then verify that it really works."""
+    _workflow_command("install", integration, param, target, config, output, yes, verbose)
+
+
+@app.command()
+def verify(
+    integration: IntegrationArg,
+    param: ParamOpt = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check that an installed integration works (package, process, port, metrics)."""
+    _workflow_command("verify", integration, param, target, config, output, True, verbose)
+
+
+@app.command()
+def uninstall(
+    integration: IntegrationArg,
+    param: ParamOpt = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+    yes: YesOpt = False,
+    verbose: VerboseOpt = False,
+    keep_config: Annotated[bool, typer.Option(
+        "--keep-config", help="Remove the package but keep its configuration and users.")] = False,
+) -> None:
+    """Uninstall an integration and prove nothing the install added is left behind."""
+    _workflow_command("uninstall", integration, param, target, config, output, yes, verbose,
+                      purge=False if keep_config else None)
+
+
+@app.command()
+def plan(
+    integration: IntegrationArg,
+    param: ParamOpt = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+) -> None:
+    """Show facts, the chosen method, the scripts and every finding; change nothing."""
+    _workflow_command("plan", integration, param, target, config, output, True, False)
+
+
+@app.command()
+def demo(
+    integration: Annotated[str, typer.Argument()] = "prometheus-node-exporter",
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Install, verify and uninstall in one disposable sandbox, proving nothing is left."""
+    from workflow_agent.cli.output import emit_json, out, show_result, state_json
+
+    try:
+        params = _parse_params(param)
+        container = _container(config, target="sandbox")
+        states = asyncio.run(_demo(container, integration, params, output, verbose))
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json([state_json(s) for s in states])
+    else:
+        for state in states:
+            show_result(state)
+        if all(s.exit_code == 0 for s in states) and len(states) == 3:
+            out.print("[bold green]demo passed:[/] installed, verified, uninstalled; "
+                      "nothing the install added is left behind.")
+    raise typer.Exit(next((s.exit_code for s in states if s.exit_code), 0))
+
+
+async def _demo(
+    container: Container, integration: str, params: dict[str, str],
+    output: OutputFormat, verbose: bool,
+) -> list[WorkflowState]:
+    target = container.make_target("sandbox")
+    states: list[WorkflowState] = []
+    async with target:
+        for action in ("install", "verify", "uninstall"):
+            if output is OutputFormat.text:
+                from workflow_agent.cli.output import out
+
+                out.rule(f"{action} {integration}")
+            state = await _run_workflow(
+                container, action, integration, params, target="sandbox", confirm=None,
+                output=output, verbose=verbose, target_object=target,
+            )
+            states.append(state)
+            if state.exit_code:
+                break
+    return states
+
+
+@integrations_app.command("list")
+def integrations_list(
+    config: ConfigOpt = None, output: OutputOpt = OutputFormat.text
+) -> None:
+    """Every integration, with its methods and where it came from."""
+    from workflow_agent.cli.output import emit_json, integration_json, show_integrations
+
+    try:
+        registry = _container(config).registry
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    items = list(registry)
+    if output is OutputFormat.json:
+        emit_json([integration_json(i) for i in items])
+    else:
+        show_integrations(items)
+
+
+@integrations_app.command("show")
+def integrations_show(
+    name: IntegrationArg, config: ConfigOpt = None, output: OutputOpt = OutputFormat.text
+) -> None:
+    """Parameters, platforms, methods, checks and uninstall of one integration."""
+    from workflow_agent.cli.output import emit_json, integration_json, show_integration
+
+    try:
+        item = _container(config).registry.get(name)
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json(integration_json(item))
+    else:
+        show_integration(item)
+
+
+@app.command()
+def history(
+    limit: Annotated[int, typer.Option(min=1, help="How many workflows.")] = 20,
+    integration: Annotated[str | None, typer.Option(help="Only this integration.")] = None,
+    status: Annotated[str | None, typer.Option(
+        help="Only this status: running, incomplete, succeeded, failed, refused.")] = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+) -> None:
+    """Recent workflows, newest first."""
+    from dataclasses import asdict
+
+    from workflow_agent.cli.output import emit_json, show_history
+
+    try:
+        rows = _container(config).history.list_workflows(
+            limit=limit, integration=integration, status=status)
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json([asdict(r) for r in rows])
+    else:
+        show_history(rows)
+
+
+@app.command()
+def show(
+    workflow_id: Annotated[str, typer.Argument(help="A workflow id or a unique prefix of it.")],
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+) -> None:
+    """One workflow from history: stages, scripts, output, findings, checks."""
+    from dataclasses import asdict
+
+    from workflow_agent.cli.output import emit_json, show_workflow
+
+    try:
+        record = _container(config).history.get_workflow(workflow_id)
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json(asdict(record))
+    else:
+        show_workflow(record)
+
+
+def main() -> None:
+    """Entry point of the ``workflow-agent`` command."""
+    app()

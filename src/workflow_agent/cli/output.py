@@ -1,0 +1,230 @@
+"""Showing results to people (Rich) and to programs (JSON)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.syntax import Syntax
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from workflow_agent.agents.coordinator import StageEvent
+    from workflow_agent.agents.execution import OutputLine
+    from workflow_agent.integrations.registry import Integration
+    from workflow_agent.state import WorkflowState
+    from workflow_agent.storage.history import WorkflowRecord, WorkflowSummary
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+_STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "refused": "yellow",
+    "running": "cyan",
+    "incomplete": "magenta",
+    "skipped": "dim",
+}
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as JSON on stdout (for scripts and CI)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def error(message: str, hint: str | None = None) -> None:
+    """Print an error (and what to do about it) on stderr."""
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        err.print(f"[dim]hint:[/] {escape(hint)}")
+
+
+class Progress:
+    """Live progress of a workflow: one line per finished stage, script output dimmed."""
+
+    def __init__(self, *, verbose: bool) -> None:
+        self.verbose = verbose
+
+    async def on_stage(self, event: StageEvent) -> None:
+        """A stage ended."""
+        record = event.record
+        mark = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]"}.get(record.status, "·")
+        summary = _stage_summary(record.name, record.detail)
+        err.print(f"{mark} {record.name:<18} [dim]{record.duration:6.2f}s[/] {escape(summary)}")
+
+    async def on_output(self, line: OutputLine) -> None:
+        """A script printed a line."""
+        if self.verbose:
+            err.print(f"  [dim]│ {escape(line.line)}[/]")
+
+
+def _stage_summary(name: str, detail: dict[str, Any]) -> str:
+    if "error" in detail:
+        return ""
+    if "skipped" in detail:
+        return f"skipped: {detail['skipped']}"
+    if name == "facts":
+        return (f"{detail.get('distro')} {detail.get('distro_version')} {detail.get('arch')}, "
+                f"{detail.get('package_manager')}, init {detail.get('init_system')}")
+    if name == "validate":
+        return str(detail.get("target", ""))
+    if name == "strategy":
+        return str(detail.get("reason", ""))
+    if name == "script-validation":
+        return f"{detail.get('errors', 0)} errors, {detail.get('warnings', 0)} warnings"
+    if name == "execute":
+        return f"exit {detail.get('exit_code')}"
+    if name == "verify":
+        return ", ".join(detail.get("passed", []))
+    if name == "baseline":
+        return f"{detail.get('files')} files, {detail.get('packages')} packages recorded"
+    if name == "proof":
+        left = detail.get("leftovers", [])
+        return "nothing left behind" if not left else f"{len(left)} left behind"
+    return ""
+
+
+def state_json(state: WorkflowState, *, include_scripts: bool = False) -> dict[str, Any]:
+    """The machine-readable result of a workflow."""
+    data = state.model_dump(mode="json", exclude={"scripts", "facts"})
+    data["exit_code"] = state.exit_code
+    if state.facts is not None:
+        data["facts"] = state.facts.summary()
+    if include_scripts:
+        data["scripts"] = {a: s.model_dump(mode="json") for a, s in state.scripts.items()}
+    return data
+
+
+def show_result(state: WorkflowState) -> None:
+    """The end of a workflow, for people."""
+    style = _STATUS_STYLE.get(state.status, "white")
+    took = ""
+    if state.finished_at is not None:
+        took = f" in {(state.finished_at - state.started_at).total_seconds():.1f}s"
+    out.print(
+        f"[bold {style}]{state.action} {state.status}[/]: {state.integration} on "
+        f"{escape(state.target_identity or state.target)}{took}  [dim]({state.workflow_id})[/]"
+    )
+    for check in state.checks:
+        mark = "[green]✓[/]" if check.passed else "[red]✗[/]"
+        out.print(f"  {mark} {escape(check.name)}: [dim]{escape(check.detail)}[/]")
+    for line in state.leftovers:
+        out.print(f"  [yellow]left behind:[/] {escape(line)}")
+    for note in state.notes:
+        out.print(f"  [yellow]note:[/] {escape(note)}")
+    if state.error is not None:
+        error(state.error.message, state.error.hint)
+
+
+def show_plan(state: WorkflowState) -> None:
+    """Facts, strategy, scripts and findings of a plan."""
+    if state.facts is not None:
+        table = Table(title="Facts", show_header=False, title_justify="left")
+        for key, value in state.facts.summary().items():
+            table.add_row(key, escape(str(value)))
+        table.add_row("installed packages", str(len(state.facts.installed_packages)))
+        out.print(table)
+    if state.strategy is not None:
+        table = Table(title="Strategy", title_justify="left")
+        for column in ("method", "compatible", "score", "why"):
+            table.add_column(column)
+        for score in state.strategy.scores:
+            chosen = " (chosen)" if score.method == state.strategy.method else ""
+            table.add_row(score.method + chosen, "yes" if score.compatible else "no",
+                          f"{score.score:.3f}", escape("; ".join(score.reasons)))
+        out.print(table)
+    for action, script in state.scripts.items():
+        out.rule(f"{action} script ({script.template})")
+        out.print(Syntax(script.text, "bash", line_numbers=True, word_wrap=True))
+        report = state.validation.get(action)
+        if report is None:
+            continue
+        if not report.findings:
+            out.print("[green]no validation findings[/]")
+        for finding in report.findings:
+            style = {"error": "red", "warning": "yellow"}.get(finding.severity, "dim")
+            out.print(f"  [{style}]{finding.severity}[/] line {finding.line} "
+                      f"[{finding.layer}] {finding.code}: {escape(finding.message)}")
+    show_result(state)
+
+
+def show_integrations(integrations: list[Integration]) -> None:
+    """The integration list."""
+    table = Table()
+    for column in ("name", "version", "methods", "source", "description"):
+        table.add_column(column)
+    for item in integrations:
+        d = item.definition
+        table.add_row(d.name, d.version, ", ".join(m.name for m in d.methods), item.source,
+                      d.description)
+    out.print(table)
+
+
+def integration_json(item: Integration) -> dict[str, Any]:
+    """One integration, machine-readable."""
+    return {"source": item.source, "root": str(item.root),
+            **item.definition.model_dump(mode="json")}
+
+
+def show_integration(item: Integration) -> None:
+    """One integration in detail."""
+    d = item.definition
+    out.print(f"[bold]{d.name}[/] {d.version}  [dim]{item.source}: {item.root}[/]")
+    out.print(d.description)
+    table = Table(title="Parameters", title_justify="left")
+    for column in ("name", "type", "default", "required", "secret", "description"):
+        table.add_column(column)
+    for name, spec in d.parameters.items():
+        table.add_row(name, spec.type, escape(repr(spec.default)), "yes" if spec.required else "",
+                      f"yes (env {spec.env})" if spec.secret else "", escape(spec.description))
+    out.print(table)
+    out.print("[bold]Platforms:[/] " + "; ".join(
+        f"{p.os_family} {'/'.join(p.distros) or 'any'}" for p in d.platforms))
+    for method in d.methods:
+        needs = ", ".join(f"{k}={v}" for k, v in method.requires.items()) or "nothing"
+        out.print(f"[bold]Method {method.name}[/] (complexity {method.complexity}, "
+                  f"security {method.security}; needs {escape(needs)}): {method.description}")
+    out.print("[bold]Checks:[/]")
+    for check in d.checks:
+        out.print("  " + escape(", ".join(f"{k}={v}" for k, v in check.items())))
+    u = d.uninstall
+    out.print(f"[bold]Uninstall removes:[/] packages {u.packages}, paths {u.paths}, "
+              f"users {u.users}, groups {u.groups}; compares {u.watch}")
+
+
+def show_history(rows: list[WorkflowSummary]) -> None:
+    """Recent workflows."""
+    table = Table()
+    for column in ("id", "started", "action", "integration", "target", "status", "took"):
+        table.add_column(column)
+    for row in rows:
+        style = _STATUS_STYLE.get(row.status, "white")
+        took = f"{row.duration:.1f}s" if row.duration is not None else ""
+        table.add_row(row.id[:8], row.started_at.strftime("%Y-%m-%d %H:%M:%S"), row.action,
+                      row.integration, escape(row.target), f"[{style}]{row.status}[/]", took)
+    out.print(table)
+
+
+def show_workflow(record: WorkflowRecord) -> None:
+    """One workflow from history, with its stages and artifacts."""
+    style = _STATUS_STYLE.get(record.status, "white")
+    out.print(f"[bold]{record.id}[/] {record.action} {record.integration} on "
+              f"{escape(record.target)}: [{style}]{record.status}[/]")
+    out.print(f"params: {escape(json.dumps(record.params))}")
+    if record.error:
+        out.print(f"[red]error:[/] {escape(record.error)}")
+    table = Table(title="Stages", title_justify="left")
+    for column in ("stage", "status", "took", "detail"):
+        table.add_column(column)
+    for stage in record.stages:
+        table.add_row(stage.name, stage.status, f"{stage.duration:.2f}s",
+                      escape(json.dumps(stage.detail)[:200]))
+    out.print(table)
+    for artifact in record.artifacts:
+        if artifact.kind in ("script", "output"):
+            out.rule(f"{artifact.kind}: {artifact.name} ({artifact.stage})")
+            out.print(escape(artifact.content.rstrip()))

@@ -1,0 +1,89 @@
+"""The dependency container: builds each service once from the configuration.
+
+Tests swap parts by passing them in (a bus, a history store, a target factory); nothing
+else reads the configuration to build services.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from workflow_agent.bus import MemoryBus, MessageBus
+from workflow_agent.config import WorkflowConfiguration
+from workflow_agent.errors import InvalidInputError
+from workflow_agent.execution.pool import TargetPool
+from workflow_agent.execution.target import Target
+from workflow_agent.integrations.registry import Registry
+from workflow_agent.secrets import Redactor
+from workflow_agent.storage.history import HistoryStore
+
+TARGET_KINDS = ("local", "sandbox")
+
+
+class Container:
+    """Services of one run, each built on first use."""
+
+    def __init__(
+        self,
+        config: WorkflowConfiguration,
+        *,
+        bus: MessageBus | None = None,
+        history: HistoryStore | None = None,
+        registry: Registry | None = None,
+        target_factory: Callable[[str], Target] | None = None,
+    ) -> None:
+        self.config = config
+        self.redactor = Redactor()
+        self._bus = bus
+        self._history = history
+        self._registry = registry
+        self._target_factory = target_factory
+
+    @functools.cached_property
+    def bus(self) -> MessageBus:
+        """The message bus (in-memory unless one was given)."""
+        return self._bus or MemoryBus()
+
+    @functools.cached_property
+    def history(self) -> HistoryStore:
+        """The opened history store; every write goes through the run's redactor."""
+        store = self._history or HistoryStore(
+            self.config.history_database, redactor=self.redactor
+        )
+        store.open()
+        return store
+
+    @functools.cached_property
+    def registry(self) -> Registry:
+        """Every integration this run can see."""
+        return self._registry or Registry.discover(
+            self.config.plugin_dirs, entry_points=self.config.entry_points
+        )
+
+    @functools.cached_property
+    def pool(self) -> TargetPool:
+        """Open targets by workflow."""
+        return TargetPool(self._target_factory or self.make_target)
+
+    def make_target(self, spec: str) -> Target:
+        """Build (not open) the target named by ``spec``."""
+        kind = spec.split(":", 1)[0]
+        if kind == "local":
+            from workflow_agent.execution.local import LocalTarget
+
+            return LocalTarget()
+        if kind == "sandbox":
+            from workflow_agent.execution.rootfs import RootfsCache
+            from workflow_agent.execution.sandbox import SandboxTarget
+
+            settings = self.config.sandbox
+            cache = RootfsCache(
+                self.config.cache_dir, suite=settings.suite, variant=settings.variant,
+                mirror=settings.mirror,
+            )
+            return SandboxTarget(cache.ensure(), network=settings.network)
+        raise InvalidInputError(
+            f"unknown target {spec!r}",
+            hint=f"Use one of: {', '.join(TARGET_KINDS)}.",
+        )

@@ -1,0 +1,226 @@
+"""A cached, extracted Debian root file system for the sandbox target.
+
+The root file system is built once per machine with ``mmdebstrap`` and kept in two forms
+under ``<cache_dir>/rootfs/``:
+
+* ``<suite>-<variant>.tar``: the tarball mmdebstrap produced (kept so a deleted or
+  damaged tree can be re-extracted without the network);
+* ``<suite>-<variant>/``: the extracted tree, which sandboxes use as the read-only lower
+  layer of an overlay. Nothing ever writes into it after it is renamed into place.
+
+Builds are serialised with an ``fcntl`` lock, so two processes asking at once build once:
+the second waits for the lock and then finds the finished tree.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from workflow_agent.errors import SandboxToolingMissingError, TargetError
+
+#: The hostname written into every extracted tree (mmdebstrap copies the host's).
+SANDBOX_HOSTNAME = "workflow-agent-sandbox"
+
+#: How long a build may take before it is considered hung (measured: ~15 s).
+_BUILD_TIMEOUT = 1800.0
+
+#: How many lines of mmdebstrap/tar output to put in an error message.
+_TAIL_LINES = 25
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/workflow-agent``, or ``~/.cache/workflow-agent`` when unset."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    root = Path(base) if base else Path.home() / ".cache"
+    return root / "workflow-agent"
+
+
+def _tail(text: str, lines: int = _TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise TargetError(
+            f"{action} needs root",
+            hint="The sandbox target uses mount and PID namespaces, overlay mounts and a "
+            "Debian root file system owned by root: run workflow-agent as root "
+            "(for example with sudo).",
+        )
+
+
+class RootfsCache:
+    """Builds (once) and hands out an extracted Debian root file system.
+
+    ``ensure()`` is cheap when the tree already exists; otherwise it builds the tarball
+    with ``mmdebstrap`` (unless a previous build left one) and extracts it.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        suite: str = "bookworm",
+        variant: str = "minbase",
+        mirror: str = "http://deb.debian.org/debian",
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.suite = suite
+        self.variant = variant
+        self.mirror = mirror
+
+    @property
+    def name(self) -> str:
+        """``<suite>-<variant>``: the stem of the tarball and the tree."""
+        return f"{self.suite}-{self.variant}"
+
+    @property
+    def root_dir(self) -> Path:
+        """Where the extracted tree lives once built."""
+        return self.cache_dir / "rootfs" / self.name
+
+    @property
+    def tarball(self) -> Path:
+        """Where the mmdebstrap tarball is kept."""
+        return self.cache_dir / "rootfs" / f"{self.name}.tar"
+
+    def ensure(self) -> Path:
+        """Return the extracted root directory, building or extracting it if needed."""
+        # The rename into place is atomic, so an existing directory is a complete one.
+        if self.root_dir.is_dir():
+            return self.root_dir
+        _require_root("building the sandbox root file system")
+        self.root_dir.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            if self.root_dir.is_dir():  # another process built it while we waited
+                return self.root_dir
+            self._remove_leftovers()
+            if not self.tarball.is_file():
+                self._build_tarball()
+            self._extract()
+        return self.root_dir
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock_path = self.root_dir.parent / f".{self.name}.lock"
+        with open(lock_path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _remove_leftovers(self) -> None:
+        """Remove what a build that crashed half-way left behind (we hold the lock)."""
+        for stale in self.root_dir.parent.glob(f".{self.name}.*"):
+            if stale.name.endswith(".lock"):
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+
+    def _build_tarball(self) -> None:
+        mmdebstrap = shutil.which("mmdebstrap")
+        if mmdebstrap is None:
+            raise SandboxToolingMissingError("mmdebstrap", "mmdebstrap")
+        # A dot-prefixed partial name, so a crash never leaves something that looks done;
+        # --format is explicit because mmdebstrap otherwise guesses from the extension.
+        partial = self.root_dir.parent / f".{self.name}.partial.tar"
+        argv = [
+            mmdebstrap,
+            f"--variant={self.variant}",
+            "--format=tar",
+            # Keep the package lists: apt-get install then works without apt-get update.
+            "--skip=cleanup/apt/lists",
+            self.suite,
+            str(partial),
+            self.mirror,
+        ]
+        try:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                timeout=_BUILD_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            partial.unlink(missing_ok=True)
+            raise TargetError(
+                f"mmdebstrap did not finish within {_BUILD_TIMEOUT:.0f} s",
+                hint=f"Check that {self.mirror} is reachable.",
+            ) from exc
+        if proc.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise TargetError(
+                f"building the sandbox root file system failed (mmdebstrap exit "
+                f"{proc.returncode}):\n{_tail(proc.stdout)}",
+                hint=f"Check that {self.mirror} is reachable and suite {self.suite!r} exists.",
+            )
+        partial.rename(self.tarball)
+
+    @staticmethod
+    def _personalise(etc: Path) -> None:
+        """Replace what mmdebstrap copied from the build host with sandbox values."""
+        files = {
+            "hostname": SANDBOX_HOSTNAME + "\n",
+            # The sandbox bind-mounts the host's resolv.conf at run time (network
+            # "host"); the copy taken at build time would be stale, so keep it empty.
+            "resolv.conf": "",
+            # minbase has no /etc/hosts; without one "localhost" goes to DNS.
+            "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{SANDBOX_HOSTNAME}\n"
+            "::1\tlocalhost ip6-localhost ip6-loopback\n",
+        }
+        for name, text in files.items():
+            path = etc / name
+            path.unlink(missing_ok=True)  # never write through a symlink
+            path.write_text(text, encoding="utf-8")
+            path.chmod(0o644)
+
+    def _extract(self) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.root_dir.parent))
+        try:
+            # GNU tar as root keeps owners, modes, device nodes and xattrs (capabilities
+            # on e.g. ping); Python's tarfile would not restore the xattrs.
+            proc = subprocess.run(
+                [
+                    "tar",
+                    "--extract",
+                    "--file",
+                    str(self.tarball),
+                    "--directory",
+                    str(tmp),
+                    "--numeric-owner",
+                    "--same-permissions",
+                    "--xattrs",
+                    "--xattrs-include=*",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise TargetError(
+                    f"extracting {self.tarball} failed:\n{_tail(proc.stdout)}",
+                    hint=f"Delete {self.tarball} to have it rebuilt.",
+                )
+            self._personalise(tmp / "etc")
+            tmp.chmod(0o755)  # mkdtemp made it 0700; it becomes the sandbox's "/"
+            os.rename(tmp, self.root_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

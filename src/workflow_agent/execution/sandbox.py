@@ -1,0 +1,534 @@
+"""The sandbox target: a throw-away Debian system in Linux namespaces on this host.
+
+Layout of one sandbox (all under a private scratch directory on the host)::
+
+    upper/ work/   overlay upper and work directories: every change the sandbox makes
+    merged/        the overlay mount point (mounted only inside the sandbox's namespace)
+    exchange/      bind-mounted at /run/workflow-agent inside: scripts and file transfers
+    holder.log     the holder's stderr, shown when the sandbox fails to start
+
+``open()`` starts a *holder*: ``unshare --mount --pid --uts --ipc [--net] --fork`` runs a
+small Python program as PID 1 of a new PID namespace. It mounts the overlay (lower layer:
+the cached root file system from ``RootfsCache``, never written), a fresh ``/proc``,
+``/dev``, ``/sys``, tmpfs ``/tmp`` and ``/run``, the host's resolv.conf, then reaps
+orphans until told to stop. Daemons a script starts are reparented to it and so keep
+running between ``run`` calls. Each ``run`` enters the namespaces with ``nsenter`` and
+``chroot``s into the overlay. ``close()`` SIGKILLs the holder: the kernel then kills every
+process in the PID namespace, and the mount namespace (overlay included) disappears with
+the last of them. The host is never changed, apart from the scratch directory.
+
+Network "host" shares the host's network stack (ports a daemon binds are host ports);
+"none" gives the sandbox its own network namespace with only ``lo``, brought up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from workflow_agent.errors import SandboxToolingMissingError, TargetError, TargetUnreachableError
+from workflow_agent.execution.process import run_process
+from workflow_agent.execution.rootfs import SANDBOX_HOSTNAME
+from workflow_agent.execution.target import (
+    BASE_ENV,
+    OutputCallback,
+    RunResult,
+    Target,
+    script_env,
+)
+
+#: Where the host exchange directory appears inside the sandbox.
+EXCHANGE_INSIDE = "/run/workflow-agent"
+
+#: How long the holder may take to mount everything (measured: ~30 ms).
+_READY_TIMEOUT = 15.0
+
+#: File systems that cannot hold an overlay upper directory (no xattrs / d_type, or
+#: overlay-on-overlay, which the kernel refuses).
+_BAD_UPPER_FS = {"overlay", "aufs", "nfs", "nfs4", "cifs", "smb3", "9p", "ecryptfs"}
+
+#: Overlay mount options are comma separated and lowerdir is colon separated.
+_BAD_PATH_CHARS = set(",:\\\n")
+
+
+def _holder_main(argv: list[str]) -> None:
+    """PID 1 of the sandbox. Runs in a separate ``python -I -S``: stdlib imports only.
+
+    It is shipped to that interpreter as source text (``inspect.getsource``), so it can be
+    type-checked and linted here while starting in ~20 ms instead of importing the
+    package. Errors go to stderr (the host's holder.log) and exit non-zero.
+    """
+    import ctypes
+    import fcntl
+    import os
+    import signal
+    import socket
+    import struct
+    import sys
+
+    rootfs, upper, work, merged, exchange, network, resolv, hostname, lifeline = argv
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    rdonly, nosuid, nodev, noexec, remount, bind, rec = 1, 2, 4, 8, 32, 4096, 16384
+
+    def mount(src: str, dst: str, fstype: str | None, flags: int, data: str = "") -> None:
+        target = merged + dst
+        kind = fstype.encode() if fstype else None
+        ok = libc.mount(src.encode(), target.encode(), kind, flags, data.encode())
+        if ok != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mounting {fstype or 'bind'} {src} on {target}")
+
+    # If unshare dies (SIGKILLed with its group, say), take the namespace down with it.
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    mount("overlay", "", "overlay", 0, f"lowerdir={rootfs},upperdir={upper},workdir={work}")
+    mount("proc", "/proc", "proc", nosuid | nodev | noexec)  # shows this PID namespace
+    mount("/dev", "/dev", None, bind | rec)
+    mount("tmpfs", "/dev/shm", "tmpfs", nosuid | nodev, "mode=1777")  # not the host's
+    try:
+        # A fresh sysfs shows this network namespace's interfaces (just lo for "none").
+        mount("sysfs", "/sys", "sysfs", rdonly | nosuid | nodev | noexec)
+    except OSError:
+        mount("/sys", "/sys", None, bind | rec)
+        mount("/sys", "/sys", None, remount | bind | rdonly)
+    # apt's _apt user needs a world-writable sticky /tmp.
+    mount("tmpfs", "/tmp", "tmpfs", nosuid | nodev, "mode=1777")
+    mount("tmpfs", "/run", "tmpfs", nosuid | nodev, "mode=755")
+    os.mkdir(merged + "/run/lock", 0o1777)
+    os.chmod(merged + "/run/lock", 0o1777)  # mkdir's mode is cut by the umask
+    os.mkdir(merged + "/run/workflow-agent", 0o700)
+    mount(exchange, "/run/workflow-agent", None, bind)
+    if network == "host" and resolv:
+        dest = merged + "/etc/resolv.conf"
+        if os.path.islink(dest) or not os.path.isfile(dest):
+            # A symlink would be followed on the host side of the bind: replace it.
+            if os.path.lexists(dest):
+                os.unlink(dest)
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT, 0o644))  # the mount point
+        mount(resolv, "/etc/resolv.conf", None, bind)
+        mount(resolv, "/etc/resolv.conf", None, remount | bind | rdonly)
+    if network == "none":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            ifreq = fcntl.ioctl(sock, 0x8913, struct.pack("16sH22x", b"lo", 0))  # GIFFLAGS
+            flags = struct.unpack("16sH22x", ifreq)[1] | 1  # IFF_UP
+            fcntl.ioctl(sock, 0x8914, struct.pack("16sH22x", b"lo", flags))  # SIFFLAGS
+    name = hostname.encode()
+    if libc.sethostname(name, len(name)) != 0:  # our own UTS namespace
+        raise OSError(ctypes.get_errno(), "sethostname")
+
+    def reap(signum: int, frame: object) -> None:
+        # Orphaned daemons are reparented to PID 1; reap them so no zombies pile up.
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    signal.signal(signal.SIGCHLD, reap)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # PID 1 ignores signals it has no handler for; let a plain `kill` stop the sandbox.
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    with open("/proc/self/status", encoding="ascii") as status:  # host /proc: host PIDs
+        host_pid = next(ln.split()[1] for ln in status if ln.startswith("NSpid:"))
+    sys.stdout.write(f"ready {host_pid}\n")
+    sys.stdout.flush()
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    # The host holds the write end; EOF means it closed the sandbox or died.
+    while os.read(int(lifeline), 1):
+        pass
+    os._exit(0)
+
+
+def _holder_source() -> str:
+    return inspect.getsource(_holder_main) + "import sys\n_holder_main(sys.argv[1:])\n"
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the file system ``path`` lives on, from /proc/self/mountinfo."""
+    resolved = str(path.resolve())
+    best, best_type = "", "unknown"
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            point = fields[4].encode().decode("unicode_escape")  # \040 for spaces
+            fstype = fields[fields.index("-") + 1]
+            inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, best_type = point, fstype
+    return best_type
+
+
+def _check_overlay_path(path: Path, what: str) -> None:
+    if _BAD_PATH_CHARS & set(str(path)):
+        raise TargetError(
+            f"the sandbox {what} {path} contains a character overlayfs cannot take (, : \\)",
+            hint="Use a directory whose path has no commas, colons or backslashes.",
+        )
+
+
+def _which(tool: str, package: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        raise SandboxToolingMissingError(tool, package)
+    return found
+
+
+@dataclass
+class _Running:
+    """Everything one open sandbox owns; torn down by ``_teardown`` exactly once."""
+
+    scratch: Path
+    proc: subprocess.Popen[bytes]
+    lifeline: int
+    holder_pid: int = 0
+    pidfd: int = -1
+    enter_flags: list[str] = field(default_factory=list)
+
+    @property
+    def merged(self) -> Path:
+        return self.scratch / "merged"
+
+    @property
+    def exchange(self) -> Path:
+        return self.scratch / "exchange"
+
+
+def _teardown(state: _Running) -> None:
+    """Kill the holder (so the whole namespace), reap unshare, remove the scratch dir.
+
+    Synchronous on purpose: it also runs from ``weakref.finalize`` at interpreter exit.
+    """
+    with contextlib.suppress(OSError):
+        os.close(state.lifeline)  # the holder exits on EOF even if the kill below fails
+    if state.pidfd >= 0:
+        # A pidfd cannot hit a recycled PID. SIGTERM would be ignored by PID 1 of a
+        # namespace without a handler and unshare ignores it: SIGKILL the holder.
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(state.pidfd, signal.SIGKILL)
+        os.close(state.pidfd)
+    try:
+        # The kernel reaps every process of the namespace before the holder's parent
+        # (unshare) sees it exit, so once unshare is gone nothing of the sandbox runs.
+        state.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        state.proc.kill()
+        state.proc.wait()
+    shutil.rmtree(state.scratch, ignore_errors=True)
+
+
+class SandboxTarget(Target):
+    """A disposable Debian system on this host, built on a cached root file system.
+
+    Needs root, ``unshare`` and ``nsenter`` (util-linux). Changes land in an overlay that
+    is thrown away on ``close()``; the cached root file system is never modified.
+    """
+
+    kind = "sandbox"
+
+    def __init__(
+        self,
+        rootfs: Path,
+        *,
+        network: Literal["host", "none"] = "host",
+        scratch_dir: Path | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if network not in ("host", "none"):
+            raise ValueError(f"network must be 'host' or 'none', not {network!r}")
+        self.rootfs = Path(rootfs)
+        self.network = network
+        self.scratch_dir = scratch_dir
+        self.name = name
+        # Chosen now so identity is stable before open() and across re-opens.
+        self._dir_name = f"workflow-agent-sandbox-{uuid.uuid4().hex[:12]}"
+        self._state: _Running | None = None
+        self._finalizer: weakref.finalize[[_Running], SandboxTarget] | None = None
+        self._tools: dict[str, str] = {}
+
+    @property
+    def identity(self) -> str:
+        return f"sandbox:{self.name or self._dir_name}"
+
+    @property
+    def holder_pid(self) -> int | None:
+        """Host PID of the namespace's PID 1 while open (for diagnostics and tests)."""
+        return self._state.holder_pid if self._state else None
+
+    @property
+    def scratch_path(self) -> Path | None:
+        """The host scratch directory while open."""
+        return self._state.scratch if self._state else None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the holder and mount the sandbox; a no-op when already open."""
+        if self._state is not None:
+            return
+        if os.geteuid() != 0:
+            raise TargetError(
+                "the sandbox target needs root",
+                hint="It uses mount and PID namespaces and overlay mounts: run as root.",
+            )
+        self._tools = {
+            "unshare": _which("unshare", "util-linux"),
+            "nsenter": _which("nsenter", "util-linux"),
+            "chroot": _which("chroot", "coreutils"),
+        }
+        if not (self.rootfs / "usr" / "bin" / "bash").is_file():
+            raise TargetError(
+                f"{self.rootfs} is not an extracted root file system",
+                hint="Pass the directory returned by RootfsCache.ensure().",
+            )
+        _check_overlay_path(self.rootfs, "root file system")
+        scratch = self._make_scratch()
+        starting = asyncio.ensure_future(asyncio.to_thread(self._start_holder, scratch))
+        try:
+            state = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # The thread cannot be interrupted: let it finish, then undo what it did.
+            with contextlib.suppress(TargetError):
+                await asyncio.to_thread(_teardown, await starting)
+            raise
+        self._state = state
+        self._finalizer = weakref.finalize(self, _teardown, state)
+
+    def _make_scratch(self) -> Path:
+        bases = [self.scratch_dir] if self.scratch_dir else [Path("/var/tmp"), Path("/tmp")]
+        problems = []
+        for base in bases:
+            fstype = _fs_type(base)
+            if fstype in _BAD_UPPER_FS or fstype.startswith("fuse"):
+                problems.append(f"{base} is on {fstype}")
+                continue
+            scratch = base / self._dir_name
+            _check_overlay_path(scratch, "scratch directory")
+            scratch.mkdir(mode=0o700)
+            for sub in ("upper", "work", "merged", "exchange"):
+                (scratch / sub).mkdir(mode=0o700)
+            (scratch / "upper").chmod(0o755)  # becomes the mode of "/" inside
+            return scratch
+        raise TargetError(
+            "no scratch directory can hold the sandbox's overlay upper layer ("
+            + "; ".join(problems)
+            + ")",
+            hint="Pass scratch_dir on ext4, xfs, btrfs or tmpfs.",
+        )
+
+    def _start_holder(self, scratch: Path) -> _Running:
+        read_end, write_end = os.pipe()  # both close-on-exec; read_end is passed below
+        resolv = "/etc/resolv.conf" if os.path.exists("/etc/resolv.conf") else ""
+        namespaces = ["--mount", "--pid", "--uts", "--ipc"]
+        if self.network == "none":
+            namespaces.append("--net")
+        argv = [
+            self._tools["unshare"],
+            *namespaces,
+            "--fork",
+            "--propagation",
+            "private",
+            "--",
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _holder_source(),
+            str(self.rootfs),
+            str(scratch / "upper"),
+            str(scratch / "work"),
+            str(scratch / "merged"),
+            str(scratch / "exchange"),
+            self.network,
+            resolv,
+            SANDBOX_HOSTNAME,
+            str(read_end),
+        ]
+        log = scratch / "holder.log"
+        try:
+            with open(log, "wb") as log_handle:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=log_handle,
+                    pass_fds=(read_end,),
+                    # Own session: a Ctrl-C on the terminal must not reach the holder;
+                    # the Python side tears the sandbox down instead.
+                    start_new_session=True,
+                    # Not our environment: it may hold secrets the sandbox has no use for.
+                    env={"PATH": BASE_ENV["PATH"], "LANG": "C.UTF-8"},
+                )
+        except BaseException:
+            os.close(write_end)
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        finally:
+            os.close(read_end)
+        state = _Running(scratch=scratch, proc=proc, lifeline=write_end)
+        state.enter_flags = namespaces  # nsenter spells them like unshare
+        try:
+            state.holder_pid = self._await_ready(proc, log)
+            state.pidfd = os.pidfd_open(state.holder_pid)
+        except BaseException:
+            _teardown(state)
+            raise
+        return state
+
+    @staticmethod
+    def _await_ready(proc: subprocess.Popen[bytes], log: Path) -> int:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + _READY_TIMEOUT
+        line = b""
+        with proc.stdout, selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise TargetUnreachableError(
+                        f"the sandbox did not start within {_READY_TIMEOUT:.0f} s",
+                        hint=f"See {log} while it exists; is the host overloaded?",
+                    )
+                chunk = os.read(proc.stdout.fileno(), 256)
+                if not chunk:
+                    proc.wait()
+                    detail = log.read_text(encoding="utf-8", errors="replace").strip()
+                    tail = "\n".join(detail.splitlines()[-8:]) or "(no output)"
+                    raise TargetUnreachableError(
+                        f"the sandbox failed to start (exit {proc.returncode}):\n{tail}",
+                        hint="The kernel must allow overlay mounts and namespaces "
+                        "(not possible inside most unprivileged containers).",
+                    )
+                line += chunk
+        word, _, pid = line.decode().strip().partition(" ")
+        if word != "ready" or not pid.isdigit():
+            raise TargetUnreachableError(f"unexpected output from the sandbox: {line!r}")
+        return int(pid)
+
+    async def close(self) -> None:
+        """Kill everything in the sandbox and remove its scratch directory. Idempotent."""
+        finalizer, self._finalizer, self._state = self._finalizer, None, None
+        if finalizer is not None:
+            await asyncio.to_thread(finalizer)
+
+    # -- running and files -----------------------------------------------------------
+
+    def _running(self) -> _Running:
+        state = self._state
+        if state is None:
+            raise TargetError(
+                f"{self.identity} is not open", hint="Use it as `async with target:`."
+            )
+        if state.proc.poll() is not None:
+            raise TargetUnreachableError(
+                f"{self.identity} has stopped (its holder process exited)",
+                hint="Something killed the sandbox; open a new one.",
+            )
+        return state
+
+    def _enter_argv(self, state: _Running, *inside: str, all_ns: bool = True) -> list[str]:
+        flags = state.enter_flags if all_ns else ["--mount"]
+        return [
+            self._tools["nsenter"],
+            f"--target={state.holder_pid}",
+            *flags,
+            "--",
+            self._tools["chroot"],
+            str(state.merged),
+            *inside,
+        ]
+
+    def _exchange_file(self, state: _Running, prefix: str, data: bytes | None) -> str:
+        """Create a private file in the exchange directory; return its name."""
+        name = f"{prefix}-{uuid.uuid4().hex}"
+        if data is not None:
+            fd = os.open(
+                state.exchange / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        return name
+
+    async def run(
+        self,
+        script: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600.0,
+        on_output: OutputCallback | None = None,
+    ) -> RunResult:
+        state = self._running()
+        name = self._exchange_file(state, "run", script.encode("utf-8"))
+        try:
+            # env travels in the process environment: nsenter and chroot pass it on.
+            return await run_process(
+                self._enter_argv(state, "/bin/bash", f"{EXCHANGE_INSIDE}/{name}"),
+                env=script_env(env),
+                timeout=timeout,
+                on_output=on_output,
+            )
+        finally:
+            (state.exchange / name).unlink(missing_ok=True)
+
+    async def _helper(self, state: _Running, shell: str, *args: str) -> RunResult:
+        # Only the mount namespace is needed to touch files; skipping --pid saves a fork.
+        argv = self._enter_argv(state, "/bin/sh", "-c", shell, "sh", *args, all_ns=False)
+        return await run_process(argv, env=script_env(None), timeout=120.0)
+
+    async def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"sandbox paths must be absolute: {path!r}")
+        state = self._running()
+        name = self._exchange_file(state, "put", data)
+        shell = (
+            'set -e; d=$(dirname -- "$1"); mkdir -p -- "$d"; t="$d/.wa-put-$$"; '
+            'cat -- "$2" > "$t"; chmod "$3" "$t"; mv -f -- "$t" "$1"'
+        )
+        try:
+            result = await self._helper(
+                state, shell, path, f"{EXCHANGE_INSIDE}/{name}", format(mode, "o")
+            )
+        finally:
+            (state.exchange / name).unlink(missing_ok=True)
+        if not result.ok:
+            raise TargetError(f"writing {path} in {self.identity} failed: {result.stderr}")
+
+    async def get(self, path: str) -> bytes:
+        if not path.startswith("/"):
+            raise ValueError(f"sandbox paths must be absolute: {path!r}")
+        state = self._running()
+        name = self._exchange_file(state, "get", None)
+        shell = '[ -e "$1" ] || exit 3; [ -d "$1" ] && exit 4; cat -- "$1" > "$2"'
+        host_copy = state.exchange / name
+        try:
+            result = await self._helper(state, shell, path, f"{EXCHANGE_INSIDE}/{name}")
+            if result.exit_code == 3:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            if result.exit_code == 4:
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            if not result.ok:
+                raise TargetError(f"reading {path} in {self.identity} failed: {result.stderr}")
+            fd = os.open(host_copy, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as handle:
+                return handle.read()
+        finally:
+            host_copy.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Integration definitions: the plugin format, discovery, and parameter resolution."""

@@ -1,0 +1,624 @@
+"""Security policy for generated bash scripts, checked on the tree-sitter-bash syntax tree.
+
+Rules (code — what it catches; severity is ``error`` unless noted):
+
+* ``policy.curl-pipe-shell``  a download executed as code: ``curl … | sh``, ``bash <(curl …)``,
+  ``sh -c "$(wget …)"``, ``bash < <(curl …)``, ``eval "$(curl …)"``
+* ``policy.rm-root``  ``rm -r`` of ``/``, ``/*``, ``~`` or a top-level system directory
+* ``policy.rm-unguarded-var``  ``rm -r`` of a path that starts with a variable that may be empty
+* ``policy.chmod-777`` / ``policy.chmod-world-writable`` (warning)  over-broad file modes
+* ``policy.firewall-disable`` / ``policy.selinux-disable``  turning host protection off
+* ``policy.sudoers-write``  writing /etc/sudoers or /etc/sudoers.d/*
+* ``policy.eval-dynamic`` / ``policy.eval-literal`` (warning)  ``eval`` of expansions / literals
+* ``policy.secret-in-argv``  a secret variable expanded into an external command's arguments
+* ``policy.parse-incomplete`` (warning)  tree-sitter found syntax it could not parse
+
+Commands are found wherever they nest (if/for/while/case, functions, subshells, pipelines,
+substitutions, heredoc redirects) and wrappers (``sudo``, ``env``, ``command``, ``nohup``,
+``timeout`` …) are looked through. A literal ``sh -c '…'`` string is checked as a script too.
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+import re
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+
+import tree_sitter
+import tree_sitter_bash
+
+from workflow_agent.scripting.validate import Finding, Severity
+
+__all__ = ["POLICY_VERSION", "check_policy"]
+
+#: Bump whenever a rule changes, so cached validation reports are not reused.
+POLICY_VERSION = "1"
+
+_MAX_NESTED_SCRIPT_DEPTH = 3  # sh -c 'sh -c "…"' nesting we still look into
+_MAX_WORD_DEPTH = 40  # deeper word nesting is treated as an opaque expansion
+
+_DOWNLOADERS = frozenset({"curl", "wget", "fetch", "aria2c"})
+_SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh", "mksh", "ash", "busybox"})
+_BUILTINS = frozenset(
+    "echo printf test [ [[ export local declare read cd set unset : true false return exit "
+    "typeset readonly shift source . alias unalias let getopts trap wait umask type hash "
+    "pushd popd dirs shopt mapfile readarray kill break continue builtin command eval "
+    "ulimit times caller enable help history jobs fg bg disown suspend logout pwd".split()
+)
+_FIREWALL_UNITS = frozenset(
+    {"firewalld", "ufw", "nftables", "iptables", "ip6tables", "netfilter-persistent"}
+)
+_SYSTEM_DIRS = frozenset(
+    "bin boot dev etc home lib lib32 lib64 opt proc root run sbin srv sys usr var".split()
+)
+_SELINUX_OFF = re.compile(r"SELINUX\s*=\s*['\"]?(disabled|permissive)", re.IGNORECASE)
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_READ_ONLY = frozenset({"grep", "egrep", "fgrep", "rg", "test", "[", "awk"})
+_WRITE_REDIRECTS = frozenset({">", ">>", ">|", "&>", "&>>", "<>", ">&"})
+_SUBSTITUTIONS = frozenset({"command_substitution", "process_substitution"})
+_DYNAMIC = _SUBSTITUTIONS | {"simple_expansion", "expansion", "arithmetic_expansion"}
+
+
+@dataclass(frozen=True)
+class _Wrapper:
+    """How to skip a wrapper's own options to reach the command it runs."""
+
+    arg_chars: str = ""  # short options that take a value
+    arg_longs: frozenset[str] = frozenset()
+    positional: int = 0  # operands before the command (timeout DURATION, chroot DIR)
+    assignments: bool = False  # accepts NAME=value words (env, sudo)
+    execs: bool = True  # runs the command as a new process (not `command`/`builtin`)
+
+
+_WRAPPERS: dict[str, _Wrapper] = {
+    "sudo": _Wrapper("ugpCDhrtUTR", frozenset({"--user", "--group", "--chdir"}), 0, True),
+    "doas": _Wrapper("uC"),
+    "env": _Wrapper("uCS", frozenset({"--unset", "--chdir", "--split-string"}), 0, True),
+    "command": _Wrapper(execs=False),
+    "builtin": _Wrapper(execs=False),
+    "time": _Wrapper("fo", frozenset({"--format", "--output"}), execs=False),
+    "exec": _Wrapper("a"),
+    "nohup": _Wrapper(),
+    "setsid": _Wrapper(),
+    "busybox": _Wrapper(),
+    "nice": _Wrapper("n", frozenset({"--adjustment"})),
+    "ionice": _Wrapper("cnpPu"),
+    "timeout": _Wrapper("sk", frozenset({"--signal", "--kill-after"}), 1),
+    "stdbuf": _Wrapper("ioe", frozenset({"--input", "--output", "--error"})),
+    "chroot": _Wrapper("", frozenset({"--userspec", "--groups"}), 1),
+    "runuser": _Wrapper("ugGl", frozenset({"--user", "--group"})),
+    "xargs": _Wrapper("adEILnPs", frozenset({"--delimiter", "--max-args", "--max-procs"})),
+}
+
+# Interpreter -> (flags whose value is the program text, flags meaning "read the program
+# from stdin", short flags that take a separate value, long flags that are program text).
+_INTERPRETERS: dict[str, tuple[str, str, str, frozenset[str]]] = {
+    "shell": ("c", "s", "oO", frozenset()),
+    "python": ("cm", "", "WX", frozenset()),
+    "perl": ("eE", "", "", frozenset()),
+    "ruby": ("e", "", "", frozenset()),
+    "node": ("ep", "", "r", frozenset({"--eval", "--print"})),
+}
+
+
+@functools.cache
+def _parser() -> tree_sitter.Parser:
+    return tree_sitter.Parser(tree_sitter.Language(tree_sitter_bash.language()))
+
+
+def _text(node: tree_sitter.Node) -> str:
+    return (node.text or b"").decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class _Exp:
+    """An expansion inside a word; ``subst`` is a non-empty stand-in if it cannot be empty."""
+
+    var: str | None
+    subst: str | None
+
+
+_Part = str | _Exp
+
+
+def _unescape(text: str, escapable: str | None) -> str:
+    """Drop shell backslash escapes (any char unquoted, only ``escapable`` in double quotes)."""
+    return re.sub(
+        r"\\(.)",
+        lambda m: m.group(1) if escapable is None or m.group(1) in escapable else m.group(0),
+        text,
+        flags=re.DOTALL,
+    )
+
+
+def _parts(node: tree_sitter.Node, depth: int = 0) -> list[_Part]:
+    """Split a word into literal text and expansions, resolving quotes and escapes."""
+    kind = node.type
+    if depth > _MAX_WORD_DEPTH:
+        return [_Exp(None, None)]
+    if kind in ("word", "number"):
+        return [_unescape(_text(node), None)]
+    if kind == "raw_string":
+        return [_text(node)[1:-1]]
+    if kind == "ansi_c_string":
+        return [_text(node)[2:-1]]
+    if kind in ("string", "concatenation"):
+        parts: list[_Part] = []
+        for child in node.children:
+            if child.type == "string_content":
+                parts.append(_unescape(_text(child), '$`"\\\n'))
+            elif child.is_named:
+                parts.extend(_parts(child, depth + 1))
+            elif kind == "concatenation":
+                parts.append(_text(child))
+        return parts
+    if kind == "simple_expansion":
+        return [_Exp(_text(node)[1:], None)]
+    if kind == "expansion":
+        return [_expansion(node)]
+    return [_Exp(None, None)]
+
+
+def _expansion(node: tree_sitter.Node) -> _Exp:
+    """``${…}``: only ``${V:?}`` and ``${V:-literal}`` are known to be non-empty."""
+    names = [c for c in node.named_children if c.type in ("variable_name", "subscript")]
+    var = _text(names[0]).split("[")[0] if names else None
+    op_node = node.child_by_field_name("operator")
+    op = _text(op_node) if op_node is not None else ""
+    if op == ":?":
+        return _Exp(var, var or "?")
+    if op in (":-", ":=") and op_node is not None:
+        after = [c for c in node.named_children if c.start_byte >= op_node.end_byte]
+        default = "".join(_static(c) or "" for c in after)
+        if default and all(_static(c) is not None for c in after):
+            return _Exp(var, default)
+    return _Exp(var, None)
+
+
+def _static(node: tree_sitter.Node) -> str | None:
+    """The word's value if it has no expansions, else ``None``."""
+    parts = _parts(node)
+    return None if any(isinstance(p, _Exp) for p in parts) else "".join(map(str, parts))
+
+
+def _render(parts: list[_Part], unknown: str) -> str:
+    return "".join(p if isinstance(p, str) else (p.subst or unknown) for p in parts)
+
+
+def _shell_text(node: tree_sitter.Node) -> str:
+    """What an inner ``sh -c`` receives, with expansions left as source (re-parsed there)."""
+    if node.type == "raw_string":
+        return _text(node)[1:-1]
+    if node.type == "string":
+        return _unescape(_text(node)[1:-1], '$`"\\\n')
+    if node.type == "concatenation":
+        return "".join(_shell_text(c) for c in node.named_children)
+    if node.type == "word":
+        return _unescape(_text(node), None)
+    return _text(node)
+
+
+def _descendants(node: tree_sitter.Node, *, into_substitutions: bool = True) -> Iterator[tree_sitter.Node]:
+    """Pre-order walk without recursion, so deeply nested input cannot overflow the stack."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        if into_substitutions or current is node or current.type not in _SUBSTITUTIONS:
+            stack.extend(reversed(current.children))
+
+
+@dataclass
+class _Cmd:
+    """A simple command with wrappers (sudo, env, …) looked through."""
+
+    node: tree_sitter.Node
+    words: list[tree_sitter.Node]  # argv as written, command name first
+    start: int  # index in ``words`` of the command that really runs
+    name: str | None  # its basename, ``None`` when the name is not literal
+    wrapped: bool  # a wrapper execs it, so it is a new process even if a builtin
+
+    @property
+    def args(self) -> list[tree_sitter.Node]:
+        return self.words[self.start + 1 :]
+
+    def statics(self) -> list[str | None]:
+        return [_static(a) for a in self.args]
+
+
+def _skip_options(words: list[tree_sitter.Node], j: int, spec: _Wrapper) -> int:
+    while j < len(words):
+        s = _static(words[j])
+        if s is None:
+            break
+        if s == "--":
+            return j + 1
+        if spec.assignments and _ASSIGNMENT.match(s):
+            j += 1
+        elif s.startswith("--") and "=" not in s:
+            j += 2 if s in spec.arg_longs else 1
+        elif s.startswith("-") and len(s) > 1:
+            cut = next((k for k, ch in enumerate(s[1:], 1) if ch in spec.arg_chars), None)
+            j += 2 if cut == len(s) - 1 else 1
+        else:
+            break
+    return j
+
+
+def _resolve(node: tree_sitter.Node) -> _Cmd | None:
+    """Resolve a ``command`` node; ``None`` when nothing runs (``command -v``, bare ``sudo``)."""
+    name_node = node.child_by_field_name("name")
+    if name_node is None:
+        return None
+    words = [name_node, *node.children_by_field_name("argument")]
+    start, wrapped = 0, False
+    for _ in range(8):  # wrapper chains longer than this are not realistic
+        literal = _static(words[start])
+        name = posixpath.basename(literal) if literal is not None else None
+        spec = _WRAPPERS.get(name or "")
+        if spec is None or name is None:
+            return _Cmd(node, words, start, name, wrapped)
+        if name == "command" and any(_static(w) in ("-v", "-V") for w in words[start + 1 :]):
+            return None
+        nxt = _skip_options(words, start + 1, spec) + spec.positional
+        if nxt >= len(words):
+            return None if start == 0 and spec.execs else _Cmd(node, words, start, name, wrapped)
+        start, wrapped = nxt, wrapped or spec.execs
+    return _Cmd(node, words, start, None, wrapped)
+
+
+def _interpreter_kind(name: str | None) -> str | None:
+    if name in _SHELLS:
+        return "shell"
+    if name is not None and re.fullmatch(r"(python|pypy)[0-9.]*", name):
+        return "python"
+    return {"perl": "perl", "ruby": "ruby", "node": "node", "nodejs": "node"}.get(name or "")
+
+
+def _program_source(kind: str, args: list[tree_sitter.Node]) -> tuple[str, int]:
+    """Where an interpreter gets its program: ("stdin"|"string"|"file", index into args)."""
+    string_flags, stdin_flags, arg_flags, long_string = _INTERPRETERS[kind]
+    from_stdin, i = False, 0
+    while i < len(args):
+        s = _static(args[i])
+        if s == "--":
+            i += 1
+            break
+        if s is None or s == "-" or not s.startswith(("-", "+")) or len(s) < 2:
+            break
+        if s in long_string:
+            return "string", i + 1
+        if not s.startswith("--"):
+            if any(ch in string_flags for ch in s[1:]):
+                return ("file" if "m" in s[1:] and kind == "python" else "string"), i + 1
+            from_stdin = from_stdin or any(ch in stdin_flags for ch in s[1:])
+            if s[-1] in arg_flags:
+                i += 1
+        elif s in ("--rcfile", "--init-file"):
+            i += 1
+        i += 1
+    if from_stdin or i >= len(args) or _static(args[i]) == "-":
+        return "stdin", i
+    return "file", i
+
+
+@dataclass
+class _Checker:
+    source: bytes
+    secrets: frozenset[str]
+    depth: int
+    findings: list[Finding] = field(default_factory=list)
+    functions: set[str] = field(default_factory=set)
+    resolved: dict[int, _Cmd | None] = field(default_factory=dict)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def add(self, node: tree_sitter.Node, code: str, message: str, sev: Severity = "error") -> None:
+        row, col = node.start_point
+        line = self.source.split(b"\n")[row] if row < self.source.count(b"\n") + 1 else b""
+        column = len(line[:col].decode("utf-8", "replace")) + 1
+        self.findings.append(
+            Finding(layer="policy", severity=sev, line=row + 1, column=column, code=code,
+                    message=message)
+        )
+
+    def cmd(self, node: tree_sitter.Node) -> _Cmd | None:
+        if node.id not in self.resolved:
+            self.resolved[node.id] = _resolve(node)
+        return self.resolved[node.id]
+
+    def commands(self, node: tree_sitter.Node, *, into_substitutions: bool = True) -> Iterator[_Cmd]:
+        for n in _descendants(node, into_substitutions=into_substitutions):
+            if n.type == "command" and (c := self.cmd(n)) is not None:
+                yield c
+
+    def downloads(self, node: tree_sitter.Node) -> bool:
+        return any(c.name in _DOWNLOADERS for c in self.commands(node))
+
+    # -- walk --------------------------------------------------------------------------------
+    def run(self, root: tree_sitter.Node) -> list[Finding]:
+        self.functions = {
+            _text(name) for n in _descendants(root) if n.type == "function_definition"
+            if (name := n.child_by_field_name("name")) is not None
+        }
+        incomplete = False
+        for node in _descendants(root):
+            if (node.type == "ERROR" or node.is_missing) and not incomplete:
+                incomplete = True
+                self.add(node, "policy.parse-incomplete", "tree-sitter could not parse the "
+                         "script from here on; policy checks may have missed commands in this "
+                         "region. Fix the syntax so every rule can be applied.", "warning")
+            elif node.type == "command" and (cmd := self.cmd(node)) is not None:
+                self.check_command(cmd)
+            elif node.type == "pipeline":
+                self.check_pipeline(node)
+            elif node.type == "file_redirect":
+                self.check_redirect(node)
+            elif node.type == "heredoc_body" and _SELINUX_OFF.search(_text(node)):
+                self.add(node, "policy.selinux-disable", _SELINUX_MSG)
+        return self.findings
+
+    def check_command(self, cmd: _Cmd) -> None:
+        name, statics = cmd.name, cmd.statics()
+        self.check_interpreter(cmd)
+        if name == "rm":
+            self.check_rm(cmd, statics)
+        elif name in ("chmod", "mkdir", "install"):
+            self.check_mode(cmd, statics)
+        elif name == "eval":
+            self.check_eval(cmd)
+        self.check_protection(cmd, statics)
+        self.check_sudoers_command(cmd, statics)
+        self.check_secrets(cmd)
+
+    # -- rules -------------------------------------------------------------------------------
+    def check_interpreter(self, cmd: _Cmd) -> None:
+        if cmd.name in (".", "source") and cmd.args and self.downloads(cmd.args[0]):
+            self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
+        kind = _interpreter_kind(cmd.name)
+        if kind is None:
+            return
+        where, idx = _program_source(kind, cmd.args)
+        program = cmd.args[idx] if idx < len(cmd.args) else None
+        if where == "stdin":
+            if any(self.downloads(r) for r in _stdin_redirects(cmd.node)):
+                self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
+        elif program is not None and self.downloads(program):
+            self.add(program, "policy.curl-pipe-shell", _PIPE_MSG)
+        elif where == "string" and kind == "shell" and program is not None:
+            self.check_nested(program)
+
+    def check_nested(self, program: tree_sitter.Node) -> None:
+        """Check a literal ``sh -c`` program as a script of its own, mapped to our lines."""
+        if self.depth >= _MAX_NESTED_SCRIPT_DEPTH:
+            return
+        inner = _check(_shell_text(program), self.secrets, self.depth + 1)
+        seen = {(f.code, f.line) for f in self.findings}
+        for f in inner:
+            line = program.start_point[0] + f.line
+            if (f.code, line) not in seen and f.code != "policy.parse-incomplete":
+                self.findings.append(f.model_copy(update={
+                    "line": line, "column": None, "message": f"in `sh -c` string: {f.message}"}))
+
+    def check_pipeline(self, node: tree_sitter.Node) -> None:
+        stages = [c for c in node.named_children if c.type != "comment"]
+        # `cat <<EOF | bash` puts the pipeline inside the heredoc redirect; its first stage
+        # is the redirected statement's body.
+        if node.parent is not None and node.parent.type == "heredoc_redirect":
+            body = (node.parent.parent.child_by_field_name("body")
+                    if node.parent.parent is not None else None)
+            stages = ([body] if body is not None else []) + stages
+        for i in range(1, len(stages)):
+            if not any(self.downloads(s) for s in stages[:i]):
+                continue
+            for cmd in self.commands(stages[i], into_substitutions=False):
+                kind = _interpreter_kind(cmd.name)
+                if kind is not None and _program_source(kind, cmd.args)[0] == "stdin":
+                    self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
+
+    def check_rm(self, cmd: _Cmd, statics: list[str | None]) -> None:
+        options, operands, ended = [], [], False
+        for node, s in zip(cmd.args, statics, strict=True):
+            if not ended and s is not None and s.startswith("-") and len(s) > 1:
+                ended = s == "--"
+                options.append(s)
+            else:
+                operands.append(node)
+        recursive = any(o == "--recursive" or (not o.startswith("--") and set(o) & {"r", "R"})
+                        for o in options)
+        if not recursive:
+            return
+        if "--no-preserve-root" in options:
+            self.add(cmd.node, "policy.rm-root", "`rm --no-preserve-root` removes the "
+                     "protection against deleting `/`; delete only the integration's own paths.")
+        for operand in operands:
+            parts = _parts(operand)
+            first = parts[0] if parts else ""
+            if isinstance(first, _Exp) and first.var is not None and first.subst is None:
+                self.add(operand, "policy.rm-unguarded-var", f"`rm -r {_text(operand)}` starts "
+                         f"with ${first.var}, which may be empty or unset, turning the path into "
+                         f"`/` or the working directory. Write `${{{first.var}:?}}` so the "
+                         "script stops instead, or use a literal path.")
+            elif _is_root_like(_render(parts, "")):
+                self.add(operand, "policy.rm-root", f"`rm -r {_text(operand)}` can delete the "
+                         "root file system, a home directory or a system directory; remove only "
+                         "the integration's own paths (e.g. /opt/<integration>).")
+
+    def check_mode(self, cmd: _Cmd, statics: list[str | None]) -> None:
+        if cmd.name == "chmod":
+            modes = [next((s for s in statics if s is not None and not s.startswith("-")), None)]
+        else:  # mkdir -m MODE / install -m MODE
+            modes = [statics[i + 1] for i, s in enumerate(statics[:-1]) if s == "-m"]
+            modes += [s.split("=", 1)[1] for s in statics if s and s.startswith("--mode=")]
+        for mode in modes:
+            verdict = _mode_verdict(mode or "")
+            if verdict == "777":
+                self.add(cmd.node, "policy.chmod-777", f"`{cmd.name}` with mode {mode} lets every "
+                         "user on the host modify and execute the file; use the narrowest mode "
+                         "that works (e.g. 0755 for programs, 0644 or 0640 for configuration).")
+            elif verdict == "world-writable":
+                self.add(cmd.node, "policy.chmod-world-writable", f"`{cmd.name}` with mode "
+                         f"{mode} makes the file writable by every user; give write access to "
+                         "the owner (or a dedicated group) only.", "warning")
+
+    def check_eval(self, cmd: _Cmd) -> None:
+        if any(self.downloads(a) for a in cmd.args):
+            self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
+        if any(n.type in _DYNAMIC for a in cmd.args for n in _descendants(a)):
+            self.add(cmd.node, "policy.eval-dynamic", "`eval` of expanded text runs whatever "
+                     "the variable or command output contains as code; call the command "
+                     "directly with quoted arguments, or use an array for the argument list.")
+        else:
+            self.add(cmd.node, "policy.eval-literal", "`eval` of literal text is unnecessary "
+                     "and hides the command from review; write the command directly.", "warning")
+
+    def check_protection(self, cmd: _Cmd, statics: list[str | None]) -> None:
+        name, args = cmd.name, [s for s in statics if s is not None]
+        units = {a.removesuffix(".service") for a in args} & _FIREWALL_UNITS
+        firewall_off = (
+            (name == "ufw" and "disable" in args)
+            or (name == "systemctl" and bool(units) and bool({"stop", "disable", "mask", "kill"}
+                                                              & set(args)))
+            or (name == "service" and bool(units) and "stop" in args)
+            or (name == "chkconfig" and bool(units) and "off" in args)
+            or (name in ("iptables", "ip6tables", "iptables-legacy", "iptables-nft")
+                and any(a in ("-F", "--flush") for a in args))
+            or (name == "nft" and "flush" in args and "ruleset" in args)
+        )
+        if firewall_off:
+            self.add(cmd.node, "policy.firewall-disable", "the script turns the host firewall "
+                     "off or flushes its rules; open only the port the integration needs "
+                     "(e.g. `firewall-cmd --add-port=…`, `ufw allow …`).")
+        selinux_off = name == "setenforce" and bool(args) and args[0].lower() in (
+            "0", "permissive")
+        if name not in _READ_ONLY and any(_SELINUX_OFF.search(_text(a)) for a in cmd.args):
+            selinux_off = True
+        if selinux_off:
+            self.add(cmd.node, "policy.selinux-disable", _SELINUX_MSG)
+
+    def check_sudoers_command(self, cmd: _Cmd, statics: list[str | None]) -> None:
+        targets: list[tree_sitter.Node] = []
+        positional = [a for a, s in zip(cmd.args, statics, strict=True)
+                      if s is None or not s.startswith("-")]
+        if cmd.name == "tee":
+            targets = positional
+        elif cmd.name in ("cp", "mv", "install", "ln", "rsync") and positional:
+            targets = [positional[-1]]
+            targets += [cmd.args[i + 1] for i, s in enumerate(statics[:-1]) if s == "-t"]
+        elif cmd.name == "dd":
+            targets = [a for a, s in zip(cmd.args, statics, strict=True)
+                       if s is not None and s.startswith("of=")]
+        elif cmd.name in ("sed", "perl") and any(
+            s is not None and (s.startswith("--in-place") or (
+                s.startswith("-") and not s.startswith("--") and "i" in s)) for s in statics):
+            targets = positional
+        for target in targets:
+            if _is_sudoers(_render(_parts(target), "X").removeprefix("of=")):
+                self.add(target, "policy.sudoers-write", _SUDOERS_MSG)
+
+    def check_redirect(self, node: tree_sitter.Node) -> None:
+        ops = [c.type for c in node.children if not c.is_named]
+        target = node.child_by_field_name("destination")
+        if target is not None and ops and ops[0] in _WRITE_REDIRECTS and _is_sudoers(
+                _render(_parts(target), "X")):
+            self.add(target, "policy.sudoers-write", _SUDOERS_MSG)
+
+    def check_secrets(self, cmd: _Cmd) -> None:
+        if not self.secrets:
+            return
+        builtin = cmd.name in _BUILTINS or cmd.name in self.functions
+        if builtin and not cmd.wrapped:
+            return
+        for word in cmd.words:
+            used = sorted({_text(n) for n in _descendants(word, into_substitutions=False)
+                           if n.type == "variable_name"} & self.secrets)
+            if used:
+                shown = cmd.name or _text(cmd.words[cmd.start])
+                self.add(word, "policy.secret-in-argv", f"secret ${used[0]} is passed as a "
+                         f"command-line argument of `{shown}`; arguments are readable by every "
+                         "user via /proc and `ps`. Pass it through the environment, a file with "
+                         "mode 0600, or stdin (e.g. `curl -H @file`, `--config`, a heredoc).")
+
+
+_PIPE_MSG = (
+    "downloaded content is executed directly as code, without checksum or signature "
+    "verification; download to a file, verify its checksum or signature, then run the file."
+)
+_SELINUX_MSG = (
+    "the script disables SELinux or switches it to permissive mode; keep it enforcing and add "
+    "the policy module or file context the integration needs (semanage/restorecon)."
+)
+_SUDOERS_MSG = (
+    "the script writes sudo rules (/etc/sudoers or /etc/sudoers.d); integrations must not grant "
+    "privileges - manage sudo rules through configuration management, reviewed and checked "
+    "with `visudo -c`."
+)
+
+
+def _stdin_redirects(node: tree_sitter.Node) -> list[tree_sitter.Node]:
+    """Input redirects (``<``, ``<<<``) of a command, including its redirected statement."""
+    redirects = node.children_by_field_name("redirect")
+    parent = node.parent
+    if parent is not None and parent.type == "redirected_statement":
+        body = parent.child_by_field_name("body")
+        if body is not None and body.id == node.id:
+            redirects = redirects + parent.children_by_field_name("redirect")
+    return [r for r in redirects if r.type == "herestring_redirect" or (
+        r.type == "file_redirect" and any(c.type == "<" for c in r.children))]
+
+
+def _is_root_like(path: str) -> bool:
+    path = path.strip()
+    if path.startswith("~"):
+        return path[1:].strip("/") in ("", "*", ".", ".*")
+    if not path.startswith("/"):
+        return False
+    parts = [p for p in posixpath.normpath(path).split("/") if p]
+    if not parts or parts == ["*"]:
+        return True
+    return parts[0] in _SYSTEM_DIRS and (len(parts) == 1 or parts[1:] in (["*"], [".*"]))
+
+
+def _is_sudoers(path: str) -> bool:
+    path = posixpath.normpath(path) if path else path
+    return path == "/etc/sudoers" or path.startswith("/etc/sudoers.d")
+
+
+def _mode_verdict(mode: str) -> str | None:
+    """``"777"`` for rwx-for-everyone, ``"world-writable"`` for o+w, else ``None``."""
+    if re.fullmatch(r"[0-7]{1,4}", mode):
+        digits = mode.zfill(4)
+        if digits[1:] == "777":
+            return "777"
+        return "world-writable" if int(digits[3]) & 2 else None
+    verdict = None
+    for clause in mode.split(","):
+        m = re.fullmatch(r"([ugoa]*)((?:[-+=][rwxXst]*)+)", clause)
+        if m is None:
+            continue
+        who = set(m.group(1))
+        for op, perms in re.findall(r"([-+=])([rwxXst]*)", m.group(2)):
+            if op == "-" or "w" not in perms:
+                continue
+            if ("a" in who or who >= {"u", "g", "o"}) and {"r", "x"} <= set(perms):
+                return "777"
+            if who & {"a", "o"}:
+                verdict = "world-writable"
+    return verdict
+
+
+def _check(script: str, secrets: frozenset[str], depth: int) -> list[Finding]:
+    source = script.encode("utf-8", "surrogatepass")
+    tree = _parser().parse(source)
+    return _Checker(source, secrets, depth).run(tree.root_node)
+
+
+def check_policy(script: str, *, secret_env: Collection[str]) -> list[Finding]:
+    """Check ``script`` against the security policy; never raises on malformed input.
+
+    ``secret_env`` names environment variables holding secrets: expanding one into an
+    external command's arguments is reported. Findings are sorted by line and column.
+    """
+    findings = _check(script, frozenset(secret_env), 0)
+    return sorted(findings, key=lambda f: (f.line, f.column or 0, f.code))

@@ -1,0 +1,160 @@
+"""The history schema as SQLAlchemy Core tables.
+
+Types are kept portable so the same tables work on SQLite and PostgreSQL: JSON is
+stored as ``Text`` holding JSON (SQLite has no JSON column type worth relying on) and
+every timestamp is UTC. The schema itself is created by the Alembic migrations in
+``migrations/versions``; these definitions must describe the same thing (a test checks).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+#: Constraint names are fixed by convention so that later migrations can refer to them
+#: by name on every backend (SQLite otherwise leaves them unnamed).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp that is always UTC in and out.
+
+    SQLite keeps ``DateTime`` as text without an offset and hands back naive values;
+    PostgreSQL's ``timestamptz`` hands back values in the session's time zone. Both are
+    normalised here so callers only ever see aware UTC datetimes.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            # A naive value would be stored as whatever local time it happened to be in.
+            raise ValueError(f"naive datetime {value!r}: pass an aware (UTC) datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {value!r}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _workflow_fk() -> Column[str]:
+    # ON DELETE CASCADE so pruning old workflows later is a single DELETE.
+    return Column(
+        "workflow_id",
+        String(36),
+        ForeignKey("workflows.id", ondelete="CASCADE"),
+        nullable=False,
+    )
+
+
+workflows = Table(
+    "workflows",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("action", String(32), nullable=False),
+    Column("integration", String(255), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("params_json", Text, nullable=False),
+    Column("fleet_id", String(36), nullable=True),
+    Column("pid", Integer, nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("duration", Float, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("exit_code", Integer, nullable=True),
+    Index("ix_workflows_started_at", "started_at"),
+    Index("ix_workflows_integration_started_at", "integration", "started_at"),
+    Index("ix_workflows_status", "status"),
+    Index("ix_workflows_fleet_id", "fleet_id"),
+)
+
+stages = Table(
+    "stages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _workflow_fk(),
+    Column("name", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=False),
+    Column("duration", Float, nullable=False),
+    Column("detail_json", Text, nullable=False),
+    Index("ix_stages_workflow_id", "workflow_id"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _workflow_fk(),
+    Column("stage", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("state_json", Text, nullable=False),
+    Index("ix_checkpoints_workflow_id", "workflow_id"),
+)
+
+artifacts = Table(
+    "artifacts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _workflow_fk(),
+    Column("stage", String(64), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_artifacts_workflow_id", "workflow_id"),
+)
+
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("target", Text, nullable=False),
+    Column("integration", String(255), nullable=False),
+    # SET NULL, not CASCADE: the snapshot must outlive the install workflow that took it,
+    # since a much later uninstall compares against it.
+    Column(
+        "workflow_id",
+        String(36),
+        ForeignKey("workflows.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("content", Text, nullable=False),
+    Index("ix_snapshots_target_integration", "target", "integration", "created_at"),
+    Index("ix_snapshots_workflow_id", "workflow_id"),
+)
