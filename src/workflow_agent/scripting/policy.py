@@ -39,19 +39,24 @@ POLICY_VERSION = "1"
 _MAX_NESTED_SCRIPT_DEPTH = 3  # sh -c 'sh -c "…"' nesting we still look into
 _MAX_WORD_DEPTH = 40  # deeper word nesting is treated as an opaque expansion
 
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 _DOWNLOADERS = frozenset({"curl", "wget", "fetch", "aria2c"})
-_SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh", "mksh", "ash", "busybox"})
-_BUILTINS = frozenset(
+_SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh", "mksh", "ash"})
+_BUILTINS = _words(
     "echo printf test [ [[ export local declare read cd set unset : true false return exit "
     "typeset readonly shift source . alias unalias let getopts trap wait umask type hash "
     "pushd popd dirs shopt mapfile readarray kill break continue builtin command eval "
-    "ulimit times caller enable help history jobs fg bg disown suspend logout pwd".split()
+    "ulimit times caller enable help history jobs fg bg disown suspend logout pwd"
 )
 _FIREWALL_UNITS = frozenset(
     {"firewalld", "ufw", "nftables", "iptables", "ip6tables", "netfilter-persistent"}
 )
-_SYSTEM_DIRS = frozenset(
-    "bin boot dev etc home lib lib32 lib64 opt proc root run sbin srv sys usr var".split()
+_SYSTEM_DIRS = _words(
+    "bin boot dev etc home lib lib32 lib64 opt proc root run sbin srv sys usr var"
 )
 _SELINUX_OFF = re.compile(r"SELINUX\s*=\s*['\"]?(disabled|permissive)", re.IGNORECASE)
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
@@ -200,13 +205,15 @@ def _shell_text(node: tree_sitter.Node) -> str:
     return _text(node)
 
 
-def _descendants(node: tree_sitter.Node, *, into_substitutions: bool = True) -> Iterator[tree_sitter.Node]:
+def _descendants(
+    node: tree_sitter.Node, *, into_substitutions: bool = True
+) -> Iterator[tree_sitter.Node]:
     """Pre-order walk without recursion, so deeply nested input cannot overflow the stack."""
     stack = [node]
     while stack:
         current = stack.pop()
         yield current
-        if into_substitutions or current is node or current.type not in _SUBSTITUTIONS:
+        if into_substitutions or current.type not in _SUBSTITUTIONS:
             stack.extend(reversed(current.children))
 
 
@@ -312,15 +319,25 @@ class _Checker:
     findings: list[Finding] = field(default_factory=list)
     functions: set[str] = field(default_factory=set)
     resolved: dict[int, _Cmd | None] = field(default_factory=dict)
+    lines: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lines = self.source.split(b"\n")
 
     # -- helpers -----------------------------------------------------------------------------
     def add(self, node: tree_sitter.Node, code: str, message: str, sev: Severity = "error") -> None:
         row, col = node.start_point
-        line = self.source.split(b"\n")[row] if row < self.source.count(b"\n") + 1 else b""
+        line = self.lines[row] if row < len(self.lines) else b""
         column = len(line[:col].decode("utf-8", "replace")) + 1
         self.findings.append(
-            Finding(layer="policy", severity=sev, line=row + 1, column=column, code=code,
-                    message=message)
+            Finding(
+                layer="policy",
+                severity=sev,
+                line=row + 1,
+                column=column,
+                code=code,
+                message=message,
+            )
         )
 
     def cmd(self, node: tree_sitter.Node) -> _Cmd | None:
@@ -328,7 +345,9 @@ class _Checker:
             self.resolved[node.id] = _resolve(node)
         return self.resolved[node.id]
 
-    def commands(self, node: tree_sitter.Node, *, into_substitutions: bool = True) -> Iterator[_Cmd]:
+    def commands(
+        self, node: tree_sitter.Node, *, into_substitutions: bool = True
+    ) -> Iterator[_Cmd]:
         for n in _descendants(node, into_substitutions=into_substitutions):
             if n.type == "command" and (c := self.cmd(n)) is not None:
                 yield c
@@ -339,16 +358,23 @@ class _Checker:
     # -- walk --------------------------------------------------------------------------------
     def run(self, root: tree_sitter.Node) -> list[Finding]:
         self.functions = {
-            _text(name) for n in _descendants(root) if n.type == "function_definition"
+            _text(name)
+            for n in _descendants(root)
+            if n.type == "function_definition"
             if (name := n.child_by_field_name("name")) is not None
         }
         incomplete = False
         for node in _descendants(root):
             if (node.type == "ERROR" or node.is_missing) and not incomplete:
                 incomplete = True
-                self.add(node, "policy.parse-incomplete", "tree-sitter could not parse the "
-                         "script from here on; policy checks may have missed commands in this "
-                         "region. Fix the syntax so every rule can be applied.", "warning")
+                self.add(
+                    node,
+                    "policy.parse-incomplete",
+                    "tree-sitter could not parse the "
+                    "script from here on; policy checks may have missed commands in this "
+                    "region. Fix the syntax so every rule can be applied.",
+                    "warning",
+                )
             elif node.type == "command" and (cmd := self.cmd(node)) is not None:
                 self.check_command(cmd)
             elif node.type == "pipeline":
@@ -398,16 +424,26 @@ class _Checker:
         for f in inner:
             line = program.start_point[0] + f.line
             if (f.code, line) not in seen and f.code != "policy.parse-incomplete":
-                self.findings.append(f.model_copy(update={
-                    "line": line, "column": None, "message": f"in `sh -c` string: {f.message}"}))
+                self.findings.append(
+                    f.model_copy(
+                        update={
+                            "line": line,
+                            "column": None,
+                            "message": f"in `sh -c` string: {f.message}",
+                        }
+                    )
+                )
 
     def check_pipeline(self, node: tree_sitter.Node) -> None:
         stages = [c for c in node.named_children if c.type != "comment"]
         # `cat <<EOF | bash` puts the pipeline inside the heredoc redirect; its first stage
         # is the redirected statement's body.
         if node.parent is not None and node.parent.type == "heredoc_redirect":
-            body = (node.parent.parent.child_by_field_name("body")
-                    if node.parent.parent is not None else None)
+            body = (
+                node.parent.parent.child_by_field_name("body")
+                if node.parent.parent is not None
+                else None
+            )
             stages = ([body] if body is not None else []) + stages
         for i in range(1, len(stages)):
             if not any(self.downloads(s) for s in stages[:i]):
@@ -425,73 +461,112 @@ class _Checker:
                 options.append(s)
             else:
                 operands.append(node)
-        recursive = any(o == "--recursive" or (not o.startswith("--") and set(o) & {"r", "R"})
-                        for o in options)
+        recursive = any(
+            o == "--recursive" or (not o.startswith("--") and set(o) & {"r", "R"}) for o in options
+        )
         if not recursive:
             return
         if "--no-preserve-root" in options:
-            self.add(cmd.node, "policy.rm-root", "`rm --no-preserve-root` removes the "
-                     "protection against deleting `/`; delete only the integration's own paths.")
+            self.add(
+                cmd.node,
+                "policy.rm-root",
+                "`rm --no-preserve-root` removes the "
+                "protection against deleting `/`; delete only the integration's own paths.",
+            )
         for operand in operands:
             parts = _parts(operand)
             first = parts[0] if parts else ""
             if isinstance(first, _Exp) and first.var is not None and first.subst is None:
-                self.add(operand, "policy.rm-unguarded-var", f"`rm -r {_text(operand)}` starts "
-                         f"with ${first.var}, which may be empty or unset, turning the path into "
-                         f"`/` or the working directory. Write `${{{first.var}:?}}` so the "
-                         "script stops instead, or use a literal path.")
+                self.add(
+                    operand,
+                    "policy.rm-unguarded-var",
+                    f"`rm -r {_text(operand)}` starts "
+                    f"with ${first.var}, which may be empty or unset, turning the path into "
+                    f"`/` or the working directory. Write `${{{first.var}:?}}` so the "
+                    "script stops instead, or use a literal path.",
+                )
             elif _is_root_like(_render(parts, "")):
-                self.add(operand, "policy.rm-root", f"`rm -r {_text(operand)}` can delete the "
-                         "root file system, a home directory or a system directory; remove only "
-                         "the integration's own paths (e.g. /opt/<integration>).")
+                self.add(
+                    operand,
+                    "policy.rm-root",
+                    f"`rm -r {_text(operand)}` can delete the "
+                    "root file system, a home directory or a system directory; remove only "
+                    "the integration's own paths (e.g. /opt/<integration>).",
+                )
 
     def check_mode(self, cmd: _Cmd, statics: list[str | None]) -> None:
         if cmd.name == "chmod":
-            modes = [next((s for s in statics if s is not None and not s.startswith("-")), None)]
+            modes = [next((s for s in statics if s is None or not s.startswith("-")), None)]
         else:  # mkdir -m MODE / install -m MODE
             modes = [statics[i + 1] for i, s in enumerate(statics[:-1]) if s == "-m"]
             modes += [s.split("=", 1)[1] for s in statics if s and s.startswith("--mode=")]
         for mode in modes:
             verdict = _mode_verdict(mode or "")
             if verdict == "777":
-                self.add(cmd.node, "policy.chmod-777", f"`{cmd.name}` with mode {mode} lets every "
-                         "user on the host modify and execute the file; use the narrowest mode "
-                         "that works (e.g. 0755 for programs, 0644 or 0640 for configuration).")
+                self.add(
+                    cmd.node,
+                    "policy.chmod-777",
+                    f"`{cmd.name}` with mode {mode} lets every "
+                    "user on the host modify and execute the file; use the narrowest mode "
+                    "that works (e.g. 0755 for programs, 0644 or 0640 for configuration).",
+                )
             elif verdict == "world-writable":
-                self.add(cmd.node, "policy.chmod-world-writable", f"`{cmd.name}` with mode "
-                         f"{mode} makes the file writable by every user; give write access to "
-                         "the owner (or a dedicated group) only.", "warning")
+                self.add(
+                    cmd.node,
+                    "policy.chmod-world-writable",
+                    f"`{cmd.name}` with mode "
+                    f"{mode} makes the file writable by every user; give write access to "
+                    "the owner (or a dedicated group) only.",
+                    "warning",
+                )
 
     def check_eval(self, cmd: _Cmd) -> None:
         if any(self.downloads(a) for a in cmd.args):
             self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
         if any(n.type in _DYNAMIC for a in cmd.args for n in _descendants(a)):
-            self.add(cmd.node, "policy.eval-dynamic", "`eval` of expanded text runs whatever "
-                     "the variable or command output contains as code; call the command "
-                     "directly with quoted arguments, or use an array for the argument list.")
+            self.add(
+                cmd.node,
+                "policy.eval-dynamic",
+                "`eval` of expanded text runs whatever "
+                "the variable or command output contains as code; call the command "
+                "directly with quoted arguments, or use an array for the argument list.",
+            )
         else:
-            self.add(cmd.node, "policy.eval-literal", "`eval` of literal text is unnecessary "
-                     "and hides the command from review; write the command directly.", "warning")
+            self.add(
+                cmd.node,
+                "policy.eval-literal",
+                "`eval` of literal text is unnecessary "
+                "and hides the command from review; write the command directly.",
+                "warning",
+            )
 
     def check_protection(self, cmd: _Cmd, statics: list[str | None]) -> None:
         name, args = cmd.name, [s for s in statics if s is not None]
         units = {a.removesuffix(".service") for a in args} & _FIREWALL_UNITS
         firewall_off = (
             (name == "ufw" and "disable" in args)
-            or (name == "systemctl" and bool(units) and bool({"stop", "disable", "mask", "kill"}
-                                                              & set(args)))
+            or (
+                name == "systemctl"
+                and bool(units)
+                and bool({"stop", "disable", "mask", "kill"} & set(args))
+            )
             or (name == "service" and bool(units) and "stop" in args)
             or (name == "chkconfig" and bool(units) and "off" in args)
-            or (name in ("iptables", "ip6tables", "iptables-legacy", "iptables-nft")
-                and any(a in ("-F", "--flush") for a in args))
+            or (
+                name in ("iptables", "ip6tables", "iptables-legacy", "iptables-nft")
+                and any(a in ("-F", "--flush") for a in args)
+            )
             or (name == "nft" and "flush" in args and "ruleset" in args)
         )
         if firewall_off:
-            self.add(cmd.node, "policy.firewall-disable", "the script turns the host firewall "
-                     "off or flushes its rules; open only the port the integration needs "
-                     "(e.g. `firewall-cmd --add-port=…`, `ufw allow …`).")
-        selinux_off = name == "setenforce" and bool(args) and args[0].lower() in (
-            "0", "permissive")
+            self.add(
+                cmd.node,
+                "policy.firewall-disable",
+                "the script turns the host firewall "
+                "off or flushes its rules; open only the port the integration needs "
+                "(e.g. `firewall-cmd --add-port=…`, `ufw allow …`).",
+            )
+        selinux_off = name == "setenforce" and bool(args) and args[0].lower() in ("0", "permissive")
         if name not in _READ_ONLY and any(_SELINUX_OFF.search(_text(a)) for a in cmd.args):
             selinux_off = True
         if selinux_off:
@@ -499,19 +574,28 @@ class _Checker:
 
     def check_sudoers_command(self, cmd: _Cmd, statics: list[str | None]) -> None:
         targets: list[tree_sitter.Node] = []
-        positional = [a for a, s in zip(cmd.args, statics, strict=True)
-                      if s is None or not s.startswith("-")]
+        positional = [
+            a for a, s in zip(cmd.args, statics, strict=True) if s is None or not s.startswith("-")
+        ]
         if cmd.name == "tee":
             targets = positional
         elif cmd.name in ("cp", "mv", "install", "ln", "rsync") and positional:
             targets = [positional[-1]]
             targets += [cmd.args[i + 1] for i, s in enumerate(statics[:-1]) if s == "-t"]
         elif cmd.name == "dd":
-            targets = [a for a, s in zip(cmd.args, statics, strict=True)
-                       if s is not None and s.startswith("of=")]
+            targets = [
+                a
+                for a, s in zip(cmd.args, statics, strict=True)
+                if s is not None and s.startswith("of=")
+            ]
         elif cmd.name in ("sed", "perl") and any(
-            s is not None and (s.startswith("--in-place") or (
-                s.startswith("-") and not s.startswith("--") and "i" in s)) for s in statics):
+            s is not None
+            and (
+                s.startswith("--in-place")
+                or (s.startswith("-") and not s.startswith("--") and "i" in s)
+            )
+            for s in statics
+        ):
             targets = positional
         for target in targets:
             if _is_sudoers(_render(_parts(target), "X").removeprefix("of=")):
@@ -520,8 +604,12 @@ class _Checker:
     def check_redirect(self, node: tree_sitter.Node) -> None:
         ops = [c.type for c in node.children if not c.is_named]
         target = node.child_by_field_name("destination")
-        if target is not None and ops and ops[0] in _WRITE_REDIRECTS and _is_sudoers(
-                _render(_parts(target), "X")):
+        if (
+            target is not None
+            and ops
+            and ops[0] in _WRITE_REDIRECTS
+            and _is_sudoers(_render(_parts(target), "X"))
+        ):
             self.add(target, "policy.sudoers-write", _SUDOERS_MSG)
 
     def check_secrets(self, cmd: _Cmd) -> None:
@@ -531,14 +619,24 @@ class _Checker:
         if builtin and not cmd.wrapped:
             return
         for word in cmd.words:
-            used = sorted({_text(n) for n in _descendants(word, into_substitutions=False)
-                           if n.type == "variable_name"} & self.secrets)
+            used = sorted(
+                {
+                    _text(n)
+                    for n in _descendants(word, into_substitutions=False)
+                    if n.type == "variable_name"
+                }
+                & self.secrets
+            )
             if used:
                 shown = cmd.name or _text(cmd.words[cmd.start])
-                self.add(word, "policy.secret-in-argv", f"secret ${used[0]} is passed as a "
-                         f"command-line argument of `{shown}`; arguments are readable by every "
-                         "user via /proc and `ps`. Pass it through the environment, a file with "
-                         "mode 0600, or stdin (e.g. `curl -H @file`, `--config`, a heredoc).")
+                self.add(
+                    word,
+                    "policy.secret-in-argv",
+                    f"secret ${used[0]} is passed as a "
+                    f"command-line argument of `{shown}`; arguments are readable by every "
+                    "user via /proc and `ps`. Pass it through the environment, a file with "
+                    "mode 0600, or stdin (e.g. `curl -H @file`, `--config`, a heredoc).",
+                )
 
 
 _PIPE_MSG = (
@@ -564,8 +662,12 @@ def _stdin_redirects(node: tree_sitter.Node) -> list[tree_sitter.Node]:
         body = parent.child_by_field_name("body")
         if body is not None and body.id == node.id:
             redirects = redirects + parent.children_by_field_name("redirect")
-    return [r for r in redirects if r.type == "herestring_redirect" or (
-        r.type == "file_redirect" and any(c.type == "<" for c in r.children))]
+    return [
+        r
+        for r in redirects
+        if r.type == "herestring_redirect"
+        or (r.type == "file_redirect" and any(c.type == "<" for c in r.children))
+    ]
 
 
 def _is_root_like(path: str) -> bool:

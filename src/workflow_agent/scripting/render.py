@@ -9,6 +9,7 @@ read them from the environment variable the definition names.
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -74,15 +75,104 @@ def shell_word(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple):
-        return " ".join(shlex.quote(str(item)) for item in value)
-    return shlex.quote("" if value is None else str(value))
+        return " ".join(_quote(str(item)) for item in value)
+    return _quote("" if value is None else str(value))
+
+
+def _quote(text: str) -> str:
+    if "\x00" in text:
+        raise jinja2.TemplateError("a value contains a NUL byte, which no script can carry")
+    return shlex.quote(text)
+
+
+# Each rendered expression is wrapped in NUL markers (values never hold NUL), so the
+# quoting context it landed in can be checked before the markers are removed.
+_MARK = "\x00"
+
+
+def _marked_word(value: Any) -> str:
+    return _MARK + shell_word(value) + _MARK
+
+
+_HEREDOC = re.compile(r"<<(-?)\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\2")
+
+
+def _unquote_contexts(text: str) -> tuple[str, list[tuple[int, str]]]:
+    """Strip the markers; report (line, context) for expressions not in plain shell context.
+
+    A quoted word inside double quotes or a here-document is no longer one literal word
+    (inside "...", ``'$(cmd)'`` runs cmd), so templates must assign values to variables
+    first and use ``"$VAR"`` there.
+    """
+    problems: list[tuple[int, str]] = []
+    out: list[str] = []
+    pending: list[tuple[str, bool]] = []
+    state, line, i = "plain", 1, 0
+    while i < len(text):
+        char = text[i]
+        if char == _MARK:
+            end = text.index(_MARK, i + 1)
+            if state != "plain":
+                problems.append((line, state))
+            out.append(text[i + 1 : end])
+            i = end + 1
+            continue
+        out.append(char)
+        i += 1
+        if char == "\n":
+            line += 1
+            state = "plain" if state == "comment" else state
+            if state == "plain" and pending:
+                i, line = _heredoc_bodies(text, i, line, pending, out, problems)
+        elif char == "\\" and state in ("plain", "double quotes"):
+            if i < len(text) and text[i] != _MARK:
+                out.append(text[i])
+                i += 1
+        elif state == "plain":
+            if char == "'":
+                state = "single quotes"
+            elif char == '"':
+                state = "double quotes"
+            elif char == "#" and (i == 1 or text[i - 2] in " \t\n;"):
+                state = "comment"
+            elif char == "<" and (match := _HEREDOC.match(text, i - 1)):
+                pending.append((match.group(3), match.group(1) == "-"))
+        elif (state, char) in (("single quotes", "'"), ("double quotes", '"')):
+            state = "plain"
+    return "".join(out), problems
+
+
+def _heredoc_bodies(
+    text: str,
+    i: int,
+    line: int,
+    pending: list[tuple[str, bool]],
+    out: list[str],
+    problems: list[tuple[int, str]],
+) -> tuple[int, int]:
+    """Copy the bodies of the here-documents opened on the line before ``i``."""
+    while pending:
+        word, strip_tabs = pending.pop(0)
+        while i < len(text):
+            end = text.find("\n", i)
+            end = len(text) if end == -1 else end + 1
+            raw = text[i:end]
+            if _MARK in raw:
+                problems.append((line, "a here-document"))
+                raw = raw.replace(_MARK, "")
+            out.append(raw)
+            i, line = end, line + 1
+            body = raw.rstrip("\n")
+            if (body.lstrip("\t") if strip_tabs else body) == word:
+                break
+    return i, line
 
 
 def _environment(templates_dir: Path) -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(templates_dir), str(SHARED_TEMPLATES)]),
         undefined=jinja2.StrictUndefined,
-        finalize=shell_word,
+        finalize=_marked_word,
         autoescape=False,
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -135,11 +225,20 @@ def render_script(
         return None
     env = _environment(integration.templates_dir)
     context = template_context(integration, method, action, facts, params, extra)
+    where = integration.templates_dir / template_name
     try:
-        body = env.get_template(template_name).render(context)
+        marked = env.get_template(template_name).render(context)
     except jinja2.TemplateError as exc:
-        where = integration.templates_dir / template_name
         raise DefinitionError(str(where), f"template ({action})", str(exc)) from exc
+    body, problems = _unquote_contexts(marked)
+    if problems:
+        line, state = problems[0]
+        raise DefinitionError(
+            str(where), f"rendered line {line}",
+            f"an expression lands inside {state}, where a quoted value is not one literal "
+            "word and could run commands; assign it to a variable first "
+            "(VAR={{ value }}) and use \"$VAR\" there",
+        )
     text = PROLOGUE.format(
         version=__version__, integration=integration.name, action=action, method=method.name
     ) + body

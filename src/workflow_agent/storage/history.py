@@ -700,9 +700,10 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: ConnectionPoolE
         cursor.execute("PRAGMA foreign_keys = ON")
         # WAL: readers (`workflow-agent history`) never block the running workflow.
         cursor.execute("PRAGMA journal_mode = WAL")
-        # In WAL mode NORMAL keeps every commit across a crash of the process (the
-        # data is in the OS's hands); only a power cut can lose the last commits.
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        # FULL: each commit is fsynced, so not even a power cut loses a recorded step.
+        # (NORMAL would survive a killed process but not the machine going down.) It
+        # costs about 0.25 ms per commit on an SSD, ~1.3 ms for a whole small workflow.
+        cursor.execute("PRAGMA synchronous = FULL")
     finally:
         cursor.close()
 

@@ -1,0 +1,1 @@
+"""Generate, render and validate the bash scripts workflow-agent runs on targets."""

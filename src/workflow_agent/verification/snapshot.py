@@ -1,0 +1,355 @@
+"""Snapshots of a target's files, packages, users and groups: the uninstall proof.
+
+Take a snapshot before installing, another after uninstalling; an empty ``diff`` proves
+nothing was left behind. A snapshot is one bash script on the target (``find``,
+``sha256sum``, ``dpkg-query``, ``/etc/passwd`` and ``/etc/group``); its output travels
+NUL-separated and base64-encoded, so file names with spaces, newlines or bytes that are
+not UTF-8 arrive intact (such bytes are decoded with ``surrogateescape``).
+
+Ignore patterns are globs on the full path where ``*`` and ``?`` stay within one path
+component and ``**`` crosses them; a path is ignored when it or any directory above it
+matches, so ``/var/cache/*`` ignores the whole tree under ``/var/cache`` (but not the
+directory itself). ``*`` does not cross ``/`` on purpose: ``/etc/*-`` must ignore the
+``/etc/passwd-`` backups without hiding a leftover ``/etc/foo/bar-``.
+"""
+
+from __future__ import annotations
+
+import base64
+import posixpath
+import re
+import shlex
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workflow_agent.errors import ExecutionFailedError, InvalidInputError
+
+if TYPE_CHECKING:
+    from workflow_agent.execution.target import Target
+
+DEFAULT_IGNORE: tuple[str, ...] = (
+    "/var/lib/dpkg/**",
+    "/var/lib/apt/**",
+    "/var/cache/**",
+    "/var/log/**",
+    "/etc/ld.so.cache",
+    "/etc/*-",
+    "/etc/.pwd.lock",
+    "/tmp/**",
+    "/run/**",
+    "/proc/**",
+    "/sys/**",
+    "/dev/**",
+)
+"""Bookkeeping that package managers and the system touch on every run."""
+
+DEFAULT_MAX_FILES = 200_000
+
+FileType = Literal["f", "d", "l", "b", "c", "p", "s", "D"]
+
+
+class FileEntry(BaseModel):
+    """One file system entry. ``type`` is find's ``%y`` letter: f(ile), d(ir), l(ink), ...
+
+    ``sha256`` is set for regular files (``None`` if unreadable), ``target`` for links.
+    ``size`` of directories is recorded but never compared: ext4 directories don't shrink.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    type: FileType
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    sha256: str | None = None
+    target: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``file``, ``dir``, ``link`` or the find letter for other types."""
+        return {"f": "file", "d": "dir", "l": "link"}.get(self.type, self.type)
+
+
+class Snapshot(BaseModel):
+    """Files under the snapshot paths, the package set, users and groups (JSON round-trips)."""
+
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+    packages: dict[str, str] = Field(default_factory=dict)
+    config_files_remaining: list[str] = Field(default_factory=list)
+    users: dict[str, str] = Field(default_factory=dict)
+    groups: dict[str, str] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    """What find/sha256sum could not read (entries may be missing or lack a hash)."""
+
+
+class FileChange(BaseModel):
+    """A path present in both snapshots whose entry differs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    before: FileEntry
+    after: FileEntry
+    content: bool
+    """Bytes, link target or file type changed."""
+    metadata: list[str]
+    """Mode and owner changes, e.g. ``["mode 0644 -> 0600", "owner 0:0 -> 100:101"]``."""
+
+
+class SnapshotDiff(BaseModel):
+    """What changed from one snapshot to another."""
+
+    added: dict[str, FileEntry] = Field(default_factory=dict)
+    removed: dict[str, FileEntry] = Field(default_factory=dict)
+    modified: dict[str, FileChange] = Field(default_factory=dict)
+    packages_added: dict[str, str] = Field(default_factory=dict)
+    packages_removed: dict[str, str] = Field(default_factory=dict)
+    packages_changed: dict[str, tuple[str, str]] = Field(default_factory=dict)
+    config_files_remaining_added: list[str] = Field(default_factory=list)
+    users_added: dict[str, str] = Field(default_factory=dict)
+    users_removed: dict[str, str] = Field(default_factory=dict)
+    users_changed: dict[str, tuple[str, str]] = Field(default_factory=dict)
+    groups_added: dict[str, str] = Field(default_factory=dict)
+    groups_removed: dict[str, str] = Field(default_factory=dict)
+    groups_changed: dict[str, tuple[str, str]] = Field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing changed."""
+        return not any(getattr(self, name) for name in type(self).model_fields)
+
+    def lines(self) -> list[str]:
+        """Human-readable changes: ``+`` added, ``-`` removed, ``~`` changed."""
+        out = [f"+ {path} ({entry.kind})" for path, entry in sorted(self.added.items())]
+        out += [f"- {path} ({entry.kind})" for path, entry in sorted(self.removed.items())]
+        for path, change in sorted(self.modified.items()):
+            what = (["content"] if change.content else []) + change.metadata
+            out.append(f"~ {path} ({', '.join(what)})")
+        out += [f"+ package {n} {v}" for n, v in sorted(self.packages_added.items())]
+        out += [f"- package {n} {v}" for n, v in sorted(self.packages_removed.items())]
+        out += [f"~ package {n} {a} -> {b}" for n, (a, b) in sorted(self.packages_changed.items())]
+        out += [f"+ package {n} config files remain (removed, not purged)"
+                for n in sorted(self.config_files_remaining_added)]
+        for kind in ("user", "group"):
+            out += [f"+ {kind} {n}" for n in sorted(getattr(self, f"{kind}s_added"))]
+            out += [f"- {kind} {n}" for n in sorted(getattr(self, f"{kind}s_removed"))]
+            out += [f"~ {kind} {n}" for n in sorted(getattr(self, f"{kind}s_changed"))]
+        return out
+
+
+def _glob_regex(pattern: str) -> str:
+    # The same text is a Python regex and a POSIX ERE for find -regex: only escapes and
+    # constructs both engines read alike.
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        char = pattern[i]
+        out.append({"*": "[^/]*", "?": "[^/]"}.get(char) or ("\\" + char if char in ".^$+(){}|[]\\" else char))
+        i += 1
+    return "".join(out)
+
+
+def ignore_regex(patterns: Sequence[str]) -> str | None:
+    """One regex matching every path ignored by ``patterns`` (or under one); ``None`` if none."""
+    if not patterns:
+        return None
+    return "(" + "|".join(_glob_regex(p) for p in patterns) + ")(/.*)?"
+
+
+def _normalize(path: str) -> str:
+    if not path.startswith("/"):
+        raise InvalidInputError(f"snapshot paths must be absolute, got {path!r}")
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+_SCRIPT = r"""set -o pipefail
+export LC_ALL=C
+paths=()
+for p in {paths}; do
+  if [ -e "$p" ] || [ -L "$p" ]; then paths+=("$p"); fi
+done
+prune=({prune})
+walk() {{ find "${{paths[@]}}" -xdev -regextype posix-extended "${{prune[@]}}" "$@"; }}
+{{
+  printf 'wa-snapshot-1\0'
+  n=0
+  if (( ${{#paths[@]}} )); then
+    n=$(walk -printf . 2>/dev/null | head -c {limit} | wc -c)
+  fi
+  if (( n > {max_files} )); then
+    printf 'TOO-MANY\0'
+  else
+    printf 'FILES\0'
+    (( n )) && walk -printf '%y\0%m\0%U\0%G\0%s\0%p\0%l\0'
+    printf 'HASHES\0'
+    (( n )) && walk -type f -exec sha256sum -z -- {{}} +
+  fi
+  printf 'PACKAGES\0'
+  if command -v dpkg-query >/dev/null 2>&1; then
+    dpkg-query -W -f '${{db:Status-Abbrev}}\t${{binary:Package}}\t${{Version}}\n' 2>/dev/null
+  elif command -v rpm >/dev/null 2>&1; then
+    rpm -qa --qf 'ii \t%{{NAME}}.%{{ARCH}}\t%{{EPOCHNUM}}:%{{VERSION}}-%{{RELEASE}}\n' 2>/dev/null
+  fi
+  printf '\0PASSWD\0'; cat /etc/passwd 2>/dev/null
+  printf '\0GROUP\0'; cat /etc/group 2>/dev/null
+  printf '\0END\0'
+}} | base64 -w 4096
+"""
+
+
+def _parse_packages(text: str, snapshot: Snapshot) -> None:
+    for line in text.splitlines():
+        status, _, rest = line.partition("\t")
+        name, _, version = rest.partition("\t")
+        state = status[1:2]  # dpkg: desired, current, error; current n = not installed
+        if not name or state in ("", "n"):
+            continue
+        if state == "c":
+            snapshot.config_files_remaining.append(name)
+        else:
+            # Half-installed, unpacked... packages are present too: keep them, say so.
+            snapshot.packages[name] = version if state == "i" else f"{version} [{status.strip()}]"
+
+
+def _account_lines(text: str) -> dict[str, str]:
+    return {line.split(":", 1)[0]: line for line in text.splitlines() if line.strip()}
+
+
+async def take_snapshot(
+    target: Target,
+    *,
+    paths: Sequence[str],
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    max_files: int = DEFAULT_MAX_FILES,
+    timeout: float = 600.0,
+) -> Snapshot:
+    """Snapshot ``paths`` (not crossing file systems; absent paths skipped), the package
+    set, users and groups on ``target``.
+
+    ``InvalidInputError`` when more than ``max_files`` entries would be listed (nothing
+    is hashed then); ``ExecutionFailedError`` when the script itself fails.
+    """
+    normalized = [_normalize(p) for p in paths]
+    regex = ignore_regex(ignore)
+    script = _SCRIPT.format(
+        paths=" ".join(shlex.quote(p) for p in normalized) or "''",
+        prune=f"-regex {shlex.quote(regex)} -prune -o" if regex else "",
+        limit=max_files + 1,
+        max_files=max_files,
+    )
+    result = await target.run(script, timeout=timeout)
+    if not result.ok:
+        reason = "timed out" if result.timed_out else f"exit {result.exit_code}"
+        raise ExecutionFailedError(f"snapshot script failed on {target.identity} ({reason}): "
+                                   + " ".join(result.stderr.split())[-500:])
+    tokens = iter(_decode(result.stdout))
+    if next(tokens, None) != "wa-snapshot-1":
+        raise ExecutionFailedError(f"snapshot output from {target.identity} is garbled")
+    if next(tokens) == "TOO-MANY":
+        raise InvalidInputError(
+            f"snapshot of {', '.join(normalized)} would list more than {max_files} entries",
+            hint="Snapshot narrower paths, add ignore patterns, or raise max_files.",
+        )
+    snapshot = Snapshot(warnings=result.stderr.splitlines())
+    skip = re.compile(regex, re.DOTALL) if regex else None
+    hashes: dict[str, str] = {}
+    for token in tokens:
+        if token == "HASHES":
+            break
+        mode, uid, gid, size, path, link = (next(tokens) for _ in range(6))
+        if skip is None or not skip.fullmatch(path):  # find pruned these already
+            snapshot.files[path] = FileEntry(
+                type=token,  # type: ignore[arg-type]  # find's %y letters are FileType
+                mode=int(mode, 8), uid=int(uid), gid=int(gid), size=int(size),
+                target=link if token == "l" else None,
+            )
+    for token in tokens:
+        if token == "PACKAGES":
+            break
+        hashes[token[66:]] = token[:64]  # "<64 hex>  <path>"; -z disables name escaping
+    _parse_packages(next(tokens), snapshot)
+    sections = dict(zip(tokens, tokens, strict=False))  # PASSWD, text, GROUP, text, END
+    snapshot.users = _account_lines(sections.get("PASSWD", ""))
+    snapshot.groups = _account_lines(sections.get("GROUP", ""))
+    for path, entry in snapshot.files.items():
+        if entry.type == "f":
+            snapshot.files[path] = entry.model_copy(update={"sha256": hashes.get(path)})
+    return snapshot
+
+
+def _decode(stdout: str) -> Iterator[str]:
+    raw = base64.b64decode("".join(stdout.split()))
+    return (part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0"))
+
+
+def _compare(before: FileEntry, after: FileEntry) -> FileChange | None:
+    content = before.type != after.type or (
+        before.sha256 != after.sha256 or before.size != after.size
+        if after.type == "f"
+        else before.target != after.target
+    )
+    metadata = []
+    if before.mode != after.mode:
+        metadata.append(f"mode {before.mode:04o} -> {after.mode:04o}")
+    if (before.uid, before.gid) != (after.uid, after.gid):
+        metadata.append(f"owner {before.uid}:{before.gid} -> {after.uid}:{after.gid}")
+    if not content and not metadata:
+        return None
+    return FileChange(before=before, after=after, content=content, metadata=metadata)
+
+
+def _changed(before: dict[str, str], after: dict[str, str]) -> dict[str, tuple[str, str]]:
+    return {k: (before[k], after[k]) for k in before.keys() & after.keys() if before[k] != after[k]}
+
+
+def diff(before: Snapshot, after: Snapshot) -> SnapshotDiff:
+    """What changed from ``before`` to ``after``: files, packages, users and groups."""
+    modified = {}
+    for path in before.files.keys() & after.files.keys():
+        change = _compare(before.files[path], after.files[path])
+        if change is not None:
+            modified[path] = change
+    return SnapshotDiff(
+        added={p: e for p, e in after.files.items() if p not in before.files},
+        removed={p: e for p, e in before.files.items() if p not in after.files},
+        modified=modified,
+        packages_added={k: v for k, v in after.packages.items() if k not in before.packages},
+        packages_removed={k: v for k, v in before.packages.items() if k not in after.packages},
+        packages_changed=_changed(before.packages, after.packages),
+        config_files_remaining_added=sorted(
+            set(after.config_files_remaining) - set(before.config_files_remaining)
+        ),
+        users_added={k: v for k, v in after.users.items() if k not in before.users},
+        users_removed={k: v for k, v in before.users.items() if k not in after.users},
+        users_changed=_changed(before.users, after.users),
+        groups_added={k: v for k, v in after.groups.items() if k not in before.groups},
+        groups_removed={k: v for k, v in before.groups.items() if k not in after.groups},
+        groups_changed=_changed(before.groups, after.groups),
+    )
+
+
+async def remove_empty_dirs_created(target: Target, diff: SnapshotDiff) -> list[str]:
+    """``rmdir`` (never ``rm -r``) the directories in ``diff.added`` that are now empty,
+    deepest first so emptied parents go too; returns the directories removed."""
+    dirs = sorted(
+        (path for path, entry in diff.added.items() if entry.type == "d"),
+        key=lambda path: (-path.count("/"), path),
+    )
+    if not dirs:
+        return []
+    # rmdir refuses non-empty directories, and symlinks: exactly the safety wanted.
+    script = (
+        "set -o pipefail\nfor d in " + " ".join(shlex.quote(d) for d in dirs) + "; do\n"
+        '  rmdir -- "$d" 2>/dev/null && printf \'%s\\0\' "$d"\n'
+        "done | base64 -w 4096\n"
+    )
+    result = await target.run(script, timeout=120.0)
+    if result.exit_code != 0 or result.timed_out:
+        raise ExecutionFailedError(f"removing empty directories on {target.identity} failed: "
+                                   + " ".join(result.stderr.split())[-500:])
+    return [path for path in _decode(result.stdout) if path]

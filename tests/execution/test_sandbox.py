@@ -1,0 +1,368 @@
+"""The sandbox target, for real: namespaces, overlay, apt and daemons, no mocks.
+
+Needs root and the cached root file system (see ``tests/conftest.py``); the first run on
+a machine builds it (~15 s, needs the Debian archive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+import tarfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workflow_agent.errors import SandboxToolingMissingError, TargetError
+from workflow_agent.execution.rootfs import SANDBOX_HOSTNAME, RootfsCache
+from workflow_agent.execution.sandbox import SandboxTarget
+from workflow_agent.execution.target import RunResult
+
+pytestmark = pytest.mark.sandbox
+
+Factory = Callable[..., SandboxTarget]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def sh(target: SandboxTarget, script: str, **kwargs: Any) -> RunResult:
+    """Run ``script`` in ``target`` from synchronous test code."""
+    return asyncio.run(target.run(script, **kwargs))
+
+
+def host_pids_with(needle: bytes, what: str = "cmdline") -> list[int]:
+    """Host PIDs whose /proc/PID/<what> (cmdline or environ) contains ``needle``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            data = Path(entry.path, what).read_bytes()
+        except OSError:  # the process exited while we looked
+            continue
+        if needle in data:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def unique_sleep() -> str:
+    """A sleep duration no other process on the host is using: our process marker."""
+    return f"9{secrets.randbelow(10**8):08d}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_stdout_stderr_and_exit_code_come_back(sandbox: SandboxTarget) -> None:
+    seen: list[tuple[str, str]] = []
+    result = asyncio.run(
+        sandbox.run(
+            "echo out; echo err >&2; hostname; exit 7",
+            on_output=lambda stream, line: seen.append((stream, line)),
+        )
+    )
+    assert result.exit_code == 7 and not result.timed_out and not result.ok
+    assert result.stdout == f"out\n{SANDBOX_HOSTNAME}\n"
+    assert result.stderr == "err\n"
+    assert ("stdout", "out") in seen and ("stderr", "err") in seen
+    assert sh(sandbox, "true").ok
+    assert sandbox.identity.startswith("sandbox:workflow-agent-sandbox-")
+
+
+def test_env_reaches_the_script_but_never_a_command_line(sandbox: SandboxTarget) -> None:
+    token = f"wa-secret-{secrets.token_hex(16)}"
+    script = (
+        'echo "got:$WA_SECRET"; echo waiting >&2\n'
+        "while [ ! -e /tmp/go ]; do sleep 0.05; done\n"
+    )
+
+    async def scenario() -> tuple[RunResult, list[int], list[int]]:
+        started = asyncio.Event()
+
+        def on_output(stream: str, line: str) -> None:
+            if line == "waiting":
+                started.set()
+
+        task = asyncio.create_task(
+            sandbox.run(script, env={"WA_SECRET": token}, timeout=60, on_output=on_output)
+        )
+        await asyncio.wait_for(started.wait(), 30)
+        in_argv = host_pids_with(token.encode(), "cmdline")
+        in_environ = host_pids_with(token.encode(), "environ")
+        await sandbox.put("/tmp/go", b"")
+        return await task, in_argv, in_environ
+
+    result, in_argv, in_environ = asyncio.run(scenario())
+    assert result.ok and result.stdout == f"got:{token}\n"
+    assert in_environ, "the scan must see the running script (positive control)"
+    assert in_argv == []
+
+
+def test_timeout_kills_the_whole_process_tree(sandbox: SandboxTarget) -> None:
+    marker = unique_sleep()
+    needle = f"sleep\0{marker}".encode()
+    script = f"sleep {marker} &\necho started\nsleep {marker}\necho never\n"
+
+    async def scenario() -> tuple[RunResult, int]:
+        started = asyncio.Event()
+        task = asyncio.create_task(
+            sandbox.run(script, timeout=3, on_output=lambda s, line: started.set())
+        )
+        await asyncio.wait_for(started.wait(), 30)
+        await asyncio.sleep(0.2)  # let the foreground sleep start too
+        return await task, len(host_pids_with(needle))
+
+    began = time.monotonic()
+    result, sleepers = asyncio.run(scenario())
+    assert sleepers == 2
+    assert result.timed_out and result.exit_code == 124
+    assert "started" in result.stdout and "never" not in result.stdout
+    assert time.monotonic() - began < 15
+    assert wait_until(lambda: not host_pids_with(needle)), "a sleep survived the timeout"
+    assert sh(sandbox, "echo still usable").stdout == "still usable\n"
+
+
+def test_put_and_get_roundtrip(sandbox: SandboxTarget) -> None:
+    data = bytes(range(256)) * 3
+    asyncio.run(sandbox.put("/opt/wa/deep/dir/blob.bin", data, 0o640))
+    assert asyncio.run(sandbox.get("/opt/wa/deep/dir/blob.bin")) == data
+    assert sh(sandbox, "stat -c %a /opt/wa/deep/dir/blob.bin").stdout == "640\n"
+    asyncio.run(sandbox.put("/opt/wa/deep/dir/blob.bin", b"replaced\n", 0o755))
+    check = sh(sandbox, "cat /opt/wa/deep/dir/blob.bin; stat -c %a /opt/wa/deep/dir/blob.bin")
+    assert check.stdout == "replaced\n755\n"
+    assert asyncio.run(sandbox.get("/opt/wa/deep/dir/blob.bin")) == b"replaced\n"
+    assert asyncio.run(sandbox.get("/etc/hostname")) == f"{SANDBOX_HOSTNAME}\n".encode()
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(sandbox.get("/etc/no-such-file"))
+    with pytest.raises(IsADirectoryError):
+        asyncio.run(sandbox.get("/etc"))
+    # Nothing is left behind in the exchange directory.
+    assert sh(sandbox, "ls -A /run/workflow-agent | grep -v '^run-' || true").stdout == ""
+
+
+def test_changes_never_touch_the_cached_rootfs(
+    sandbox_factory: Factory, sandbox_rootfs: Path
+) -> None:
+    passwd, version = sandbox_rootfs / "etc/passwd", sandbox_rootfs / "etc/debian_version"
+    before = sha256(passwd), sha256(version)
+    first = sandbox_factory()
+    script = (
+        "set -e\n"
+        "echo 'intruder:x:4242:4242::/:/bin/false' >> /etc/passwd\n"
+        "rm /etc/debian_version\n"
+        "mkdir -p /usr/local/wa && echo new > /usr/local/wa/file\n"
+    )
+    assert sh(first, script).ok
+    assert b"intruder" in asyncio.run(first.get("/etc/passwd"))
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(first.get("/etc/debian_version"))
+    assert (sha256(passwd), sha256(version)) == before
+    assert not (sandbox_rootfs / "usr/local/wa").exists()
+    # A second sandbox starts from the pristine tree.
+    second = sandbox_factory()
+    assert b"intruder" not in asyncio.run(second.get("/etc/passwd"))
+    assert asyncio.run(second.get("/etc/debian_version")) == version.read_bytes()
+
+
+def test_daemon_outlives_its_run_and_dies_with_close(sandbox_factory: Factory) -> None:
+    target = sandbox_factory()
+    marker = unique_sleep()
+    needle = f"sleep\0{marker}".encode()
+    started = sh(
+        target,
+        "start-stop-daemon --start --background --make-pidfile --pidfile /run/sleeper.pid "
+        f"--exec /usr/bin/sleep -- {marker}",
+    )
+    assert started.ok, started.stderr
+    assert sh(target, "kill -0 $(cat /run/sleeper.pid) && echo alive").stdout == "alive\n"
+    assert len(host_pids_with(needle)) == 1
+    holder, scratch = target.holder_pid, target.scratch_path
+    assert holder is not None and scratch is not None and scratch.is_dir()
+
+    asyncio.run(target.close())
+    assert host_pids_with(needle) == []
+    assert not Path(f"/proc/{holder}").exists()
+    assert host_pids_with(str(scratch).encode()) == []  # unshare and holder both gone
+    assert not scratch.exists()
+    asyncio.run(target.close())  # idempotent
+    with pytest.raises(TargetError):
+        sh(target, "true")
+
+
+def test_apt_install_and_run_node_exporter(sandbox: SandboxTarget) -> None:
+    port = free_port()
+    install = f"""set -e
+apt-get install -y --no-install-recommends prometheus-node-exporter
+mkdir -p /run/prometheus /var/log/prometheus
+chown prometheus: /run/prometheus /var/log/prometheus
+echo 'ARGS="--web.listen-address=127.0.0.1:{port}"' > /etc/default/prometheus-node-exporter
+/etc/init.d/prometheus-node-exporter start
+"""
+    installed = sh(sandbox, install, timeout=300)
+    assert installed.ok, installed.stdout + installed.stderr
+    fetch = f"""
+for i in $(seq 100); do
+  if {{ exec 3<>/dev/tcp/127.0.0.1/{port}; }} 2>/dev/null; then break; fi
+  sleep 0.1
+done
+printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3
+cat <&3
+"""
+    metrics = sh(sandbox, fetch, timeout=60)  # a later run: the daemon kept running
+    assert metrics.stdout.startswith("HTTP/1.0 200 OK")
+    assert "node_exporter_build_info" in metrics.stdout
+    # Network "host" shares the host's stack: the port is reachable from the host too.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert b"node_cpu_seconds_total" in response.read()
+
+    asyncio.run(sandbox.close())
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
+        pass
+
+
+def test_network_none_has_loopback_but_no_archive(
+    sandbox_factory: Factory, sandbox: SandboxTarget
+) -> None:
+    archive = socket.getaddrinfo("deb.debian.org", 80, socket.AF_INET)[0][4][0]
+    probe = (
+        f"if {{ exec 3<>/dev/tcp/{archive}/80; }} 2>/dev/null; "
+        "then echo reached; else echo unreachable; fi"
+    )
+    assert sh(sandbox, probe, timeout=30).stdout == "reached\n"  # positive control
+
+    isolated = sandbox_factory(network="none")
+    assert sh(isolated, probe, timeout=30).stdout == "unreachable\n"
+    assert sh(isolated, "ls /sys/class/net").stdout == "lo\n"
+    apt = sh(
+        isolated,
+        "apt-get -o Acquire::Retries=0 install -y --no-install-recommends hello",
+        timeout=120,
+    )
+    assert apt.exit_code != 0 and "Failed to fetch" in apt.stdout + apt.stderr
+    # Loopback works, on a port that may well be busy on the host: own network stack.
+    loopback = sh(
+        isolated,
+        """perl -MIO::Socket::INET -e '
+  $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1:9100", Listen => 1, ReuseAddr => 1)
+    or die "listen: $!";
+  $c = $s->accept; print $c "pong\\n"; close $c' &
+for i in $(seq 100); do
+  if { exec 3<>/dev/tcp/127.0.0.1/9100; } 2>/dev/null; then break; fi
+  sleep 0.05
+done
+cat <&3
+""",
+        timeout=30,
+    )
+    assert loopback.stdout == "pong\n", loopback.stderr
+
+
+def test_two_sandboxes_are_isolated(sandbox_factory: Factory) -> None:
+    one, two = sandbox_factory(), sandbox_factory(name="second")
+    assert one.identity != two.identity and two.identity == "sandbox:second"
+    marker = unique_sleep()
+    assert sh(
+        one,
+        f"echo one > /etc/which; echo one > /tmp/which; sleep {marker} >/dev/null 2>&1 &",
+    ).ok
+    assert sh(two, "echo two > /etc/which").ok
+    assert asyncio.run(one.get("/etc/which")) == b"one\n"
+    assert asyncio.run(two.get("/etc/which")) == b"two\n"
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(two.get("/tmp/which"))
+    list_processes = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"
+    assert f"sleep {marker}" in sh(one, list_processes).stdout
+    assert f"sleep {marker}" not in sh(two, list_processes).stdout
+
+
+def test_scratch_on_tmpfs_works(sandbox_factory: Factory) -> None:
+    target = sandbox_factory(scratch_dir=Path("/dev/shm"))
+    assert target.scratch_path is not None and target.scratch_path.parent == Path("/dev/shm")
+    assert sh(target, "echo hi > /root/x && cat /root/x").stdout == "hi\n"
+
+
+@needs_root
+def test_missing_tools_are_reported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sandbox_rootfs: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH at all
+    with pytest.raises(SandboxToolingMissingError) as missing:
+        asyncio.run(SandboxTarget(sandbox_rootfs).open())
+    assert (missing.value.tool, missing.value.package) == ("unshare", "util-linux")
+    with pytest.raises(SandboxToolingMissingError) as missing:
+        RootfsCache(tmp_path / "cache").ensure()
+    assert (missing.value.tool, missing.value.package) == ("mmdebstrap", "mmdebstrap")
+
+
+def _tools_dir(tmp_path: Path, mmdebstrap: str | None = None) -> Path:
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    tar = shutil.which("tar")
+    assert tar is not None
+    (tools / "tar").symlink_to(tar)
+    if mmdebstrap is not None:
+        (tools / "mmdebstrap").write_text(f"#!/bin/sh\n{mmdebstrap}\n")
+        (tools / "mmdebstrap").chmod(0o755)
+    return tools
+
+
+@needs_root
+def test_rootfs_cache_extracts_a_kept_tarball_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cache = RootfsCache(tmp_path / "cache")
+    cache.tarball.parent.mkdir(parents=True)
+    with tarfile.open(cache.tarball, "w") as tar:
+        for name, text in {"etc/hostname": "buildhost\n", "etc/resolv.conf": "x\n"}.items():
+            source = tmp_path / name.replace("/", "_")
+            source.write_text(text)
+            tar.add(source, arcname=name)
+    # No mmdebstrap on PATH: the kept tarball must be reused, not rebuilt.
+    monkeypatch.setenv("PATH", str(_tools_dir(tmp_path)))
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.ensure())) for _ in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [cache.root_dir, cache.root_dir]
+    assert (cache.root_dir / "etc/hostname").read_text() == f"{SANDBOX_HOSTNAME}\n"
+    assert (cache.root_dir / "etc/resolv.conf").read_text() == ""
+    leftovers = {p.name for p in cache.root_dir.parent.iterdir()}
+    assert leftovers == {cache.root_dir.name, cache.tarball.name, ".bookworm-minbase.lock"}
+
+
+@needs_root
+def test_rootfs_build_failure_shows_mmdebstrap_output(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tools = _tools_dir(tmp_path, mmdebstrap='echo "E: cannot reach the mirror"; exit 1')
+    monkeypatch.setenv("PATH", str(tools))
+    cache = RootfsCache(tmp_path / "cache")
+    with pytest.raises(TargetError, match="cannot reach the mirror"):
+        cache.ensure()
+    assert not cache.root_dir.exists() and not cache.tarball.exists()
