@@ -134,7 +134,8 @@ def test_timeout_kills_the_whole_process_tree(sandbox: SandboxTarget) -> None:
         )
         await asyncio.wait_for(started.wait(), 30)
         await asyncio.sleep(0.2)  # let the foreground sleep start too
-        return await task, len(host_pids_with(needle))
+        sleepers = len(host_pids_with(needle))
+        return await task, sleepers
 
     began = time.monotonic()
     result, sleepers = asyncio.run(scenario())

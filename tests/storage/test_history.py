@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, update
 
-from workflow_agent.errors import HistoryError
+from workflow_agent.errors import HistoryError, InvalidInputError
 from workflow_agent.secrets import MASK, Redactor
 from workflow_agent.storage import tables
 from workflow_agent.storage.history import (
@@ -565,8 +565,11 @@ def test_bad_arguments_are_value_errors(store: HistoryStore) -> None:
         store.record_stage(wid, name="x", status="running", started_at=T0, finished_at=T0)
     with pytest.raises(ValueError, match="final status"):
         store.finish_workflow(wid, status="running")
-    with pytest.raises(ValueError, match="status"):
+    # A filter comes from the user, so it is a user-facing error with the choices.
+    with pytest.raises(InvalidInputError, match="bogus") as caught:
         store.list_workflows(status="bogus")
+    assert caught.value.hint is not None
+    assert "incomplete" in caught.value.hint
 
 
 def test_non_utc_datetimes_are_stored_as_utc(store: HistoryStore) -> None:

@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from workflow_agent.errors import HistoryError
+from workflow_agent.errors import HistoryError, InvalidInputError
 from workflow_agent.secrets import Redactor
 from workflow_agent.storage.tables import artifacts, checkpoints, snapshots, stages, workflows
 
@@ -101,7 +101,7 @@ class WorkflowSummary:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StageRecord:
+class StageEntry:
     """One stage of a workflow as recorded."""
 
     name: str
@@ -112,7 +112,7 @@ class StageRecord:
     detail: dict[str, Any]
 
 
-class CheckpointInfo(NamedTuple):
+class CheckpointEntry(NamedTuple):
     """A checkpoint's ``(stage, created_at)``; the state itself is ``last_checkpoint``'s."""
 
     stage: str
@@ -120,7 +120,7 @@ class CheckpointInfo(NamedTuple):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ArtifactRecord:
+class ArtifactEntry:
     """A script, output, facts document, ... that a stage produced."""
 
     stage: str
@@ -137,9 +137,9 @@ class WorkflowRecord(WorkflowSummary):
     params: dict[str, Any]
     pid: int
     host: str
-    stages: list[StageRecord] = field(default_factory=list)
-    checkpoints: list[CheckpointInfo] = field(default_factory=list)
-    artifacts: list[ArtifactRecord] = field(default_factory=list)
+    stages: list[StageEntry] = field(default_factory=list)
+    checkpoints: list[CheckpointEntry] = field(default_factory=list)
+    artifacts: list[ArtifactEntry] = field(default_factory=list)
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -391,9 +391,14 @@ class HistoryStore:
         """The newest workflows first, at most ``limit`` (``None``: all), optionally filtered.
 
         ``status`` may be ``running`` or ``incomplete`` too; both are derived on read.
+        An unknown ``status`` raises ``InvalidInputError``.
         """
-        if status is not None:
-            _check_choice("status", status, WORKFLOW_STATUSES)
+        if status is not None and status not in WORKFLOW_STATUSES:
+            # Unlike the write methods' arguments, this one comes straight from the user.
+            raise InvalidInputError(
+                f"unknown workflow status {status!r}",
+                hint="Choose one of: " + ", ".join(sorted(WORKFLOW_STATUSES)),
+            )
         if limit is not None and limit <= 0:
             return []
         query = select(workflows).order_by(workflows.c.started_at.desc(), workflows.c.id.desc())
@@ -441,7 +446,7 @@ class HistoryStore:
             pid=row.pid,
             host=row.host,
             stages=[
-                StageRecord(
+                StageEntry(
                     name=s.name,
                     status=s.status,
                     started_at=s.started_at,
@@ -451,9 +456,9 @@ class HistoryStore:
                 )
                 for s in stage_rows
             ],
-            checkpoints=[CheckpointInfo(c.stage, c.created_at) for c in checkpoint_rows],
+            checkpoints=[CheckpointEntry(c.stage, c.created_at) for c in checkpoint_rows],
             artifacts=[
-                ArtifactRecord(
+                ArtifactEntry(
                     stage=a.stage,
                     kind=a.kind,
                     name=a.name,

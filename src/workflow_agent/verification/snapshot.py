@@ -19,7 +19,7 @@ import base64
 import posixpath
 import re
 import shlex
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -149,7 +149,10 @@ def _glob_regex(pattern: str) -> str:
             i += 2
             continue
         char = pattern[i]
-        out.append({"*": "[^/]*", "?": "[^/]"}.get(char) or ("\\" + char if char in ".^$+(){}|[]\\" else char))
+        if char in "*?":
+            out.append("[^/]*" if char == "*" else "[^/]")
+        else:
+            out.append("\\" + char if char in ".^$+(){}|[]\\" else char)
         i += 1
     return "".join(out)
 
@@ -247,44 +250,53 @@ async def take_snapshot(
         reason = "timed out" if result.timed_out else f"exit {result.exit_code}"
         raise ExecutionFailedError(f"snapshot script failed on {target.identity} ({reason}): "
                                    + " ".join(result.stderr.split())[-500:])
-    tokens = iter(_decode(result.stdout))
-    if next(tokens, None) != "wa-snapshot-1":
-        raise ExecutionFailedError(f"snapshot output from {target.identity} is garbled")
-    if next(tokens) == "TOO-MANY":
+    tokens = _decode(result.stdout)
+    if tokens[:1] != ["wa-snapshot-1"] or tokens[-2:] != ["END", ""]:
+        raise ExecutionFailedError(f"snapshot output from {target.identity} is incomplete")
+    if tokens[1] == "TOO-MANY":
         raise InvalidInputError(
             f"snapshot of {', '.join(normalized)} would list more than {max_files} entries",
             hint="Snapshot narrower paths, add ignore patterns, or raise max_files.",
         )
-    snapshot = Snapshot(warnings=result.stderr.splitlines())
-    skip = re.compile(regex, re.DOTALL) if regex else None
-    hashes: dict[str, str] = {}
-    for token in tokens:
-        if token == "HASHES":
-            break
-        mode, uid, gid, size, path, link = (next(tokens) for _ in range(6))
+    try:
+        return _parse(tokens, re.compile(regex, re.DOTALL) if regex else None, result.stderr)
+    except (IndexError, ValueError) as exc:
+        raise ExecutionFailedError(f"snapshot output from {target.identity} is garbled") from exc
+
+
+def _parse(tokens: list[str], skip: re.Pattern[str] | None, stderr: str) -> Snapshot:
+    # Layout: FILES (7 fields per entry) HASHES ("<64 hex>  <path>" each) PACKAGES <text>
+    # PASSWD <text> GROUP <text> END. Entry fields never equal a marker: the first is one
+    # letter, paths are absolute.
+    snapshot = Snapshot(warnings=stderr.splitlines())
+    i = 2
+    while tokens[i] != "HASHES":
+        kind, mode, uid, gid, size, path, link = tokens[i : i + 7]
+        i += 7
         if skip is None or not skip.fullmatch(path):  # find pruned these already
-            snapshot.files[path] = FileEntry(
-                type=token,  # type: ignore[arg-type]  # find's %y letters are FileType
-                mode=int(mode, 8), uid=int(uid), gid=int(gid), size=int(size),
-                target=link if token == "l" else None,
+            snapshot.files[path] = FileEntry.model_validate(
+                {"type": kind, "mode": int(mode, 8), "uid": int(uid), "gid": int(gid),
+                 "size": int(size), "target": link if kind == "l" else None}
             )
-    for token in tokens:
-        if token == "PACKAGES":
-            break
-        hashes[token[66:]] = token[:64]  # "<64 hex>  <path>"; -z disables name escaping
-    _parse_packages(next(tokens), snapshot)
-    sections = dict(zip(tokens, tokens, strict=False))  # PASSWD, text, GROUP, text, END
-    snapshot.users = _account_lines(sections.get("PASSWD", ""))
-    snapshot.groups = _account_lines(sections.get("GROUP", ""))
+    hashes: dict[str, str] = {}
+    i += 1
+    while tokens[i] != "PACKAGES":
+        hashes[tokens[i][66:]] = tokens[i][:64]  # sha256sum -z does not escape names
+        i += 1
+    _parse_packages(tokens[i + 1], snapshot)
+    if tokens[i + 2] != "PASSWD" or tokens[i + 4] != "GROUP":
+        raise ValueError("sections out of order")
+    snapshot.users = _account_lines(tokens[i + 3])
+    snapshot.groups = _account_lines(tokens[i + 5])
     for path, entry in snapshot.files.items():
         if entry.type == "f":
             snapshot.files[path] = entry.model_copy(update={"sha256": hashes.get(path)})
     return snapshot
 
 
-def _decode(stdout: str) -> Iterator[str]:
+def _decode(stdout: str) -> list[str]:
     raw = base64.b64decode("".join(stdout.split()))
-    return (part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0"))
+    return [part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0")]
 
 
 def _compare(before: FileEntry, after: FileEntry) -> FileChange | None:
@@ -345,7 +357,7 @@ async def remove_empty_dirs_created(target: Target, diff: SnapshotDiff) -> list[
     # rmdir refuses non-empty directories, and symlinks: exactly the safety wanted.
     script = (
         "set -o pipefail\nfor d in " + " ".join(shlex.quote(d) for d in dirs) + "; do\n"
-        '  rmdir -- "$d" 2>/dev/null && printf \'%s\\0\' "$d"\n'
+        '  if rmdir -- "$d" 2>/dev/null; then printf \'%s\\0\' "$d"; fi\n'
         "done | base64 -w 4096\n"
     )
     result = await target.run(script, timeout=120.0)
