@@ -96,8 +96,7 @@ def test_stdout_stderr_and_exit_code_come_back(sandbox: SandboxTarget) -> None:
 def test_env_reaches_the_script_but_never_a_command_line(sandbox: SandboxTarget) -> None:
     token = f"wa-secret-{secrets.token_hex(16)}"
     script = (
-        'echo "got:$WA_SECRET"; echo waiting >&2\n'
-        "while [ ! -e /tmp/go ]; do sleep 0.05; done\n"
+        'echo "got:$WA_SECRET"; echo waiting >&2\nwhile [ ! -e /tmp/go ]; do sleep 0.05; done\n'
     )
 
     async def scenario() -> tuple[RunResult, list[int], list[int]]:
@@ -130,7 +129,7 @@ def test_timeout_kills_the_whole_process_tree(sandbox: SandboxTarget) -> None:
     async def scenario() -> tuple[RunResult, int]:
         started = asyncio.Event()
         task = asyncio.create_task(
-            sandbox.run(script, timeout=3, on_output=lambda s, line: started.set())
+            sandbox.run(script, timeout=2, on_output=lambda s, line: started.set())
         )
         await asyncio.wait_for(started.wait(), 30)
         await asyncio.sleep(0.2)  # let the foreground sleep start too

@@ -263,10 +263,18 @@ def test_secrets_never_reach_the_database_file(db_path: Path) -> None:
     )
     assert snapshot is not None
     assert MASK in snapshot
-    history.close()
 
+    # While open, recent pages live in the -wal file; after close they are in the .db.
+    _assert_no_secret_bytes(db_path, expect_wal=True)
+    history.close()
+    _assert_no_secret_bytes(db_path, expect_wal=False)
+
+
+def _assert_no_secret_bytes(db_path: Path, *, expect_wal: bool) -> None:
     files = [p for p in db_path.parent.iterdir() if p.name.startswith(db_path.name)]
     assert db_path in files
+    if expect_wal:
+        assert db_path.with_name(db_path.name + "-wal") in files
     for path in files:
         data = path.read_bytes()
         for form in _secret_forms():

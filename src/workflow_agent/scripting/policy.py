@@ -31,10 +31,7 @@ import tree_sitter_bash
 
 from workflow_agent.scripting.validate import Finding, Severity
 
-__all__ = ["POLICY_VERSION", "check_policy"]
-
-#: Bump whenever a rule changes, so cached validation reports are not reused.
-POLICY_VERSION = "1"
+__all__ = ["RULES", "check_policy"]
 
 _MAX_NESTED_SCRIPT_DEPTH = 3  # sh -c 'sh -c "…"' nesting we still look into
 _MAX_WORD_DEPTH = 40  # deeper word nesting is treated as an opaque expansion
@@ -311,8 +308,77 @@ def _program_source(kind: str, args: list[tree_sitter.Node]) -> tuple[str, int]:
     return "file", i
 
 
+_SAFE_DOWNLOAD = "download to a file, verify its checksum or signature, then run the file"
+
+#: Every policy rule: code -> (severity, message template). Messages say what is wrong and
+#: what to do instead; ``{…}`` fields are filled in from the offending command.
+RULES: dict[str, tuple[Severity, str]] = {
+    "policy.curl-pipe-shell": (
+        "error",
+        f"downloaded content is executed as code without any integrity check; {_SAFE_DOWNLOAD}.",
+    ),
+    "policy.rm-root": (
+        "error",
+        "`rm -r {path}` can delete the root file system, a home directory or a system "
+        "directory; remove only the integration's own paths (e.g. /opt/<integration>).",
+    ),
+    "policy.rm-unguarded-var": (
+        "error",
+        "`rm -r {path}` starts with ${var}, which may be empty or unset and turn the path into "
+        "`/` or the working directory; write `${{{var}:?}}` so the script stops instead.",
+    ),
+    "policy.chmod-777": (
+        "error",
+        "`{cmd}` with mode {mode} lets every user modify and execute the file; use the "
+        "narrowest mode that works (0755 for programs, 0644 or 0640 for configuration).",
+    ),
+    "policy.chmod-world-writable": (
+        "warning",
+        "`{cmd}` with mode {mode} makes the file writable by every user; give write access "
+        "to the owner (or a dedicated group) only.",
+    ),
+    "policy.firewall-disable": (
+        "error",
+        "the script turns the host firewall off or flushes its rules; open only the port the "
+        "integration needs instead (`firewall-cmd --add-port=…`, `ufw allow …`).",
+    ),
+    "policy.selinux-disable": (
+        "error",
+        "the script disables SELinux or makes it permissive; keep it enforcing and add the "
+        "policy module or file contexts the integration needs (semanage, restorecon).",
+    ),
+    "policy.sudoers-write": (
+        "error",
+        "the script writes sudo rules (/etc/sudoers or /etc/sudoers.d); integrations must not "
+        "grant privileges: manage sudo rules in configuration management, checked by visudo -c.",
+    ),
+    "policy.eval-dynamic": (
+        "error",
+        "`eval` runs expanded variable or command output as code; call the command directly "
+        "with quoted arguments, or build the argument list in an array.",
+    ),
+    "policy.eval-literal": (
+        "warning",
+        "`eval` of literal text is unnecessary and hides the command from review; write the "
+        "command directly.",
+    ),
+    "policy.secret-in-argv": (
+        "error",
+        "secret ${var} is expanded into the arguments of `{cmd}`, which every user can read "
+        "via /proc and ps; pass it through the environment, stdin or a mode-0600 file.",
+    ),
+    "policy.parse-incomplete": (
+        "warning",
+        "tree-sitter could not parse the script here, so policy checks may have missed "
+        "commands in this region; fix the syntax so every rule can be applied.",
+    ),
+}
+
+
 @dataclass
 class _Checker:
+    """One pass over one parsed script, collecting findings."""
+
     source: bytes
     secrets: frozenset[str]
     depth: int
@@ -324,15 +390,16 @@ class _Checker:
     def __post_init__(self) -> None:
         self.lines = self.source.split(b"\n")
 
-    # -- helpers -----------------------------------------------------------------------------
-    def add(self, node: tree_sitter.Node, code: str, message: str, sev: Severity = "error") -> None:
+    def add(self, node: tree_sitter.Node, code: str, **fields: str) -> None:
         row, col = node.start_point
         line = self.lines[row] if row < len(self.lines) else b""
-        column = len(line[:col].decode("utf-8", "replace")) + 1
+        column = len(line[:col].decode("utf-8", "replace")) + 1  # tree-sitter counts bytes
+        severity, template = RULES[code]
+        message = template.format(**fields)
         self.findings.append(
             Finding(
                 layer="policy",
-                severity=sev,
+                severity=severity,
                 line=row + 1,
                 column=column,
                 code=code,
@@ -345,36 +412,25 @@ class _Checker:
             self.resolved[node.id] = _resolve(node)
         return self.resolved[node.id]
 
-    def commands(
-        self, node: tree_sitter.Node, *, into_substitutions: bool = True
-    ) -> Iterator[_Cmd]:
-        for n in _descendants(node, into_substitutions=into_substitutions):
+    def commands(self, node: tree_sitter.Node, *, substitutions: bool = True) -> Iterator[_Cmd]:
+        for n in _descendants(node, into_substitutions=substitutions):
             if n.type == "command" and (c := self.cmd(n)) is not None:
                 yield c
 
     def downloads(self, node: tree_sitter.Node) -> bool:
         return any(c.name in _DOWNLOADERS for c in self.commands(node))
 
-    # -- walk --------------------------------------------------------------------------------
     def run(self, root: tree_sitter.Node) -> list[Finding]:
         self.functions = {
             _text(name)
             for n in _descendants(root)
-            if n.type == "function_definition"
-            if (name := n.child_by_field_name("name")) is not None
+            if n.type == "function_definition" and (name := n.child_by_field_name("name"))
         }
         incomplete = False
         for node in _descendants(root):
             if (node.type == "ERROR" or node.is_missing) and not incomplete:
-                incomplete = True
-                self.add(
-                    node,
-                    "policy.parse-incomplete",
-                    "tree-sitter could not parse the "
-                    "script from here on; policy checks may have missed commands in this "
-                    "region. Fix the syntax so every rule can be applied.",
-                    "warning",
-                )
+                incomplete = True  # one warning is enough; the rest is noise
+                self.add(node, "policy.parse-incomplete")
             elif node.type == "command" and (cmd := self.cmd(node)) is not None:
                 self.check_command(cmd)
             elif node.type == "pipeline":
@@ -382,26 +438,26 @@ class _Checker:
             elif node.type == "file_redirect":
                 self.check_redirect(node)
             elif node.type == "heredoc_body" and _SELINUX_OFF.search(_text(node)):
-                self.add(node, "policy.selinux-disable", _SELINUX_MSG)
+                self.add(node, "policy.selinux-disable")
         return self.findings
 
     def check_command(self, cmd: _Cmd) -> None:
-        name, statics = cmd.name, cmd.statics()
+        statics = cmd.statics()
         self.check_interpreter(cmd)
-        if name == "rm":
+        if cmd.name == "rm":
             self.check_rm(cmd, statics)
-        elif name in ("chmod", "mkdir", "install"):
+        elif cmd.name in ("chmod", "mkdir", "install"):
             self.check_mode(cmd, statics)
-        elif name == "eval":
+        elif cmd.name == "eval":
             self.check_eval(cmd)
         self.check_protection(cmd, statics)
         self.check_sudoers_command(cmd, statics)
         self.check_secrets(cmd)
 
-    # -- rules -------------------------------------------------------------------------------
     def check_interpreter(self, cmd: _Cmd) -> None:
+        """``bash <(curl …)``, ``sh -c "$(curl …)"``, ``bash < <(curl …)``, ``. <(curl …)``."""
         if cmd.name in (".", "source") and cmd.args and self.downloads(cmd.args[0]):
-            self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
+            self.add(cmd.node, "policy.curl-pipe-shell")
         kind = _interpreter_kind(cmd.name)
         if kind is None:
             return
@@ -409,14 +465,14 @@ class _Checker:
         program = cmd.args[idx] if idx < len(cmd.args) else None
         if where == "stdin":
             if any(self.downloads(r) for r in _stdin_redirects(cmd.node)):
-                self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
+                self.add(cmd.node, "policy.curl-pipe-shell")
         elif program is not None and self.downloads(program):
-            self.add(program, "policy.curl-pipe-shell", _PIPE_MSG)
+            self.add(program, "policy.curl-pipe-shell")
         elif where == "string" and kind == "shell" and program is not None:
             self.check_nested(program)
 
     def check_nested(self, program: tree_sitter.Node) -> None:
-        """Check a literal ``sh -c`` program as a script of its own, mapped to our lines."""
+        """Check a ``sh -c`` program as a script of its own, mapped to our line numbers."""
         if self.depth >= _MAX_NESTED_SCRIPT_DEPTH:
             return
         inner = _check(_shell_text(program), self.secrets, self.depth + 1)
@@ -424,234 +480,138 @@ class _Checker:
         for f in inner:
             line = program.start_point[0] + f.line
             if (f.code, line) not in seen and f.code != "policy.parse-incomplete":
-                self.findings.append(
-                    f.model_copy(
-                        update={
-                            "line": line,
-                            "column": None,
-                            "message": f"in `sh -c` string: {f.message}",
-                        }
-                    )
-                )
+                message = f"in a `sh -c` string: {f.message}"
+                update = {"line": line, "column": None, "message": message}
+                self.findings.append(f.model_copy(update=update))
 
     def check_pipeline(self, node: tree_sitter.Node) -> None:
+        """A later stage is an interpreter reading its program from an earlier download."""
         stages = [c for c in node.named_children if c.type != "comment"]
-        # `cat <<EOF | bash` puts the pipeline inside the heredoc redirect; its first stage
-        # is the redirected statement's body.
-        if node.parent is not None and node.parent.type == "heredoc_redirect":
-            body = (
-                node.parent.parent.child_by_field_name("body")
-                if node.parent.parent is not None
-                else None
-            )
-            stages = ([body] if body is not None else []) + stages
+        # `cat <<EOF | bash` nests the pipeline inside the heredoc redirect; its first stage
+        # is the body of the enclosing redirected statement.
+        outer = node.parent.parent if node.parent is not None else None
+        if node.parent is not None and node.parent.type == "heredoc_redirect" and outer:
+            stages = [c for c in [outer.child_by_field_name("body")] if c] + stages
         for i in range(1, len(stages)):
             if not any(self.downloads(s) for s in stages[:i]):
                 continue
-            for cmd in self.commands(stages[i], into_substitutions=False):
+            for cmd in self.commands(stages[i], substitutions=False):
                 kind = _interpreter_kind(cmd.name)
                 if kind is not None and _program_source(kind, cmd.args)[0] == "stdin":
-                    self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
+                    self.add(cmd.node, "policy.curl-pipe-shell")
 
     def check_rm(self, cmd: _Cmd, statics: list[str | None]) -> None:
-        options, operands, ended = [], [], False
+        options: list[str] = []
+        operands: list[tree_sitter.Node] = []
         for node, s in zip(cmd.args, statics, strict=True):
-            if not ended and s is not None and s.startswith("-") and len(s) > 1:
-                ended = s == "--"
+            if "--" not in options and s is not None and s.startswith("-") and len(s) > 1:
                 options.append(s)
             else:
                 operands.append(node)
-        recursive = any(
-            o == "--recursive" or (not o.startswith("--") and set(o) & {"r", "R"}) for o in options
-        )
-        if not recursive:
+        short = "".join(o for o in options if not o.startswith("--"))
+        if "--recursive" not in options and not set(short) & {"r", "R"}:
             return
         if "--no-preserve-root" in options:
-            self.add(
-                cmd.node,
-                "policy.rm-root",
-                "`rm --no-preserve-root` removes the "
-                "protection against deleting `/`; delete only the integration's own paths.",
-            )
+            self.add(cmd.node, "policy.rm-root", path="--no-preserve-root")
         for operand in operands:
             parts = _parts(operand)
             first = parts[0] if parts else ""
             if isinstance(first, _Exp) and first.var is not None and first.subst is None:
-                self.add(
-                    operand,
-                    "policy.rm-unguarded-var",
-                    f"`rm -r {_text(operand)}` starts "
-                    f"with ${first.var}, which may be empty or unset, turning the path into "
-                    f"`/` or the working directory. Write `${{{first.var}:?}}` so the "
-                    "script stops instead, or use a literal path.",
-                )
+                self.add(operand, "policy.rm-unguarded-var", path=_text(operand), var=first.var)
             elif _is_root_like(_render(parts, "")):
-                self.add(
-                    operand,
-                    "policy.rm-root",
-                    f"`rm -r {_text(operand)}` can delete the "
-                    "root file system, a home directory or a system directory; remove only "
-                    "the integration's own paths (e.g. /opt/<integration>).",
-                )
+                self.add(operand, "policy.rm-root", path=_text(operand))
 
     def check_mode(self, cmd: _Cmd, statics: list[str | None]) -> None:
-        if cmd.name == "chmod":
+        if cmd.name == "chmod":  # the first operand is the mode
             modes = [next((s for s in statics if s is None or not s.startswith("-")), None)]
         else:  # mkdir -m MODE / install -m MODE
             modes = [statics[i + 1] for i, s in enumerate(statics[:-1]) if s == "-m"]
             modes += [s.split("=", 1)[1] for s in statics if s and s.startswith("--mode=")]
         for mode in modes:
             verdict = _mode_verdict(mode or "")
-            if verdict == "777":
-                self.add(
-                    cmd.node,
-                    "policy.chmod-777",
-                    f"`{cmd.name}` with mode {mode} lets every "
-                    "user on the host modify and execute the file; use the narrowest mode "
-                    "that works (e.g. 0755 for programs, 0644 or 0640 for configuration).",
-                )
-            elif verdict == "world-writable":
-                self.add(
-                    cmd.node,
-                    "policy.chmod-world-writable",
-                    f"`{cmd.name}` with mode "
-                    f"{mode} makes the file writable by every user; give write access to "
-                    "the owner (or a dedicated group) only.",
-                    "warning",
-                )
+            if verdict is not None:
+                self.add(cmd.node, verdict, cmd=cmd.name or "", mode=mode or "")
 
     def check_eval(self, cmd: _Cmd) -> None:
         if any(self.downloads(a) for a in cmd.args):
-            self.add(cmd.node, "policy.curl-pipe-shell", _PIPE_MSG)
+            self.add(cmd.node, "policy.curl-pipe-shell")
         if any(n.type in _DYNAMIC for a in cmd.args for n in _descendants(a)):
-            self.add(
-                cmd.node,
-                "policy.eval-dynamic",
-                "`eval` of expanded text runs whatever "
-                "the variable or command output contains as code; call the command "
-                "directly with quoted arguments, or use an array for the argument list.",
-            )
+            self.add(cmd.node, "policy.eval-dynamic")
         else:
-            self.add(
-                cmd.node,
-                "policy.eval-literal",
-                "`eval` of literal text is unnecessary "
-                "and hides the command from review; write the command directly.",
-                "warning",
-            )
+            self.add(cmd.node, "policy.eval-literal")
 
     def check_protection(self, cmd: _Cmd, statics: list[str | None]) -> None:
+        """Firewall and SELinux switched off."""
         name, args = cmd.name, [s for s in statics if s is not None]
-        units = {a.removesuffix(".service") for a in args} & _FIREWALL_UNITS
-        firewall_off = (
+        units = bool({a.removesuffix(".service") for a in args} & _FIREWALL_UNITS)
+        if (
             (name == "ufw" and "disable" in args)
-            or (
-                name == "systemctl"
-                and bool(units)
-                and bool({"stop", "disable", "mask", "kill"} & set(args))
-            )
-            or (name == "service" and bool(units) and "stop" in args)
-            or (name == "chkconfig" and bool(units) and "off" in args)
-            or (
-                name in ("iptables", "ip6tables", "iptables-legacy", "iptables-nft")
-                and any(a in ("-F", "--flush") for a in args)
-            )
+            or (name == "systemctl" and units and bool(_FIREWALL_VERBS & set(args)))
+            or (name == "service" and units and "stop" in args)
+            or (name == "chkconfig" and units and "off" in args)
+            or (name in _IPTABLES and ("-F" in args or "--flush" in args))
             or (name == "nft" and "flush" in args and "ruleset" in args)
-        )
-        if firewall_off:
-            self.add(
-                cmd.node,
-                "policy.firewall-disable",
-                "the script turns the host firewall "
-                "off or flushes its rules; open only the port the integration needs "
-                "(e.g. `firewall-cmd --add-port=…`, `ufw allow …`).",
-            )
-        selinux_off = name == "setenforce" and bool(args) and args[0].lower() in ("0", "permissive")
-        if name not in _READ_ONLY and any(_SELINUX_OFF.search(_text(a)) for a in cmd.args):
-            selinux_off = True
-        if selinux_off:
-            self.add(cmd.node, "policy.selinux-disable", _SELINUX_MSG)
+        ):
+            self.add(cmd.node, "policy.firewall-disable")
+        if (name == "setenforce" and args[:1] in (["0"], ["permissive"], ["Permissive"])) or (
+            name not in _READ_ONLY and any(_SELINUX_OFF.search(_text(a)) for a in cmd.args)
+        ):
+            self.add(cmd.node, "policy.selinux-disable")
 
     def check_sudoers_command(self, cmd: _Cmd, statics: list[str | None]) -> None:
+        """tee / cp / mv / install / ln / dd / sed -i writing a sudoers file."""
+        pairs = list(zip(cmd.args, statics, strict=True))
+        positional = [a for a, s in pairs if s is None or not s.startswith("-")]
         targets: list[tree_sitter.Node] = []
-        positional = [
-            a for a, s in zip(cmd.args, statics, strict=True) if s is None or not s.startswith("-")
-        ]
         if cmd.name == "tee":
             targets = positional
         elif cmd.name in ("cp", "mv", "install", "ln", "rsync") and positional:
-            targets = [positional[-1]]
-            targets += [cmd.args[i + 1] for i, s in enumerate(statics[:-1]) if s == "-t"]
-        elif cmd.name == "dd":
-            targets = [
-                a
-                for a, s in zip(cmd.args, statics, strict=True)
-                if s is not None and s.startswith("of=")
+            targets = positional[-1:] + [
+                cmd.args[i + 1] for i, (_, s) in enumerate(pairs[:-1]) if s == "-t"
             ]
-        elif cmd.name in ("sed", "perl") and any(
-            s is not None
-            and (
-                s.startswith("--in-place")
-                or (s.startswith("-") and not s.startswith("--") and "i" in s)
-            )
-            for s in statics
-        ):
+        elif cmd.name == "dd":
+            targets = [a for a, s in pairs if s is not None and s.startswith("of=")]
+        elif cmd.name in ("sed", "perl") and any(_in_place(s) for s in statics):
             targets = positional
         for target in targets:
             if _is_sudoers(_render(_parts(target), "X").removeprefix("of=")):
-                self.add(target, "policy.sudoers-write", _SUDOERS_MSG)
+                self.add(target, "policy.sudoers-write")
 
     def check_redirect(self, node: tree_sitter.Node) -> None:
         ops = [c.type for c in node.children if not c.is_named]
         target = node.child_by_field_name("destination")
-        if (
-            target is not None
-            and ops
-            and ops[0] in _WRITE_REDIRECTS
-            and _is_sudoers(_render(_parts(target), "X"))
-        ):
-            self.add(target, "policy.sudoers-write", _SUDOERS_MSG)
+        if target is None or not ops or ops[0] not in _WRITE_REDIRECTS:
+            return
+        if _is_sudoers(_render(_parts(target), "X")):
+            self.add(target, "policy.sudoers-write")
 
     def check_secrets(self, cmd: _Cmd) -> None:
-        if not self.secrets:
+        """A secret expanded into the argv of a new process (builtins and functions are fine)."""
+        if not self.secrets or (
+            not cmd.wrapped and (cmd.name in _BUILTINS or cmd.name in self.functions)
+        ):
             return
-        builtin = cmd.name in _BUILTINS or cmd.name in self.functions
-        if builtin and not cmd.wrapped:
-            return
+        shown = cmd.name or _text(cmd.words[cmd.start])
         for word in cmd.words:
-            used = sorted(
-                {
-                    _text(n)
-                    for n in _descendants(word, into_substitutions=False)
-                    if n.type == "variable_name"
-                }
-                & self.secrets
-            )
-            if used:
-                shown = cmd.name or _text(cmd.words[cmd.start])
-                self.add(
-                    word,
-                    "policy.secret-in-argv",
-                    f"secret ${used[0]} is passed as a "
-                    f"command-line argument of `{shown}`; arguments are readable by every "
-                    "user via /proc and `ps`. Pass it through the environment, a file with "
-                    "mode 0600, or stdin (e.g. `curl -H @file`, `--config`, a heredoc).",
-                )
+            # Substitutions run their own commands, which are checked on their own.
+            names = {
+                _text(n)
+                for n in _descendants(word, into_substitutions=False)
+                if n.type == "variable_name"
+            }
+            for var in sorted(names & self.secrets)[:1]:
+                self.add(word, "policy.secret-in-argv", var=var, cmd=shown)
 
 
-_PIPE_MSG = (
-    "downloaded content is executed directly as code, without checksum or signature "
-    "verification; download to a file, verify its checksum or signature, then run the file."
-)
-_SELINUX_MSG = (
-    "the script disables SELinux or switches it to permissive mode; keep it enforcing and add "
-    "the policy module or file context the integration needs (semanage/restorecon)."
-)
-_SUDOERS_MSG = (
-    "the script writes sudo rules (/etc/sudoers or /etc/sudoers.d); integrations must not grant "
-    "privileges - manage sudo rules through configuration management, reviewed and checked "
-    "with `visudo -c`."
-)
+_FIREWALL_VERBS = frozenset({"stop", "disable", "mask", "kill"})
+_IPTABLES = frozenset({"iptables", "ip6tables", "iptables-legacy", "iptables-nft"})
+
+
+def _in_place(option: str | None) -> bool:
+    """``sed -i`` / ``-i.bak`` / ``-ri`` / ``--in-place`` (and ``perl -pi``)."""
+    if option is None or not option.startswith("-"):
+        return False
+    return option.startswith("--in-place") or (not option.startswith("--") and "i" in option)
 
 
 def _stdin_redirects(node: tree_sitter.Node) -> list[tree_sitter.Node]:
@@ -671,6 +631,7 @@ def _stdin_redirects(node: tree_sitter.Node) -> list[tree_sitter.Node]:
 
 
 def _is_root_like(path: str) -> bool:
+    """``/``, ``/*``, ``~``, ``~/*`` or a top-level system directory (``/usr``, ``/etc/*``)."""
     path = path.strip()
     if path.startswith("~"):
         return path[1:].strip("/") in ("", "*", ".", ".*")
@@ -688,12 +649,12 @@ def _is_sudoers(path: str) -> bool:
 
 
 def _mode_verdict(mode: str) -> str | None:
-    """``"777"`` for rwx-for-everyone, ``"world-writable"`` for o+w, else ``None``."""
+    """The rule a file mode breaks: ``policy.chmod-777``, ``…-world-writable`` or none."""
     if re.fullmatch(r"[0-7]{1,4}", mode):
         digits = mode.zfill(4)
         if digits[1:] == "777":
-            return "777"
-        return "world-writable" if int(digits[3]) & 2 else None
+            return "policy.chmod-777"
+        return "policy.chmod-world-writable" if int(digits[3]) & 2 else None
     verdict = None
     for clause in mode.split(","):
         m = re.fullmatch(r"([ugoa]*)((?:[-+=][rwxXst]*)+)", clause)
@@ -704,23 +665,25 @@ def _mode_verdict(mode: str) -> str | None:
             if op == "-" or "w" not in perms:
                 continue
             if ("a" in who or who >= {"u", "g", "o"}) and {"r", "x"} <= set(perms):
-                return "777"
+                return "policy.chmod-777"
             if who & {"a", "o"}:
-                verdict = "world-writable"
+                verdict = "policy.chmod-world-writable"
     return verdict
 
 
 def _check(script: str, secrets: frozenset[str], depth: int) -> list[Finding]:
+    # surrogatepass: arbitrary str must encode; tree-sitter copes with the odd bytes.
     source = script.encode("utf-8", "surrogatepass")
-    tree = _parser().parse(source)
-    return _Checker(source, secrets, depth).run(tree.root_node)
+    return _Checker(source, secrets, depth).run(_parser().parse(source).root_node)
 
 
 def check_policy(script: str, *, secret_env: Collection[str]) -> list[Finding]:
-    """Check ``script`` against the security policy; never raises on malformed input.
+    """Check ``script`` against the security policy (see :data:`RULES`).
 
     ``secret_env`` names environment variables holding secrets: expanding one into an
-    external command's arguments is reported. Findings are sorted by line and column.
+    external command's arguments is reported. Never raises on malformed input; parts
+    tree-sitter cannot parse produce a ``policy.parse-incomplete`` warning. Findings are
+    sorted by line and column.
     """
     findings = _check(script, frozenset(secret_env), 0)
     return sorted(findings, key=lambda f: (f.line, f.column or 0, f.code))
