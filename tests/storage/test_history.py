@@ -197,8 +197,11 @@ PLAIN_SECRET = "hunter2-plain-token"
 
 
 def _secret_forms() -> list[bytes]:
-    forms = {SECRET, PLAIN_SECRET, json.dumps(SECRET)[1:-1], json.dumps(PLAIN_SECRET)[1:-1]}
-    forms.add(json.dumps(SECRET, ensure_ascii=True)[1:-1])
+    """Every way the secrets could be spelled in the file: raw, and escaped inside JSON."""
+    forms = {SECRET, PLAIN_SECRET}
+    for secret in (SECRET, PLAIN_SECRET):
+        for ascii_only in (True, False):
+            forms.add(json.dumps(secret, ensure_ascii=ascii_only)[1:-1])
     return [form.encode() for form in forms]
 
 
@@ -628,19 +631,18 @@ def postgres_server() -> Iterator[str]:
         os.chown(data, owner.pw_uid, owner.pw_gid)
     port = _free_port()
     log = data / "server.log"
-    subprocess.run(
-        [*prefix, initdb, "-D", str(data / "db"), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            server_log = log.read_text(errors="replace") if log.exists() else ""
+            shutil.rmtree(data, ignore_errors=True)
+            pytest.fail(f"{command[0]} failed:\n{done.stdout}{done.stderr}{server_log}")
+
+    run(initdb, "-D", str(data / "db"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    # Loopback only, socket in our own directory, no fsync: it is thrown away anyway.
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off"
-    subprocess.run(
-        [*prefix, pg_ctl, "-D", str(data / "db"), "-l", str(log), "-o", options, "-w", "start"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    run(pg_ctl, "-D", str(data / "db"), "-l", str(log), "-o", options, "-w", "start")
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
     finally:

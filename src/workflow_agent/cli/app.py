@@ -20,7 +20,9 @@ import typer
 from workflow_agent.errors import WorkflowAgentError
 
 if TYPE_CHECKING:
+    from workflow_agent.agent import WorkflowAgent
     from workflow_agent.agents.coordinator import Confirm
+    from workflow_agent.execution.target import Target
     from workflow_agent.container import Container
     from workflow_agent.state import Action, WorkflowState
 
@@ -105,20 +107,10 @@ def _confirmer(yes: bool, output: OutputFormat) -> Confirm:
     return confirm
 
 
-async def _run_workflow(
-    container: Container,
-    action: Action,
-    integration: str,
-    params: dict[str, str],
-    *,
-    target: str,
-    confirm: Confirm | None,
-    output: OutputFormat,
-    verbose: bool,
-    target_object: Any = None,
-) -> WorkflowState:
+def _agent(container: Container, output: OutputFormat, verbose: bool) -> WorkflowAgent:
+    """The agent, with live progress on stderr unless the output is JSON."""
     from workflow_agent.agent import WorkflowAgent
-    from workflow_agent.agents.coordinator import STAGE_EVENT, WorkflowRequest
+    from workflow_agent.agents.coordinator import STAGE_EVENT
     from workflow_agent.agents.execution import OUTPUT_EVENT
     from workflow_agent.cli.output import Progress
 
@@ -134,6 +126,21 @@ async def _run_workflow(
 
         container.bus.subscribe(STAGE_EVENT, on_stage)
         container.bus.subscribe(OUTPUT_EVENT, on_output)
+    return agent
+
+
+async def _run_workflow(
+    agent: WorkflowAgent,
+    action: Action,
+    integration: str,
+    params: dict[str, str],
+    *,
+    target: str,
+    confirm: Confirm | None,
+    target_object: Target | None = None,
+) -> WorkflowState:
+    from workflow_agent.agents.coordinator import WorkflowRequest
+
     request = WorkflowRequest(
         action=action, integration=integration, target=target, params=params,
         environ=dict(os.environ), target_object=target_object,
@@ -158,8 +165,8 @@ def _workflow_command(
         params = _parse_params(param)
         container = _container(config, target=target, **overrides)
         state = asyncio.run(_run_workflow(
-            container, action, integration, params, target=container.config.target,
-            confirm=_confirmer(yes, output), output=output, verbose=verbose,
+            _agent(container, output, verbose), action, integration, params,
+            target=container.config.target, confirm=_confirmer(yes, output),
         ))
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
@@ -260,6 +267,7 @@ async def _demo(
     container: Container, integration: str, params: dict[str, str],
     output: OutputFormat, verbose: bool,
 ) -> list[WorkflowState]:
+    agent = _agent(container, output, verbose)
     target = container.make_target("sandbox")
     states: list[WorkflowState] = []
     async with target:
@@ -269,8 +277,8 @@ async def _demo(
 
                 out.rule(f"{action} {integration}")
             state = await _run_workflow(
-                container, action, integration, params, target="sandbox", confirm=None,
-                output=output, verbose=verbose, target_object=target,
+                agent, action, integration, params, target="sandbox", confirm=None,
+                target_object=target,
             )
             states.append(state)
             if state.exit_code:
