@@ -1,4 +1,4 @@
-"""A cached, extracted Debian root file system for the sandbox target.
+"""The sandbox's file systems on the host: the cached Debian root and scratch layers.
 
 The root file system is built once per machine with ``mmdebstrap`` and kept in two forms
 under ``<cache_dir>/rootfs/``:
@@ -10,17 +10,23 @@ under ``<cache_dir>/rootfs/``:
 
 Builds are serialised with an ``fcntl`` lock, so two processes asking at once build once:
 the second waits for the lock and then finds the finished tree.
+
+Each open sandbox also gets a private *scratch* directory (``make_scratch``) holding its
+overlay upper layer; it must be on a file system overlayfs accepts as an upper layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from workflow_agent.errors import SandboxToolingMissingError, TargetError
@@ -33,6 +39,16 @@ _BUILD_TIMEOUT = 1800.0
 
 #: How many lines of mmdebstrap/tar output to put in an error message.
 _TAIL_LINES = 25
+
+#: Name prefix of sandbox scratch directories (the sweep below looks for it).
+SCRATCH_PREFIX = "workflow-agent-sandbox-"
+
+#: File systems that cannot hold an overlay upper directory (no xattrs / d_type, or
+#: overlay-on-overlay, which the kernel refuses).
+_BAD_UPPER_FS = {"overlay", "aufs", "nfs", "nfs4", "cifs", "smb3", "9p", "ecryptfs"}
+
+#: Overlay mount options are comma separated and lowerdir is colon separated.
+_BAD_PATH_CHARS = set(",:\\\n")
 
 
 def default_cache_dir() -> Path:
@@ -224,3 +240,96 @@ class RootfsCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def check_overlay_path(path: Path, what: str) -> None:
+    """Refuse paths that cannot be written into overlayfs mount options."""
+    if _BAD_PATH_CHARS & set(str(path)):
+        raise TargetError(
+            f"the sandbox {what} {path} contains a character overlayfs cannot take (, : \\)",
+            hint="Use a directory whose path has no commas, colons or backslashes.",
+        )
+
+
+def fs_type(path: Path) -> str:
+    """The type of the file system ``path`` lives on, from /proc/self/mountinfo."""
+    resolved = str(path.resolve())
+    best, best_type = "", "unknown"
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            point = fields[4].encode().decode("unicode_escape")  # \040 for spaces
+            fstype = fields[fields.index("-") + 1]
+            inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, best_type = point, fstype
+    return best_type
+
+
+@dataclass
+class Scratch:
+    """One sandbox's private host directory, marked in use by a lock held on ``lock_fd``.
+
+    Layout: ``upper/`` and ``work/`` (overlay), ``merged/`` (mount point), ``exchange/``.
+    """
+
+    path: Path
+    lock_fd: int
+
+    def remove(self) -> None:
+        """Delete the directory and release the lock."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self.lock_fd)
+
+
+def make_scratch(name: str, base: Path | None = None) -> Scratch:
+    """Create the scratch directory ``<base>/<name>``, base defaulting to /var/tmp or /tmp.
+
+    Stale scratch directories left by processes that were SIGKILLed are removed first.
+    """
+    bases = [base] if base else [Path("/var/tmp"), Path("/tmp")]
+    problems = []
+    for candidate in bases:
+        fstype = fs_type(candidate)
+        if fstype in _BAD_UPPER_FS or fstype.startswith("fuse"):
+            problems.append(f"{candidate} is on {fstype}")
+            continue
+        _sweep_stale(candidate)
+        path = candidate / name
+        check_overlay_path(path, "scratch directory")
+        path.mkdir(mode=0o700)
+        lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        os.write(lock_fd, f"{os.getpid()}\n".encode())  # non-empty: fully set up
+        for sub in ("upper", "work", "merged", "exchange"):
+            (path / sub).mkdir(mode=0o700)
+        (path / "upper").chmod(0o755)  # becomes the mode of "/" inside
+        return Scratch(path, lock_fd)
+    raise TargetError(
+        "no scratch directory can hold the sandbox's overlay upper layer ("
+        + "; ".join(problems)
+        + ")",
+        hint="Pass a scratch directory on ext4, xfs, btrfs or tmpfs.",
+    )
+
+
+def _sweep_stale(base: Path) -> None:
+    """Remove scratch directories whose owner died without cleaning up (e.g. SIGKILL).
+
+    The owner holds an exclusive flock on ``lock`` while alive, and its sandbox's
+    processes die with it (they watch a pipe from it), so an unlockable lock is stale.
+    An empty lock file means its owner is between creating and locking it: left alone.
+    """
+    for entry in base.glob(SCRATCH_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            info = entry.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue  # only our own real directories in a world-writable /var/tmp
+            fd = os.open(entry / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: alive
+                if os.fstat(fd).st_size > 0:
+                    shutil.rmtree(entry, ignore_errors=True)
+            finally:
+                os.close(fd)

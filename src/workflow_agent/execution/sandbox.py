@@ -33,7 +33,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 import weakref
 from collections.abc import Mapping
@@ -43,7 +42,13 @@ from typing import Literal
 
 from workflow_agent.errors import SandboxToolingMissingError, TargetError, TargetUnreachableError
 from workflow_agent.execution.process import run_process
-from workflow_agent.execution.rootfs import SANDBOX_HOSTNAME
+from workflow_agent.execution.rootfs import (
+    SANDBOX_HOSTNAME,
+    SCRATCH_PREFIX,
+    Scratch,
+    check_overlay_path,
+    make_scratch,
+)
 from workflow_agent.execution.target import (
     BASE_ENV,
     OutputCallback,
@@ -57,13 +62,6 @@ EXCHANGE_INSIDE = "/run/workflow-agent"
 
 #: How long the holder may take to mount everything (measured: ~30 ms).
 _READY_TIMEOUT = 15.0
-
-#: File systems that cannot hold an overlay upper directory (no xattrs / d_type, or
-#: overlay-on-overlay, which the kernel refuses).
-_BAD_UPPER_FS = {"overlay", "aufs", "nfs", "nfs4", "cifs", "smb3", "9p", "ecryptfs"}
-
-#: Overlay mount options are comma separated and lowerdir is colon separated.
-_BAD_PATH_CHARS = set(",:\\\n")
 
 
 def _holder_main(argv: list[str]) -> None:
@@ -162,29 +160,6 @@ def _holder_source() -> str:
     return inspect.getsource(_holder_main) + "import sys\n_holder_main(sys.argv[1:])\n"
 
 
-def _fs_type(path: Path) -> str:
-    """The type of the file system ``path`` lives on, from /proc/self/mountinfo."""
-    resolved = str(path.resolve())
-    best, best_type = "", "unknown"
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        for line in handle:
-            fields = line.split()
-            point = fields[4].encode().decode("unicode_escape")  # \040 for spaces
-            fstype = fields[fields.index("-") + 1]
-            inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, best_type = point, fstype
-    return best_type
-
-
-def _check_overlay_path(path: Path, what: str) -> None:
-    if _BAD_PATH_CHARS & set(str(path)):
-        raise TargetError(
-            f"the sandbox {what} {path} contains a character overlayfs cannot take (, : \\)",
-            hint="Use a directory whose path has no commas, colons or backslashes.",
-        )
-
-
 def _which(tool: str, package: str) -> str:
     found = shutil.which(tool)
     if found is None:
@@ -196,7 +171,7 @@ def _which(tool: str, package: str) -> str:
 class _Running:
     """Everything one open sandbox owns; torn down by ``_teardown`` exactly once."""
 
-    scratch: Path
+    scratch: Scratch
     proc: subprocess.Popen[bytes]
     lifeline: int
     holder_pid: int = 0
@@ -205,11 +180,11 @@ class _Running:
 
     @property
     def merged(self) -> Path:
-        return self.scratch / "merged"
+        return self.scratch.path / "merged"
 
     @property
     def exchange(self) -> Path:
-        return self.scratch / "exchange"
+        return self.scratch.path / "exchange"
 
 
 def _teardown(state: _Running) -> None:
@@ -220,8 +195,8 @@ def _teardown(state: _Running) -> None:
     with contextlib.suppress(OSError):
         os.close(state.lifeline)  # the holder exits on EOF even if the kill below fails
     if state.pidfd >= 0:
-        # A pidfd cannot hit a recycled PID. SIGTERM would be ignored by PID 1 of a
-        # namespace without a handler and unshare ignores it: SIGKILL the holder.
+        # A pidfd cannot hit a recycled PID. SIGKILL, not SIGTERM: it cannot be caught,
+        # and the kernel then kills the whole PID namespace. (unshare ignores SIGTERM.)
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(state.pidfd, signal.SIGKILL)
         os.close(state.pidfd)
@@ -232,7 +207,7 @@ def _teardown(state: _Running) -> None:
     except subprocess.TimeoutExpired:
         state.proc.kill()
         state.proc.wait()
-    shutil.rmtree(state.scratch, ignore_errors=True)
+    state.scratch.remove()
 
 
 class SandboxTarget(Target):
@@ -260,7 +235,7 @@ class SandboxTarget(Target):
         self.scratch_dir = scratch_dir
         self.name = name
         # Chosen now so identity is stable before open() and across re-opens.
-        self._dir_name = f"workflow-agent-sandbox-{uuid.uuid4().hex[:12]}"
+        self._dir_name = f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}"
         self._state: _Running | None = None
         self._finalizer: weakref.finalize[[_Running], SandboxTarget] | None = None
         self._tools: dict[str, str] = {}
@@ -277,7 +252,7 @@ class SandboxTarget(Target):
     @property
     def scratch_path(self) -> Path | None:
         """The host scratch directory while open."""
-        return self._state.scratch if self._state else None
+        return self._state.scratch.path if self._state else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -300,8 +275,8 @@ class SandboxTarget(Target):
                 f"{self.rootfs} is not an extracted root file system",
                 hint="Pass the directory returned by RootfsCache.ensure().",
             )
-        _check_overlay_path(self.rootfs, "root file system")
-        scratch = self._make_scratch()
+        check_overlay_path(self.rootfs, "root file system")
+        scratch = make_scratch(self._dir_name, self.scratch_dir)
         starting = asyncio.ensure_future(asyncio.to_thread(self._start_holder, scratch))
         try:
             state = await asyncio.shield(starting)
@@ -313,61 +288,21 @@ class SandboxTarget(Target):
         self._state = state
         self._finalizer = weakref.finalize(self, _teardown, state)
 
-    def _make_scratch(self) -> Path:
-        bases = [self.scratch_dir] if self.scratch_dir else [Path("/var/tmp"), Path("/tmp")]
-        problems = []
-        for base in bases:
-            fstype = _fs_type(base)
-            if fstype in _BAD_UPPER_FS or fstype.startswith("fuse"):
-                problems.append(f"{base} is on {fstype}")
-                continue
-            scratch = base / self._dir_name
-            _check_overlay_path(scratch, "scratch directory")
-            scratch.mkdir(mode=0o700)
-            for sub in ("upper", "work", "merged", "exchange"):
-                (scratch / sub).mkdir(mode=0o700)
-            (scratch / "upper").chmod(0o755)  # becomes the mode of "/" inside
-            return scratch
-        raise TargetError(
-            "no scratch directory can hold the sandbox's overlay upper layer ("
-            + "; ".join(problems)
-            + ")",
-            hint="Pass scratch_dir on ext4, xfs, btrfs or tmpfs.",
-        )
-
-    def _start_holder(self, scratch: Path) -> _Running:
+    def _start_holder(self, scratch: Scratch) -> _Running:
         read_end, write_end = os.pipe()  # both close-on-exec; read_end is passed below
         resolv = "/etc/resolv.conf" if os.path.exists("/etc/resolv.conf") else ""
         namespaces = ["--mount", "--pid", "--uts", "--ipc"]
         if self.network == "none":
             namespaces.append("--net")
-        argv = [
-            self._tools["unshare"],
-            *namespaces,
-            "--fork",
-            "--propagation",
-            "private",
-            "--",
-            sys.executable,
-            "-I",
-            "-S",
-            "-c",
-            _holder_source(),
-            str(self.rootfs),
-            str(scratch / "upper"),
-            str(scratch / "work"),
-            str(scratch / "merged"),
-            str(scratch / "exchange"),
-            self.network,
-            resolv,
-            SANDBOX_HOSTNAME,
-            str(read_end),
-        ]
-        log = scratch / "holder.log"
+        unshare = [self._tools["unshare"], *namespaces, "--fork", "--propagation", "private"]
+        layers = [str(scratch.path / sub) for sub in ("upper", "work", "merged", "exchange")]
+        holder_args = [str(self.rootfs), *layers, self.network, resolv, SANDBOX_HOSTNAME]
+        python = [sys.executable, "-I", "-S", "-c", _holder_source()]
+        log = scratch.path / "holder.log"
         try:
             with open(log, "wb") as log_handle:
                 proc = subprocess.Popen(
-                    argv,
+                    [*unshare, "--", *python, *holder_args, str(read_end)],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=log_handle,
@@ -380,7 +315,7 @@ class SandboxTarget(Target):
                 )
         except BaseException:
             os.close(write_end)
-            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.remove()
             raise
         finally:
             os.close(read_end)
@@ -396,33 +331,28 @@ class SandboxTarget(Target):
 
     @staticmethod
     def _await_ready(proc: subprocess.Popen[bytes], log: Path) -> int:
+        """Wait for the holder's ``ready <host pid>`` line; explain any failure."""
         assert proc.stdout is not None
-        deadline = time.monotonic() + _READY_TIMEOUT
-        line = b""
         with proc.stdout, selectors.DefaultSelector() as selector:
             selector.register(proc.stdout, selectors.EVENT_READ)
-            while not line.endswith(b"\n"):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(remaining):
-                    raise TargetUnreachableError(
-                        f"the sandbox did not start within {_READY_TIMEOUT:.0f} s",
-                        hint=f"See {log} while it exists; is the host overloaded?",
-                    )
-                chunk = os.read(proc.stdout.fileno(), 256)
-                if not chunk:
-                    proc.wait()
-                    detail = log.read_text(encoding="utf-8", errors="replace").strip()
-                    tail = "\n".join(detail.splitlines()[-8:]) or "(no output)"
-                    raise TargetUnreachableError(
-                        f"the sandbox failed to start (exit {proc.returncode}):\n{tail}",
-                        hint="The kernel must allow overlay mounts and namespaces "
-                        "(not possible inside most unprivileged containers).",
-                    )
-                line += chunk
+            if not selector.select(_READY_TIMEOUT):
+                raise TargetUnreachableError(
+                    f"the sandbox did not start within {_READY_TIMEOUT:.0f} s",
+                    hint="Is the host overloaded?",
+                )
+            # The holder writes the line in one write(), so one readline() gets it all.
+            line = proc.stdout.readline()
         word, _, pid = line.decode().strip().partition(" ")
-        if word != "ready" or not pid.isdigit():
-            raise TargetUnreachableError(f"unexpected output from the sandbox: {line!r}")
-        return int(pid)
+        if word == "ready" and pid.isdigit():
+            return int(pid)
+        proc.wait()
+        detail = log.read_text(encoding="utf-8", errors="replace").strip()
+        tail = "\n".join(detail.splitlines()[-8:]) or "(no output)"
+        raise TargetUnreachableError(
+            f"the sandbox failed to start (exit {proc.returncode}):\n{tail}",
+            hint="The kernel must allow overlay mounts and namespaces "
+            "(not possible inside most unprivileged containers).",
+        )
 
     async def close(self) -> None:
         """Kill everything in the sandbox and remove its scratch directory. Idempotent."""

@@ -256,6 +256,8 @@ def _resolve(node: tree_sitter.Node) -> _Cmd | None:
     name_node = node.child_by_field_name("name")
     if name_node is None:
         return None
+    if name_node.type == "command_name" and name_node.named_child_count:
+        name_node = name_node.named_children[0]  # the word inside
     words = [name_node, *node.children_by_field_name("argument")]
     start, wrapped = 0, False
     for _ in range(8):  # wrapper chains longer than this are not realistic

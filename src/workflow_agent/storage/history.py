@@ -578,7 +578,10 @@ class HistoryStore:
             # The driver's message, not SQLAlchemy's: that one quotes the SQL and params.
             cause = getattr(exc, "orig", None) or exc
             detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-            raise HistoryError(f"cannot {doing}: {detail}", hint=self._hint_for(detail)) from exc
+            # Redacted too: `doing` names stages and integrations, and a driver message
+            # can quote the values that were refused.
+            message = self.redactor.redact(f"cannot {doing}: {detail}")
+            raise HistoryError(message, hint=self._hint_for(detail)) from exc
 
     def _hint_for(self, detail: str) -> str:
         where = self._display_url()

