@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(mmdebstrap util-linux iproute2)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(bubblewrap procps)
+  packages+=(procps postgresql)
 fi
 
 missing=()
