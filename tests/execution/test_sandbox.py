@@ -7,6 +7,7 @@ a machine builds it (~15 s, needs the Debian archive).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import secrets
@@ -22,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from workflow_agent.errors import SandboxToolingMissingError, TargetError
-from workflow_agent.execution.rootfs import SANDBOX_HOSTNAME, RootfsCache
+from workflow_agent.errors import SandboxToolingMissingError, TargetError, TargetUnreachableError
+from workflow_agent.execution.rootfs import SANDBOX_HOSTNAME, SCRATCH_PREFIX, RootfsCache
 from workflow_agent.execution.sandbox import SandboxTarget
 from workflow_agent.execution.target import RunResult
 
@@ -366,3 +367,36 @@ def test_rootfs_build_failure_shows_mmdebstrap_output(
     with pytest.raises(TargetError, match="cannot reach the mirror"):
         cache.ensure()
     assert not cache.root_dir.exists() and not cache.tarball.exists()
+
+
+def test_a_broken_rootfs_fails_clearly_and_leaves_nothing(
+    sandbox_rootfs: Path, tmp_path: Path
+) -> None:
+    fake = tmp_path / "not-a-debian"
+    (fake / "usr/bin").mkdir(parents=True)
+    (fake / "usr/bin/bash").write_text("")  # passes the quick check; no /proc to mount on
+    target = SandboxTarget(fake, scratch_dir=tmp_path)
+    with pytest.raises(TargetUnreachableError, match="proc"):
+        asyncio.run(target.open())
+    assert not list(tmp_path.glob(SCRATCH_PREFIX + "*"))
+    assert host_pids_with(str(tmp_path).encode()) == []
+
+
+def test_stale_scratch_directories_are_swept(sandbox_factory: Factory, tmp_path: Path) -> None:
+    def scratch(name: str, lock: bytes | None) -> Path:
+        path = tmp_path / f"{SCRATCH_PREFIX}{name}"
+        (path / "upper").mkdir(parents=True)
+        if lock is not None:
+            (path / "lock").write_bytes(lock)
+        return path
+
+    stale = scratch("stale", b"12345\n")  # owner SIGKILLed: nobody holds the lock
+    starting = scratch("starting", b"")  # owner between creating and locking the file
+    unmarked = scratch("unmarked", None)
+    alive = scratch("alive", b"1\n")
+    with open(alive / "lock", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        target = sandbox_factory(scratch_dir=tmp_path)
+        assert target.scratch_path is not None and target.scratch_path.is_dir()
+        assert not stale.exists()
+        assert starting.exists() and unmarked.exists() and alive.exists()

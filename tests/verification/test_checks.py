@@ -284,7 +284,7 @@ def test_run_checks_gives_up_at_the_deadline() -> None:
     [result] = asyncio.run(run_checks(LocalTarget(), [PortListening(port=port)],
                                       timeout=1.0, interval=0.2))
     assert not result.passed and result.attempts >= 3
-    assert 0.8 < time.monotonic() - started < 3
+    assert 0.6 < time.monotonic() - started < 3  # stops once another try would overrun
 
 
 # -- parsing specs ----------------------------------------------------------------------

@@ -11,12 +11,25 @@ from collections.abc import Mapping, Sequence
 from workflow_agent.execution.target import OutputCallback, OutputCollector, RunResult
 
 
+#: A line longer than this is delivered in pieces rather than buffered without bound.
+MAX_LINE = 1024 * 1024
+
+
 async def _pump(stream: asyncio.StreamReader, name: str, sink: OutputCollector) -> None:
+    pending = b""
     while True:
-        raw = await stream.readline()
-        if not raw:
-            return
-        sink(name, raw.decode("utf-8", errors="replace").rstrip("\n"))
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        while len(pending) > MAX_LINE:
+            lines.append(pending[:MAX_LINE])
+            pending = pending[MAX_LINE:]
+        for raw in lines:
+            sink(name, raw.decode("utf-8", errors="replace"))
+    if pending:
+        sink(name, pending.decode("utf-8", errors="replace"))
 
 
 def _kill_group(pid: int) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -258,7 +259,7 @@ def fs_type(path: Path) -> str:
     with open("/proc/self/mountinfo", encoding="utf-8") as handle:
         for line in handle:
             fields = line.split()
-            point = fields[4].encode().decode("unicode_escape")  # \040 for spaces
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])  # \040
             fstype = fields[fields.index("-") + 1]
             inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
             if inside and len(point) >= len(best):
@@ -299,13 +300,17 @@ def make_scratch(name: str, base: Path | None = None) -> Scratch:
         path = candidate / name
         check_overlay_path(path, "scratch directory")
         path.mkdir(mode=0o700)
-        lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        os.write(lock_fd, f"{os.getpid()}\n".encode())  # non-empty: fully set up
-        for sub in ("upper", "work", "merged", "exchange"):
-            (path / sub).mkdir(mode=0o700)
-        (path / "upper").chmod(0o755)  # becomes the mode of "/" inside
-        return Scratch(path, lock_fd)
+        scratch = Scratch(path, os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC))
+        try:
+            fcntl.flock(scratch.lock_fd, fcntl.LOCK_EX)
+            os.write(scratch.lock_fd, f"{os.getpid()}\n".encode())  # non-empty: set up
+            for sub in ("upper", "work", "merged", "exchange"):
+                (path / sub).mkdir(mode=0o700)
+            (path / "upper").chmod(0o755)  # becomes the mode of "/" inside
+        except BaseException:
+            scratch.remove()
+            raise
+        return scratch
     raise TargetError(
         "no scratch directory can hold the sandbox's overlay upper layer ("
         + "; ".join(problems)
@@ -318,8 +323,9 @@ def _sweep_stale(base: Path) -> None:
     """Remove scratch directories whose owner died without cleaning up (e.g. SIGKILL).
 
     The owner holds an exclusive flock on ``lock`` while alive, and its sandbox's
-    processes die with it (they watch a pipe from it), so an unlockable lock is stale.
-    An empty lock file means its owner is between creating and locking it: left alone.
+    processes die with it (the holder watches a pipe from it), so a lock nobody holds
+    marks a stale directory. An empty lock file means its owner is between creating and
+    locking it: left alone.
     """
     for entry in base.glob(SCRATCH_PREFIX + "*"):
         with contextlib.suppress(OSError):

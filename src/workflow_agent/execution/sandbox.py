@@ -5,7 +5,8 @@ Layout of one sandbox (all under a private scratch directory on the host)::
     upper/ work/   overlay upper and work directories: every change the sandbox makes
     merged/        the overlay mount point (mounted only inside the sandbox's namespace)
     exchange/      bind-mounted at /run/workflow-agent inside: scripts and file transfers
-    holder.log     the holder's stderr, shown when the sandbox fails to start
+    holder.py      the holder program (see below); holder.log: its stderr
+    lock           held while the sandbox is open, so stale directories can be swept
 
 ``open()`` starts a *holder*: ``unshare --mount --pid --uts --ipc [--net] --fork`` runs a
 small Python program as PID 1 of a new PID namespace. It mounts the overlay (lower layer:
@@ -67,8 +68,8 @@ _READY_TIMEOUT = 15.0
 def _holder_main(argv: list[str]) -> None:
     """PID 1 of the sandbox. Runs in a separate ``python -I -S``: stdlib imports only.
 
-    It is shipped to that interpreter as source text (``inspect.getsource``), so it can be
-    type-checked and linted here while starting in ~20 ms instead of importing the
+    It is written out as source text (``inspect.getsource``) to the scratch directory, so
+    it is type-checked and linted here yet starts in ~20 ms instead of importing the
     package. Errors go to stderr (the host's holder.log) and exit non-zero.
     """
     import ctypes
@@ -114,7 +115,7 @@ def _holder_main(argv: list[str]) -> None:
     if network == "host" and resolv:
         dest = merged + "/etc/resolv.conf"
         if os.path.islink(dest) or not os.path.isfile(dest):
-            # A symlink would be followed on the host side of the bind: replace it.
+            # mount(2) follows symlinks, which resolve against the host's root here.
             if os.path.lexists(dest):
                 os.unlink(dest)
             os.close(os.open(dest, os.O_WRONLY | os.O_CREAT, 0o644))  # the mount point
@@ -265,11 +266,8 @@ class SandboxTarget(Target):
                 "the sandbox target needs root",
                 hint="It uses mount and PID namespaces and overlay mounts: run as root.",
             )
-        self._tools = {
-            "unshare": _which("unshare", "util-linux"),
-            "nsenter": _which("nsenter", "util-linux"),
-            "chroot": _which("chroot", "coreutils"),
-        }
+        needs = {"unshare": "util-linux", "nsenter": "util-linux", "chroot": "coreutils"}
+        self._tools = {tool: _which(tool, package) for tool, package in needs.items()}
         if not (self.rootfs / "usr" / "bin" / "bash").is_file():
             raise TargetError(
                 f"{self.rootfs} is not an extracted root file system",
@@ -297,7 +295,10 @@ class SandboxTarget(Target):
         unshare = [self._tools["unshare"], *namespaces, "--fork", "--propagation", "private"]
         layers = [str(scratch.path / sub) for sub in ("upper", "work", "merged", "exchange")]
         holder_args = [str(self.rootfs), *layers, self.network, resolv, SANDBOX_HOSTNAME]
-        python = [sys.executable, "-I", "-S", "-c", _holder_source()]
+        # A file rather than -c: `ps` then shows a short, recognisable command line.
+        program = scratch.path / "holder.py"
+        program.write_text(_holder_source(), encoding="utf-8")
+        python = [sys.executable, "-I", "-S", str(program)]
         log = scratch.path / "holder.log"
         try:
             with open(log, "wb") as log_handle:
@@ -346,12 +347,13 @@ class SandboxTarget(Target):
         if word == "ready" and pid.isdigit():
             return int(pid)
         proc.wait()
-        detail = log.read_text(encoding="utf-8", errors="replace").strip()
-        tail = "\n".join(detail.splitlines()[-8:]) or "(no output)"
+        # The last line is the reason: the exception raised in the holder, or unshare's.
+        lines = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        reason = lines[-1] if lines else "no output"
         raise TargetUnreachableError(
-            f"the sandbox failed to start (exit {proc.returncode}):\n{tail}",
-            hint="The kernel must allow overlay mounts and namespaces "
-            "(not possible inside most unprivileged containers).",
+            f"the sandbox failed to start (exit {proc.returncode}): {reason}",
+            hint="Use a root file system from RootfsCache.ensure(); the kernel must allow "
+            "namespaces and overlay mounts (most unprivileged containers do not).",
         )
 
     async def close(self) -> None:
@@ -377,24 +379,15 @@ class SandboxTarget(Target):
 
     def _enter_argv(self, state: _Running, *inside: str, all_ns: bool = True) -> list[str]:
         flags = state.enter_flags if all_ns else ["--mount"]
-        return [
-            self._tools["nsenter"],
-            f"--target={state.holder_pid}",
-            *flags,
-            "--",
-            self._tools["chroot"],
-            str(state.merged),
-            *inside,
-        ]
+        nsenter = [self._tools["nsenter"], f"--target={state.holder_pid}", *flags, "--"]
+        return [*nsenter, self._tools["chroot"], str(state.merged), *inside]
 
     def _exchange_file(self, state: _Running, prefix: str, data: bytes | None) -> str:
         """Create a private file in the exchange directory; return its name."""
         name = f"{prefix}-{uuid.uuid4().hex}"
         if data is not None:
-            fd = os.open(
-                state.exchange / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
-            )
-            with os.fdopen(fd, "wb") as handle:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            with os.fdopen(os.open(state.exchange / name, flags, 0o600), "wb") as handle:
                 handle.write(data)
         return name
 

@@ -1,21 +1,9 @@
 """Security policy for generated bash scripts, checked on the tree-sitter-bash syntax tree.
 
-Rules (code — what it catches; severity is ``error`` unless noted):
-
-* ``policy.curl-pipe-shell``  a download executed as code: ``curl … | sh``, ``bash <(curl …)``,
-  ``sh -c "$(wget …)"``, ``bash < <(curl …)``, ``eval "$(curl …)"``
-* ``policy.rm-root``  ``rm -r`` of ``/``, ``/*``, ``~`` or a top-level system directory
-* ``policy.rm-unguarded-var``  ``rm -r`` of a path that starts with a variable that may be empty
-* ``policy.chmod-777`` / ``policy.chmod-world-writable`` (warning)  over-broad file modes
-* ``policy.firewall-disable`` / ``policy.selinux-disable``  turning host protection off
-* ``policy.sudoers-write``  writing /etc/sudoers or /etc/sudoers.d/*
-* ``policy.eval-dynamic`` / ``policy.eval-literal`` (warning)  ``eval`` of expansions / literals
-* ``policy.secret-in-argv``  a secret variable expanded into an external command's arguments
-* ``policy.parse-incomplete`` (warning)  tree-sitter found syntax it could not parse
-
-Commands are found wherever they nest (if/for/while/case, functions, subshells, pipelines,
-substitutions, heredoc redirects) and wrappers (``sudo``, ``env``, ``command``, ``nohup``,
-``timeout`` …) are looked through. A literal ``sh -c '…'`` string is checked as a script too.
+The rules and their codes are listed in :data:`RULES`. Commands are found wherever they nest
+(if/for/while/case, functions, subshells, pipelines, substitutions, heredoc redirects), and
+wrappers such as ``sudo``, ``env``, ``command``, ``nohup`` or ``timeout`` are looked through
+to the command that really runs. A literal ``sh -c '…'`` program is checked as a script too.
 """
 
 from __future__ import annotations
@@ -33,7 +21,48 @@ from workflow_agent.scripting.validate import Finding, Severity
 
 __all__ = ["RULES", "check_policy"]
 
-_MAX_NESTED_SCRIPT_DEPTH = 3  # sh -c 'sh -c "…"' nesting we still look into
+_SAFE_DOWNLOAD = "download to a file, verify its checksum or signature, then run the file"
+
+#: Every policy rule: code -> (severity, message template). Each message says what is wrong
+#: and what to do instead; ``{…}`` fields are filled in from the offending command.
+RULES: dict[str, tuple[Severity, str]] = {
+    "policy.curl-pipe-shell": ("error", "downloaded content is executed as code without any "
+                               f"integrity check; {_SAFE_DOWNLOAD}."),
+    "policy.rm-root": ("error", "`rm -r {path}` can delete the root file system, a home "
+                       "directory or a system directory; remove only the integration's own "
+                       "paths (e.g. /opt/<integration>)."),
+    "policy.rm-unguarded-var": ("error", "`rm -r {path}` starts with ${var}, which may be empty "
+                                "or unset and turn the path into `/` or the working directory; "
+                                "write `${{{var}:?}}` so the script stops instead."),
+    "policy.chmod-777": ("error", "`{cmd}` with mode {mode} lets every user modify and execute "
+                         "the file; use the narrowest mode that works (0755 for programs, 0644 "
+                         "or 0640 for configuration)."),
+    "policy.chmod-world-writable": ("warning", "`{cmd}` with mode {mode} makes the file writable "
+                                    "by every user; give write access to the owner (or a "
+                                    "dedicated group) only."),
+    "policy.firewall-disable": ("error", "the script turns the host firewall off or flushes its "
+                                "rules; open only the port the integration needs instead "
+                                "(`firewall-cmd --add-port=…`, `ufw allow …`)."),
+    "policy.selinux-disable": ("error", "the script disables SELinux or makes it permissive; "
+                               "keep it enforcing and add the policy module or file contexts "
+                               "the integration needs (semanage, restorecon)."),
+    "policy.sudoers-write": ("error", "the script writes sudo rules (/etc/sudoers or "
+                             "/etc/sudoers.d); integrations must not grant privileges: manage "
+                             "sudo rules in configuration management, checked by visudo -c."),
+    "policy.eval-dynamic": ("error", "`eval` runs expanded variable or command output as code; "
+                            "call the command directly with quoted arguments, or build the "
+                            "argument list in an array."),
+    "policy.eval-literal": ("warning", "`eval` of literal text is unnecessary and hides the "
+                            "command from review; write the command directly."),
+    "policy.secret-in-argv": ("error", "secret ${var} is expanded into the arguments of `{cmd}`, "
+                              "which every user can read via /proc and ps; pass it through the "
+                              "environment, stdin or a mode-0600 file instead."),
+    "policy.parse-incomplete": ("warning", "tree-sitter could not parse the script here, so "
+                                "policy checks may have missed commands in this region; fix "
+                                "the syntax so every rule can be applied."),
+}
+
+_MAX_NESTED_SCRIPT_DEPTH = 3  # sh -c 'sh -c "…"' nesting still looked into
 _MAX_WORD_DEPTH = 40  # deeper word nesting is treated as an opaque expansion
 
 
@@ -41,26 +70,26 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-_DOWNLOADERS = frozenset({"curl", "wget", "fetch", "aria2c"})
-_SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh", "mksh", "ash"})
+_DOWNLOADERS = _words("curl wget fetch aria2c")
+_SHELLS = _words("sh bash zsh dash ksh mksh ash")
 _BUILTINS = _words(
     "echo printf test [ [[ export local declare read cd set unset : true false return exit "
     "typeset readonly shift source . alias unalias let getopts trap wait umask type hash "
     "pushd popd dirs shopt mapfile readarray kill break continue builtin command eval "
     "ulimit times caller enable help history jobs fg bg disown suspend logout pwd"
 )
-_FIREWALL_UNITS = frozenset(
-    {"firewalld", "ufw", "nftables", "iptables", "ip6tables", "netfilter-persistent"}
-)
+_FIREWALL_UNITS = _words("firewalld ufw nftables iptables ip6tables netfilter-persistent")
+_FIREWALL_VERBS = _words("stop disable mask kill")
+_IPTABLES = _words("iptables ip6tables iptables-legacy iptables-nft")
 _SYSTEM_DIRS = _words(
-    "bin boot dev etc home lib lib32 lib64 opt proc root run sbin srv sys usr var"
-)
+    "bin boot dev etc home lib lib32 lib64 opt proc root run sbin srv sys usr var")
+_READ_ONLY = _words("grep egrep fgrep rg test [ awk")  # may mention SELINUX=disabled harmlessly
+_WRITE_REDIRECTS = _words("> >> >| &> &>> <> >&")
+_SUBSTITUTIONS = _words("command_substitution process_substitution")
+_DYNAMIC = _SUBSTITUTIONS | _words("simple_expansion expansion arithmetic_expansion")
 _SELINUX_OFF = re.compile(r"SELINUX\s*=\s*['\"]?(disabled|permissive)", re.IGNORECASE)
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
-_READ_ONLY = frozenset({"grep", "egrep", "fgrep", "rg", "test", "[", "awk"})
-_WRITE_REDIRECTS = frozenset({">", ">>", ">|", "&>", "&>>", "<>", ">&"})
-_SUBSTITUTIONS = frozenset({"command_substitution", "process_substitution"})
-_DYNAMIC = _SUBSTITUTIONS | {"simple_expansion", "expansion", "arithmetic_expansion"}
+_DQ_ESCAPABLE = '$`"\\\n'  # what a backslash escapes inside double quotes
 
 
 @dataclass(frozen=True)
@@ -71,37 +100,37 @@ class _Wrapper:
     arg_longs: frozenset[str] = frozenset()
     positional: int = 0  # operands before the command (timeout DURATION, chroot DIR)
     assignments: bool = False  # accepts NAME=value words (env, sudo)
-    execs: bool = True  # runs the command as a new process (not `command`/`builtin`)
+    execs: bool = True  # starts the command as a new process (not `command`/`builtin`)
 
 
 _WRAPPERS: dict[str, _Wrapper] = {
-    "sudo": _Wrapper("ugpCDhrtUTR", frozenset({"--user", "--group", "--chdir"}), 0, True),
+    "sudo": _Wrapper("ugpCDhrtUTR", _words("--user --group --chdir"), 0, True),
     "doas": _Wrapper("uC"),
-    "env": _Wrapper("uCS", frozenset({"--unset", "--chdir", "--split-string"}), 0, True),
+    "env": _Wrapper("uCS", _words("--unset --chdir --split-string"), 0, True),
     "command": _Wrapper(execs=False),
     "builtin": _Wrapper(execs=False),
-    "time": _Wrapper("fo", frozenset({"--format", "--output"}), execs=False),
+    "time": _Wrapper("fo", _words("--format --output"), execs=False),
     "exec": _Wrapper("a"),
     "nohup": _Wrapper(),
     "setsid": _Wrapper(),
     "busybox": _Wrapper(),
-    "nice": _Wrapper("n", frozenset({"--adjustment"})),
+    "nice": _Wrapper("n", _words("--adjustment")),
     "ionice": _Wrapper("cnpPu"),
-    "timeout": _Wrapper("sk", frozenset({"--signal", "--kill-after"}), 1),
-    "stdbuf": _Wrapper("ioe", frozenset({"--input", "--output", "--error"})),
-    "chroot": _Wrapper("", frozenset({"--userspec", "--groups"}), 1),
-    "runuser": _Wrapper("ugGl", frozenset({"--user", "--group"})),
-    "xargs": _Wrapper("adEILnPs", frozenset({"--delimiter", "--max-args", "--max-procs"})),
+    "timeout": _Wrapper("sk", _words("--signal --kill-after"), 1),
+    "stdbuf": _Wrapper("ioe", _words("--input --output --error")),
+    "chroot": _Wrapper("", _words("--userspec --groups"), 1),
+    "runuser": _Wrapper("ugGl", _words("--user --group")),
+    "xargs": _Wrapper("adEILnPs", _words("--delimiter --max-args --max-procs")),
 }
 
-# Interpreter -> (flags whose value is the program text, flags meaning "read the program
-# from stdin", short flags that take a separate value, long flags that are program text).
+# Interpreter kind -> (short flags whose value is the program text, short flags meaning "read
+# the program from stdin", short flags taking a separate value, long flags giving the program).
 _INTERPRETERS: dict[str, tuple[str, str, str, frozenset[str]]] = {
     "shell": ("c", "s", "oO", frozenset()),
     "python": ("cm", "", "WX", frozenset()),
     "perl": ("eE", "", "", frozenset()),
     "ruby": ("e", "", "", frozenset()),
-    "node": ("ep", "", "r", frozenset({"--eval", "--print"})),
+    "node": ("ep", "", "r", _words("--eval --print")),
 }
 
 
@@ -110,7 +139,10 @@ def _parser() -> tree_sitter.Parser:
     return tree_sitter.Parser(tree_sitter.Language(tree_sitter_bash.language()))
 
 
-def _text(node: tree_sitter.Node) -> str:
+_Node = tree_sitter.Node
+
+
+def _text(node: _Node) -> str:
     return (node.text or b"").decode("utf-8", "replace")
 
 
@@ -118,7 +150,7 @@ def _text(node: tree_sitter.Node) -> str:
 class _Exp:
     """An expansion inside a word; ``subst`` is a non-empty stand-in if it cannot be empty."""
 
-    var: str | None
+    var: str | None  # None for command substitution and the like
     subst: str | None
 
 
@@ -126,16 +158,12 @@ _Part = str | _Exp
 
 
 def _unescape(text: str, escapable: str | None) -> str:
-    """Drop shell backslash escapes (any char unquoted, only ``escapable`` in double quotes)."""
-    return re.sub(
-        r"\\(.)",
-        lambda m: m.group(1) if escapable is None or m.group(1) in escapable else m.group(0),
-        text,
-        flags=re.DOTALL,
-    )
+    """Drop backslash escapes: any character unquoted, only ``escapable`` in double quotes."""
+    return re.sub(r"\\(.)", lambda m: m.group(1) if escapable is None or m.group(1) in
+                  escapable else m.group(0), text, flags=re.DOTALL)
 
 
-def _parts(node: tree_sitter.Node, depth: int = 0) -> list[_Part]:
+def _parts(node: _Node, depth: int = 0) -> list[_Part]:
     """Split a word into literal text and expansions, resolving quotes and escapes."""
     kind = node.type
     if depth > _MAX_WORD_DEPTH:
@@ -150,7 +178,7 @@ def _parts(node: tree_sitter.Node, depth: int = 0) -> list[_Part]:
         parts: list[_Part] = []
         for child in node.children:
             if child.type == "string_content":
-                parts.append(_unescape(_text(child), '$`"\\\n'))
+                parts.append(_unescape(_text(child), _DQ_ESCAPABLE))
             elif child.is_named:
                 parts.extend(_parts(child, depth + 1))
             elif kind == "concatenation":
@@ -163,8 +191,8 @@ def _parts(node: tree_sitter.Node, depth: int = 0) -> list[_Part]:
     return [_Exp(None, None)]
 
 
-def _expansion(node: tree_sitter.Node) -> _Exp:
-    """``${…}``: only ``${V:?}`` and ``${V:-literal}`` are known to be non-empty."""
+def _expansion(node: _Node) -> _Exp:
+    """``${…}``: only ``${V:?}`` and ``${V:-literal}`` are known never to be empty."""
     names = [c for c in node.named_children if c.type in ("variable_name", "subscript")]
     var = _text(names[0]).split("[")[0] if names else None
     op_node = node.child_by_field_name("operator")
@@ -172,15 +200,14 @@ def _expansion(node: tree_sitter.Node) -> _Exp:
     if op == ":?":
         return _Exp(var, var or "?")
     if op in (":-", ":=") and op_node is not None:
-        after = [c for c in node.named_children if c.start_byte >= op_node.end_byte]
-        default = "".join(_static(c) or "" for c in after)
-        if default and all(_static(c) is not None for c in after):
-            return _Exp(var, default)
+        default = [_static(c) for c in node.named_children if c.start_byte >= op_node.end_byte]
+        if default and None not in default and "".join(map(str, default)):
+            return _Exp(var, "".join(map(str, default)))
     return _Exp(var, None)
 
 
-def _static(node: tree_sitter.Node) -> str | None:
-    """The word's value if it has no expansions, else ``None``."""
+def _static(node: _Node) -> str | None:
+    """The word's value if it contains no expansion, else ``None``."""
     parts = _parts(node)
     return None if any(isinstance(p, _Exp) for p in parts) else "".join(map(str, parts))
 
@@ -189,28 +216,24 @@ def _render(parts: list[_Part], unknown: str) -> str:
     return "".join(p if isinstance(p, str) else (p.subst or unknown) for p in parts)
 
 
-def _shell_text(node: tree_sitter.Node) -> str:
-    """What an inner ``sh -c`` receives, with expansions left as source (re-parsed there)."""
+def _shell_text(node: _Node) -> str:
+    """What an inner ``sh -c`` receives; expansions stay as source and are re-parsed there."""
     if node.type == "raw_string":
         return _text(node)[1:-1]
     if node.type == "string":
-        return _unescape(_text(node)[1:-1], '$`"\\\n')
+        return _unescape(_text(node)[1:-1], _DQ_ESCAPABLE)
     if node.type == "concatenation":
         return "".join(_shell_text(c) for c in node.named_children)
-    if node.type == "word":
-        return _unescape(_text(node), None)
-    return _text(node)
+    return _unescape(_text(node), None) if node.type == "word" else _text(node)
 
 
-def _descendants(
-    node: tree_sitter.Node, *, into_substitutions: bool = True
-) -> Iterator[tree_sitter.Node]:
+def _descendants(node: _Node, *, substitutions: bool = True) -> Iterator[_Node]:
     """Pre-order walk without recursion, so deeply nested input cannot overflow the stack."""
     stack = [node]
     while stack:
         current = stack.pop()
         yield current
-        if into_substitutions or current.type not in _SUBSTITUTIONS:
+        if substitutions or current.type not in _SUBSTITUTIONS:
             stack.extend(reversed(current.children))
 
 
@@ -218,32 +241,31 @@ def _descendants(
 class _Cmd:
     """A simple command with wrappers (sudo, env, …) looked through."""
 
-    node: tree_sitter.Node
-    words: list[tree_sitter.Node]  # argv as written, command name first
+    node: _Node
+    words: list[_Node]  # argv as written, command name first
     start: int  # index in ``words`` of the command that really runs
-    name: str | None  # its basename, ``None`` when the name is not literal
+    name: str | None  # its basename; None when the name is not literal
     wrapped: bool  # a wrapper execs it, so it is a new process even if a builtin
 
     @property
-    def args(self) -> list[tree_sitter.Node]:
+    def args(self) -> list[_Node]:
         return self.words[self.start + 1 :]
 
-    def statics(self) -> list[str | None]:
-        return [_static(a) for a in self.args]
 
-
-def _skip_options(words: list[tree_sitter.Node], j: int, spec: _Wrapper) -> int:
+def _skip_options(words: list[_Node], j: int, spec: _Wrapper) -> int:
     while j < len(words):
-        s = _static(words[j])
-        if s is None:
+        head = _parts(words[j])[:1]
+        if spec.assignments and head and isinstance(head[0], str) and _ASSIGNMENT.match(head[0]):
+            j += 1  # NAME=value, where value may be an expansion
+            continue
+        if (s := _static(words[j])) is None:
             break
         if s == "--":
             return j + 1
-        if spec.assignments and _ASSIGNMENT.match(s):
-            j += 1
-        elif s.startswith("--") and "=" not in s:
+        if s.startswith("--") and "=" not in s:
             j += 2 if s in spec.arg_longs else 1
         elif s.startswith("-") and len(s) > 1:
+            # In a cluster like -Eu the value of -u is the next word only if u comes last.
             cut = next((k for k, ch in enumerate(s[1:], 1) if ch in spec.arg_chars), None)
             j += 2 if cut == len(s) - 1 else 1
         else:
@@ -251,8 +273,8 @@ def _skip_options(words: list[tree_sitter.Node], j: int, spec: _Wrapper) -> int:
     return j
 
 
-def _resolve(node: tree_sitter.Node) -> _Cmd | None:
-    """Resolve a ``command`` node; ``None`` when nothing runs (``command -v``, bare ``sudo``)."""
+def _resolve(node: _Node) -> _Cmd | None:
+    """Resolve a ``command`` node; ``None`` when nothing runs (``command -v``, ``sudo -v``)."""
     name_node = node.child_by_field_name("name")
     if name_node is None:
         return None
@@ -260,11 +282,11 @@ def _resolve(node: tree_sitter.Node) -> _Cmd | None:
         name_node = name_node.named_children[0]  # the word inside
     words = [name_node, *node.children_by_field_name("argument")]
     start, wrapped = 0, False
-    for _ in range(8):  # wrapper chains longer than this are not realistic
+    for _ in range(8):  # longer wrapper chains are not realistic
         literal = _static(words[start])
         name = posixpath.basename(literal) if literal is not None else None
         spec = _WRAPPERS.get(name or "")
-        if spec is None or name is None:
+        if spec is None:
             return _Cmd(node, words, start, name, wrapped)
         if name == "command" and any(_static(w) in ("-v", "-V") for w in words[start + 1 :]):
             return None
@@ -283,8 +305,8 @@ def _interpreter_kind(name: str | None) -> str | None:
     return {"perl": "perl", "ruby": "ruby", "node": "node", "nodejs": "node"}.get(name or "")
 
 
-def _program_source(kind: str, args: list[tree_sitter.Node]) -> tuple[str, int]:
-    """Where an interpreter gets its program: ("stdin"|"string"|"file", index into args)."""
+def _program_source(kind: str, args: list[_Node]) -> tuple[str, int]:
+    """Where an interpreter reads its program: ("stdin"|"string"|"file", index into args)."""
     string_flags, stdin_flags, arg_flags, long_string = _INTERPRETERS[kind]
     from_stdin, i = False, 0
     while i < len(args):
@@ -292,89 +314,21 @@ def _program_source(kind: str, args: list[tree_sitter.Node]) -> tuple[str, int]:
         if s == "--":
             i += 1
             break
-        if s is None or s == "-" or not s.startswith(("-", "+")) or len(s) < 2:
+        if s is None or len(s) < 2 or not s.startswith(("-", "+")):
             break
         if s in long_string:
             return "string", i + 1
         if not s.startswith("--"):
-            if any(ch in string_flags for ch in s[1:]):
-                return ("file" if "m" in s[1:] and kind == "python" else "string"), i + 1
+            if any(ch in string_flags for ch in s[1:]):  # python -m names a module, not code
+                return ("file" if kind == "python" and "m" in s else "string"), i + 1
             from_stdin = from_stdin or any(ch in stdin_flags for ch in s[1:])
-            if s[-1] in arg_flags:
-                i += 1
+            i += 1 if s[-1] in arg_flags else 0
         elif s in ("--rcfile", "--init-file"):
             i += 1
         i += 1
     if from_stdin or i >= len(args) or _static(args[i]) == "-":
         return "stdin", i
     return "file", i
-
-
-_SAFE_DOWNLOAD = "download to a file, verify its checksum or signature, then run the file"
-
-#: Every policy rule: code -> (severity, message template). Messages say what is wrong and
-#: what to do instead; ``{…}`` fields are filled in from the offending command.
-RULES: dict[str, tuple[Severity, str]] = {
-    "policy.curl-pipe-shell": (
-        "error",
-        f"downloaded content is executed as code without any integrity check; {_SAFE_DOWNLOAD}.",
-    ),
-    "policy.rm-root": (
-        "error",
-        "`rm -r {path}` can delete the root file system, a home directory or a system "
-        "directory; remove only the integration's own paths (e.g. /opt/<integration>).",
-    ),
-    "policy.rm-unguarded-var": (
-        "error",
-        "`rm -r {path}` starts with ${var}, which may be empty or unset and turn the path into "
-        "`/` or the working directory; write `${{{var}:?}}` so the script stops instead.",
-    ),
-    "policy.chmod-777": (
-        "error",
-        "`{cmd}` with mode {mode} lets every user modify and execute the file; use the "
-        "narrowest mode that works (0755 for programs, 0644 or 0640 for configuration).",
-    ),
-    "policy.chmod-world-writable": (
-        "warning",
-        "`{cmd}` with mode {mode} makes the file writable by every user; give write access "
-        "to the owner (or a dedicated group) only.",
-    ),
-    "policy.firewall-disable": (
-        "error",
-        "the script turns the host firewall off or flushes its rules; open only the port the "
-        "integration needs instead (`firewall-cmd --add-port=…`, `ufw allow …`).",
-    ),
-    "policy.selinux-disable": (
-        "error",
-        "the script disables SELinux or makes it permissive; keep it enforcing and add the "
-        "policy module or file contexts the integration needs (semanage, restorecon).",
-    ),
-    "policy.sudoers-write": (
-        "error",
-        "the script writes sudo rules (/etc/sudoers or /etc/sudoers.d); integrations must not "
-        "grant privileges: manage sudo rules in configuration management, checked by visudo -c.",
-    ),
-    "policy.eval-dynamic": (
-        "error",
-        "`eval` runs expanded variable or command output as code; call the command directly "
-        "with quoted arguments, or build the argument list in an array.",
-    ),
-    "policy.eval-literal": (
-        "warning",
-        "`eval` of literal text is unnecessary and hides the command from review; write the "
-        "command directly.",
-    ),
-    "policy.secret-in-argv": (
-        "error",
-        "secret ${var} is expanded into the arguments of `{cmd}`, which every user can read "
-        "via /proc and ps; pass it through the environment, stdin or a mode-0600 file.",
-    ),
-    "policy.parse-incomplete": (
-        "warning",
-        "tree-sitter could not parse the script here, so policy checks may have missed "
-        "commands in this region; fix the syntax so every rule can be applied.",
-    ),
-}
 
 
 @dataclass
@@ -392,46 +346,34 @@ class _Checker:
     def __post_init__(self) -> None:
         self.lines = self.source.split(b"\n")
 
-    def add(self, node: tree_sitter.Node, code: str, **fields: str) -> None:
+    def add(self, node: _Node, code: str, **fields: str) -> None:
         row, col = node.start_point
         line = self.lines[row] if row < len(self.lines) else b""
         column = len(line[:col].decode("utf-8", "replace")) + 1  # tree-sitter counts bytes
         severity, template = RULES[code]
-        message = template.format(**fields)
-        self.findings.append(
-            Finding(
-                layer="policy",
-                severity=severity,
-                line=row + 1,
-                column=column,
-                code=code,
-                message=message,
-            )
-        )
+        self.findings.append(Finding(layer="policy", severity=severity, line=row + 1,
+                                     column=column, code=code, message=template.format(**fields)))
 
-    def cmd(self, node: tree_sitter.Node) -> _Cmd | None:
+    def cmd(self, node: _Node) -> _Cmd | None:
         if node.id not in self.resolved:
             self.resolved[node.id] = _resolve(node)
         return self.resolved[node.id]
 
-    def commands(self, node: tree_sitter.Node, *, substitutions: bool = True) -> Iterator[_Cmd]:
-        for n in _descendants(node, into_substitutions=substitutions):
+    def commands(self, node: _Node, *, substitutions: bool = True) -> Iterator[_Cmd]:
+        for n in _descendants(node, substitutions=substitutions):
             if n.type == "command" and (c := self.cmd(n)) is not None:
                 yield c
 
-    def downloads(self, node: tree_sitter.Node) -> bool:
+    def downloads(self, node: _Node) -> bool:
         return any(c.name in _DOWNLOADERS for c in self.commands(node))
 
-    def run(self, root: tree_sitter.Node) -> list[Finding]:
-        self.functions = {
-            _text(name)
-            for n in _descendants(root)
-            if n.type == "function_definition" and (name := n.child_by_field_name("name"))
-        }
+    def run(self, root: _Node) -> list[Finding]:
+        self.functions = {_text(name) for n in _descendants(root) if n.type ==
+                          "function_definition" and (name := n.child_by_field_name("name"))}
         incomplete = False
         for node in _descendants(root):
             if (node.type == "ERROR" or node.is_missing) and not incomplete:
-                incomplete = True  # one warning is enough; the rest is noise
+                incomplete = True  # one warning says it; more would be noise
                 self.add(node, "policy.parse-incomplete")
             elif node.type == "command" and (cmd := self.cmd(node)) is not None:
                 self.check_command(cmd)
@@ -444,17 +386,17 @@ class _Checker:
         return self.findings
 
     def check_command(self, cmd: _Cmd) -> None:
-        statics = cmd.statics()
-        self.check_interpreter(cmd)
+        statics = [_static(a) for a in cmd.args]
         if cmd.name == "rm":
             self.check_rm(cmd, statics)
         elif cmd.name in ("chmod", "mkdir", "install"):
             self.check_mode(cmd, statics)
         elif cmd.name == "eval":
             self.check_eval(cmd)
-        self.check_protection(cmd, statics)
+        self.check_protection(cmd, [s for s in statics if s is not None])
         self.check_sudoers_command(cmd, statics)
         self.check_secrets(cmd)
+        self.check_interpreter(cmd)  # last: a nested `sh -c` program skips findings made here
 
     def check_interpreter(self, cmd: _Cmd) -> None:
         """``bash <(curl …)``, ``sh -c "$(curl …)"``, ``bash < <(curl …)``, ``. <(curl …)``."""
@@ -473,27 +415,26 @@ class _Checker:
         elif where == "string" and kind == "shell" and program is not None:
             self.check_nested(program)
 
-    def check_nested(self, program: tree_sitter.Node) -> None:
+    def check_nested(self, program: _Node) -> None:
         """Check a ``sh -c`` program as a script of its own, mapped to our line numbers."""
         if self.depth >= _MAX_NESTED_SCRIPT_DEPTH:
             return
-        inner = _check(_shell_text(program), self.secrets, self.depth + 1)
         seen = {(f.code, f.line) for f in self.findings}
-        for f in inner:
+        for f in _check(_shell_text(program), self.secrets, self.depth + 1):
             line = program.start_point[0] + f.line
             if (f.code, line) not in seen and f.code != "policy.parse-incomplete":
-                message = f"in a `sh -c` string: {f.message}"
+                message = f"in a `sh -c` program: {f.message}"
                 update = {"line": line, "column": None, "message": message}
                 self.findings.append(f.model_copy(update=update))
 
-    def check_pipeline(self, node: tree_sitter.Node) -> None:
+    def check_pipeline(self, node: _Node) -> None:
         """A later stage is an interpreter reading its program from an earlier download."""
         stages = [c for c in node.named_children if c.type != "comment"]
         # `cat <<EOF | bash` nests the pipeline inside the heredoc redirect; its first stage
         # is the body of the enclosing redirected statement.
-        outer = node.parent.parent if node.parent is not None else None
-        if node.parent is not None and node.parent.type == "heredoc_redirect" and outer:
-            stages = [c for c in [outer.child_by_field_name("body")] if c] + stages
+        parent = node.parent
+        if parent is not None and parent.type == "heredoc_redirect" and parent.parent:
+            stages = [c for c in [parent.parent.child_by_field_name("body")] if c] + stages
         for i in range(1, len(stages)):
             if not any(self.downloads(s) for s in stages[:i]):
                 continue
@@ -504,7 +445,7 @@ class _Checker:
 
     def check_rm(self, cmd: _Cmd, statics: list[str | None]) -> None:
         options: list[str] = []
-        operands: list[tree_sitter.Node] = []
+        operands: list[_Node] = []
         for node, s in zip(cmd.args, statics, strict=True):
             if "--" not in options and s is not None and s.startswith("-") and len(s) > 1:
                 options.append(s)
@@ -520,57 +461,50 @@ class _Checker:
             first = parts[0] if parts else ""
             if isinstance(first, _Exp) and first.var is not None and first.subst is None:
                 self.add(operand, "policy.rm-unguarded-var", path=_text(operand), var=first.var)
-            elif _is_root_like(_render(parts, "")):
+            elif _is_root_like(_render(parts, "")):  # e.g. /$SUB or $(dirname x)/* when empty
                 self.add(operand, "policy.rm-root", path=_text(operand))
 
     def check_mode(self, cmd: _Cmd, statics: list[str | None]) -> None:
         if cmd.name == "chmod":  # the first operand is the mode
             modes = [next((s for s in statics if s is None or not s.startswith("-")), None)]
-        else:  # mkdir -m MODE / install -m MODE
+        else:  # mkdir -m MODE, install -m MODE
             modes = [statics[i + 1] for i, s in enumerate(statics[:-1]) if s == "-m"]
             modes += [s.split("=", 1)[1] for s in statics if s and s.startswith("--mode=")]
         for mode in modes:
-            verdict = _mode_verdict(mode or "")
-            if verdict is not None:
-                self.add(cmd.node, verdict, cmd=cmd.name or "", mode=mode or "")
+            if mode is not None and (code := _mode_rule(mode)) is not None:
+                self.add(cmd.node, code, cmd=cmd.name or "", mode=mode)
 
     def check_eval(self, cmd: _Cmd) -> None:
         if any(self.downloads(a) for a in cmd.args):
             self.add(cmd.node, "policy.curl-pipe-shell")
-        if any(n.type in _DYNAMIC for a in cmd.args for n in _descendants(a)):
-            self.add(cmd.node, "policy.eval-dynamic")
-        else:
-            self.add(cmd.node, "policy.eval-literal")
+        dynamic = any(n.type in _DYNAMIC for a in cmd.args for n in _descendants(a))
+        self.add(cmd.node, "policy.eval-dynamic" if dynamic else "policy.eval-literal")
 
-    def check_protection(self, cmd: _Cmd, statics: list[str | None]) -> None:
-        """Firewall and SELinux switched off."""
-        name, args = cmd.name, [s for s in statics if s is not None]
+    def check_protection(self, cmd: _Cmd, args: list[str]) -> None:
+        """Firewall or SELinux switched off."""
+        name = cmd.name
         units = bool({a.removesuffix(".service") for a in args} & _FIREWALL_UNITS)
-        if (
-            (name == "ufw" and "disable" in args)
-            or (name == "systemctl" and units and bool(_FIREWALL_VERBS & set(args)))
-            or (name == "service" and units and "stop" in args)
-            or (name == "chkconfig" and units and "off" in args)
-            or (name in _IPTABLES and ("-F" in args or "--flush" in args))
-            or (name == "nft" and "flush" in args and "ruleset" in args)
-        ):
+        if ((name == "ufw" and "disable" in args)
+                or (name == "systemctl" and units and bool(_FIREWALL_VERBS & set(args)))
+                or (name == "service" and units and "stop" in args)
+                or (name == "chkconfig" and units and "off" in args)
+                or (name in _IPTABLES and ("-F" in args or "--flush" in args))
+                or (name == "nft" and "flush" in args and "ruleset" in args)):
             self.add(cmd.node, "policy.firewall-disable")
         if (name == "setenforce" and args[:1] in (["0"], ["permissive"], ["Permissive"])) or (
-            name not in _READ_ONLY and any(_SELINUX_OFF.search(_text(a)) for a in cmd.args)
-        ):
+                name not in _READ_ONLY and any(_SELINUX_OFF.search(_text(a)) for a in cmd.args)):
             self.add(cmd.node, "policy.selinux-disable")
 
     def check_sudoers_command(self, cmd: _Cmd, statics: list[str | None]) -> None:
-        """tee / cp / mv / install / ln / dd / sed -i writing a sudoers file."""
+        """tee / cp / mv / install / ln / rsync / dd / sed -i writing a sudoers file."""
         pairs = list(zip(cmd.args, statics, strict=True))
         positional = [a for a, s in pairs if s is None or not s.startswith("-")]
-        targets: list[tree_sitter.Node] = []
+        targets: list[_Node] = []
         if cmd.name == "tee":
             targets = positional
         elif cmd.name in ("cp", "mv", "install", "ln", "rsync") and positional:
-            targets = positional[-1:] + [
-                cmd.args[i + 1] for i, (_, s) in enumerate(pairs[:-1]) if s == "-t"
-            ]
+            targets = positional[-1:] + [pairs[i + 1][0] for i, (_, s) in
+                                         enumerate(pairs[:-1]) if s == "-t"]
         elif cmd.name == "dd":
             targets = [a for a, s in pairs if s is not None and s.startswith("of=")]
         elif cmd.name in ("sed", "perl") and any(_in_place(s) for s in statics):
@@ -579,34 +513,25 @@ class _Checker:
             if _is_sudoers(_render(_parts(target), "X").removeprefix("of=")):
                 self.add(target, "policy.sudoers-write")
 
-    def check_redirect(self, node: tree_sitter.Node) -> None:
+    def check_redirect(self, node: _Node) -> None:
         ops = [c.type for c in node.children if not c.is_named]
         target = node.child_by_field_name("destination")
-        if target is None or not ops or ops[0] not in _WRITE_REDIRECTS:
-            return
-        if _is_sudoers(_render(_parts(target), "X")):
+        if target is not None and ops and ops[0] in _WRITE_REDIRECTS and _is_sudoers(
+                _render(_parts(target), "X")):
             self.add(target, "policy.sudoers-write")
 
     def check_secrets(self, cmd: _Cmd) -> None:
         """A secret expanded into the argv of a new process (builtins and functions are fine)."""
         if not self.secrets or (
-            not cmd.wrapped and (cmd.name in _BUILTINS or cmd.name in self.functions)
-        ):
+                not cmd.wrapped and (cmd.name in _BUILTINS or cmd.name in self.functions)):
             return
         shown = cmd.name or _text(cmd.words[cmd.start])
         for word in cmd.words:
-            # Substitutions run their own commands, which are checked on their own.
-            names = {
-                _text(n)
-                for n in _descendants(word, into_substitutions=False)
-                if n.type == "variable_name"
-            }
-            for var in sorted(names & self.secrets)[:1]:
-                self.add(word, "policy.secret-in-argv", var=var, cmd=shown)
-
-
-_FIREWALL_VERBS = frozenset({"stop", "disable", "mask", "kill"})
-_IPTABLES = frozenset({"iptables", "ip6tables", "iptables-legacy", "iptables-nft"})
+            # Substitutions run commands of their own, which are checked on their own.
+            used = {_text(n) for n in _descendants(word, substitutions=False)
+                    if n.type == "variable_name"} & self.secrets
+            if used:
+                self.add(word, "policy.secret-in-argv", var=min(used), cmd=shown)
 
 
 def _in_place(option: str | None) -> bool:
@@ -616,20 +541,16 @@ def _in_place(option: str | None) -> bool:
     return option.startswith("--in-place") or (not option.startswith("--") and "i" in option)
 
 
-def _stdin_redirects(node: tree_sitter.Node) -> list[tree_sitter.Node]:
-    """Input redirects (``<``, ``<<<``) of a command, including its redirected statement."""
+def _stdin_redirects(node: _Node) -> list[_Node]:
+    """Input redirects (``<``, ``<<<``) of a command, including its redirected statement's."""
     redirects = node.children_by_field_name("redirect")
     parent = node.parent
     if parent is not None and parent.type == "redirected_statement":
         body = parent.child_by_field_name("body")
         if body is not None and body.id == node.id:
             redirects = redirects + parent.children_by_field_name("redirect")
-    return [
-        r
-        for r in redirects
-        if r.type == "herestring_redirect"
-        or (r.type == "file_redirect" and any(c.type == "<" for c in r.children))
-    ]
+    return [r for r in redirects if r.type == "herestring_redirect" or (
+        r.type == "file_redirect" and any(c.type == "<" for c in r.children))]
 
 
 def _is_root_like(path: str) -> bool:
@@ -650,31 +571,30 @@ def _is_sudoers(path: str) -> bool:
     return path == "/etc/sudoers" or path.startswith("/etc/sudoers.d")
 
 
-def _mode_verdict(mode: str) -> str | None:
-    """The rule a file mode breaks: ``policy.chmod-777``, ``…-world-writable`` or none."""
+def _mode_rule(mode: str) -> str | None:
+    """The rule a file mode breaks: rwx for everyone, world-writable, or none."""
     if re.fullmatch(r"[0-7]{1,4}", mode):
         digits = mode.zfill(4)
-        if digits[1:] == "777":
+        # 1777 (sticky, like /tmp) stops users deleting each other's files: only a warning.
+        if digits[1:] == "777" and not int(digits[0]) & 1:
             return "policy.chmod-777"
         return "policy.chmod-world-writable" if int(digits[3]) & 2 else None
-    verdict = None
+    rule = None
     for clause in mode.split(","):
         m = re.fullmatch(r"([ugoa]*)((?:[-+=][rwxXst]*)+)", clause)
-        if m is None:
-            continue
-        who = set(m.group(1))
-        for op, perms in re.findall(r"([-+=])([rwxXst]*)", m.group(2)):
+        who = set(m.group(1)) if m else set()
+        for op, perms in re.findall(r"([-+=])([rwxXst]*)", m.group(2)) if m else []:
             if op == "-" or "w" not in perms:
                 continue
             if ("a" in who or who >= {"u", "g", "o"}) and {"r", "x"} <= set(perms):
                 return "policy.chmod-777"
             if who & {"a", "o"}:
-                verdict = "policy.chmod-world-writable"
-    return verdict
+                rule = "policy.chmod-world-writable"
+    return rule
 
 
 def _check(script: str, secrets: frozenset[str], depth: int) -> list[Finding]:
-    # surrogatepass: arbitrary str must encode; tree-sitter copes with the odd bytes.
+    # surrogatepass: any str must encode; tree-sitter copes with the resulting odd bytes.
     source = script.encode("utf-8", "surrogatepass")
     return _Checker(source, secrets, depth).run(_parser().parse(source).root_node)
 
@@ -683,8 +603,8 @@ def check_policy(script: str, *, secret_env: Collection[str]) -> list[Finding]:
     """Check ``script`` against the security policy (see :data:`RULES`).
 
     ``secret_env`` names environment variables holding secrets: expanding one into an
-    external command's arguments is reported. Never raises on malformed input; parts
-    tree-sitter cannot parse produce a ``policy.parse-incomplete`` warning. Findings are
+    external command's arguments is reported. Never raises on malformed input; what
+    tree-sitter cannot parse yields a ``policy.parse-incomplete`` warning. Findings are
     sorted by line and column.
     """
     findings = _check(script, frozenset(secret_env), 0)

@@ -266,6 +266,7 @@ true"""
             shown = f"[{addr}]" if addr.version == 6 else str(addr)
             listening.append(f"{shown}:{self.port}")
             serving = serving or self._serves(addr)
+        listening = list(dict.fromkeys(listening))  # SO_REUSEPORT: one line per socket
         if serving:
             return _Outcome(True, "listening on " + ", ".join(listening))
         if listening:
@@ -320,8 +321,11 @@ class PrometheusMetrics(Check):
             return _Outcome(False, response.detail, retry=not response.permanent)
         if response.status != 200:
             return _Outcome(False, f"HTTP {response.status} from {self.url}")
+        text = response.text
+        if response.truncated:  # parse the complete lines that did arrive
+            text = text[: text.rfind("\n") + 1]
         try:
-            families = parse_exposition(response.text)
+            families = parse_exposition(text)
         except ValueError as exc:
             return _Outcome(False, f"invalid exposition format: {exc}")
         by_name = Counter(s.name for samples in families.values() for s in samples)
@@ -332,6 +336,8 @@ class PrometheusMetrics(Check):
             if count < self.min_samples:
                 missing.append(f"{metric} ({count} samples)" if count else metric)
         seen = f"{total} samples in {len(families)} families"
+        if response.truncated:
+            seen += f" (response cut at {MAX_BODY} bytes)"
         if missing:
             return _Outcome(False, f"missing {', '.join(missing)}; {seen}")
         return _Outcome(True, f"all {len(self.metrics)} metrics present; {seen}")
@@ -462,6 +468,13 @@ async def run_checks(
     """Run ``checks`` concurrently, retrying each failing one every ``interval`` seconds
     until it passes or ``timeout`` seconds have passed. Results are in ``checks`` order."""
     deadline = time.monotonic() + timeout
-    return list(
-        await asyncio.gather(*(_until_passes(target, c, deadline, interval) for c in checks))
-    )
+    tasks = [asyncio.ensure_future(_until_passes(target, c, deadline, interval)) for c in checks]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        # gather leaves the other probes running when one raises (say, the target went
+        # away) or when we are cancelled: stop them before passing the error on.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

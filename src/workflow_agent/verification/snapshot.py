@@ -46,6 +46,9 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 """Bookkeeping that package managers and the system touch on every run."""
 
 DEFAULT_MAX_FILES = 200_000
+#: Files this size or larger are compared by size and modification time, not content:
+#: hashing a host's large binaries would make every first install seconds slower.
+DEFAULT_HASH_LIMIT = 1024 * 1024
 
 FileType = Literal["f", "d", "l", "b", "c", "p", "s", "D"]
 
@@ -53,7 +56,8 @@ FileType = Literal["f", "d", "l", "b", "c", "p", "s", "D"]
 class FileEntry(BaseModel):
     """One file system entry. ``type`` is find's ``%y`` letter: f(ile), d(ir), l(ink), ...
 
-    ``sha256`` is set for regular files (``None`` if unreadable), ``target`` for links.
+    ``sha256`` is set for regular files under the hash limit (``None`` if unreadable),
+    ``mtime`` for larger ones instead, ``target`` for links.
     ``size`` of directories is recorded but never compared: ext4 directories don't shrink.
     """
 
@@ -65,6 +69,7 @@ class FileEntry(BaseModel):
     gid: int
     size: int
     sha256: str | None = None
+    mtime: str | None = None
     target: str | None = None
 
     @property
@@ -188,9 +193,9 @@ walk() {{ find "${{paths[@]}}" -xdev -regextype posix-extended "${{prune[@]}}" "
     printf 'TOO-MANY\0'
   else
     printf 'FILES\0'
-    (( n )) && walk -printf '%y\0%m\0%U\0%G\0%s\0%p\0%l\0'
+    (( n )) && walk -printf '%y\0%m\0%U\0%G\0%s\0%T@\0%p\0%l\0'
     printf 'HASHES\0'
-    (( n )) && walk -type f -exec sha256sum -z -- {{}} +
+    (( n )) && walk -type f -size -{hash_limit}c -exec sha256sum -z -- {{}} +
   fi
   printf 'PACKAGES\0'
   if command -v dpkg-query >/dev/null 2>&1; then
@@ -229,6 +234,7 @@ async def take_snapshot(
     paths: Sequence[str],
     ignore: Sequence[str] = DEFAULT_IGNORE,
     max_files: int = DEFAULT_MAX_FILES,
+    hash_limit: int = DEFAULT_HASH_LIMIT,
     timeout: float = 600.0,
 ) -> Snapshot:
     """Snapshot ``paths`` (not crossing file systems; absent paths skipped), the package
@@ -237,13 +243,17 @@ async def take_snapshot(
     ``InvalidInputError`` when more than ``max_files`` entries would be listed (nothing
     is hashed then); ``ExecutionFailedError`` when the script itself fails.
     """
-    normalized = [_normalize(p) for p in paths]
+    normalized = sorted({_normalize(p) for p in paths})
+    # A path inside another one would be listed (and counted) twice.
+    normalized = [p for p in normalized
+                  if not any(p.startswith(q.rstrip("/") + "/") for q in normalized if q != p)]
     regex = ignore_regex(ignore)
     script = _SCRIPT.format(
         paths=" ".join(shlex.quote(p) for p in normalized) or "''",
         prune=f"-regex {shlex.quote(regex)} -prune -o" if regex else "",
         limit=max_files + 1,
         max_files=max_files,
+        hash_limit=hash_limit,
     )
     result = await target.run(script, timeout=timeout)
     if not result.ok:
@@ -259,24 +269,28 @@ async def take_snapshot(
             hint="Snapshot narrower paths, add ignore patterns, or raise max_files.",
         )
     try:
-        return _parse(tokens, re.compile(regex, re.DOTALL) if regex else None, result.stderr)
+        return _parse(tokens, re.compile(regex, re.DOTALL) if regex else None, result.stderr,
+                      hash_limit)
     except (IndexError, ValueError) as exc:
         raise ExecutionFailedError(f"snapshot output from {target.identity} is garbled") from exc
 
 
-def _parse(tokens: list[str], skip: re.Pattern[str] | None, stderr: str) -> Snapshot:
-    # Layout: FILES (7 fields per entry) HASHES ("<64 hex>  <path>" each) PACKAGES <text>
+def _parse(
+    tokens: list[str], skip: re.Pattern[str] | None, stderr: str, hash_limit: int
+) -> Snapshot:
+    # Layout: FILES (8 fields per entry) HASHES ("<64 hex>  <path>" each) PACKAGES <text>
     # PASSWD <text> GROUP <text> END. Entry fields never equal a marker: the first is one
     # letter, paths are absolute.
     snapshot = Snapshot(warnings=stderr.splitlines())
     i = 2
     while tokens[i] != "HASHES":
-        kind, mode, uid, gid, size, path, link = tokens[i : i + 7]
-        i += 7
+        kind, mode, uid, gid, size, mtime, path, link = tokens[i : i + 8]
+        i += 8
         if skip is None or not skip.fullmatch(path):  # find pruned these already
             snapshot.files[path] = FileEntry.model_validate(
                 {"type": kind, "mode": int(mode, 8), "uid": int(uid), "gid": int(gid),
-                 "size": int(size), "target": link if kind == "l" else None}
+                 "size": int(size), "target": link if kind == "l" else None,
+                 "mtime": mtime if kind == "f" and int(size) >= hash_limit else None}
             )
     hashes: dict[str, str] = {}
     i += 1
@@ -301,7 +315,7 @@ def _decode(stdout: str) -> list[str]:
 
 def _compare(before: FileEntry, after: FileEntry) -> FileChange | None:
     content = before.type != after.type or (
-        before.sha256 != after.sha256 or before.size != after.size
+        (before.sha256, before.size, before.mtime) != (after.sha256, after.size, after.mtime)
         if after.type == "f"
         else before.target != after.target
     )

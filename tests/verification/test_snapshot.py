@@ -1,0 +1,209 @@
+"""Snapshots and diffs of real directory trees on this host, via LocalTarget."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from workflow_agent.errors import InvalidInputError
+from workflow_agent.execution.local import LocalTarget
+from workflow_agent.verification.snapshot import (
+    DEFAULT_IGNORE,
+    FileEntry,
+    Snapshot,
+    diff,
+    ignore_regex,
+    remove_empty_dirs_created,
+    take_snapshot,
+)
+
+
+def snap(*paths: Path | str, ignore: tuple[str, ...] = (), max_files: int = 1000) -> Snapshot:
+    # Test trees live under /tmp, which DEFAULT_IGNORE skips: pass explicit patterns.
+    return asyncio.run(take_snapshot(LocalTarget(), paths=[str(p) for p in paths],
+                                     ignore=ignore, max_files=max_files))
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    for name in ("keep.txt", "modify.txt", "chmod.txt", "delete.txt", "name with spaces.txt"):
+        (root / name).write_text(f"{name}\n")
+    (root / "link").symlink_to("keep.txt")
+    (root / "sub" / "nested.conf").write_text("a=1\n")
+    return root
+
+
+def test_snapshot_records_types_modes_hashes_and_links(tree: Path) -> None:
+    snapshot = snap(tree)
+    keep = snapshot.files[f"{tree}/keep.txt"]
+    assert keep.type == "f" and keep.size == 9 and keep.mode == 0o644
+    assert keep.uid == os.getuid() and keep.gid == os.getgid()
+    assert keep.sha256 == hashlib.sha256(b"keep.txt\n").hexdigest()
+    assert snapshot.files[f"{tree}/link"] == FileEntry(
+        type="l", mode=0o777, uid=os.getuid(), gid=os.getgid(), size=8, target="keep.txt"
+    )
+    assert snapshot.files[str(tree)].type == "d" and snapshot.files[str(tree)].sha256 is None
+    assert f"{tree}/name with spaces.txt" in snapshot.files
+    assert len(snapshot.files) == 9
+    # The host's package set, users and groups come along.
+    assert "bash" in snapshot.packages and snapshot.users["root"].startswith("root:x:0:0:")
+    assert "root" in snapshot.groups and snapshot.warnings == []
+    assert Snapshot.model_validate_json(snapshot.model_dump_json()) == snapshot
+
+
+def test_diff_reports_each_kind_of_change(tree: Path) -> None:
+    before = snap(tree)
+    (tree / "modify.txt").write_text("changed\n")
+    (tree / "chmod.txt").chmod(0o600)
+    (tree / "delete.txt").unlink()
+    (tree / "new\nline.txt").write_text("x")
+    (tree / "sub" / "new link").symlink_to("../keep.txt")
+    (tree / "link").unlink()
+    (tree / "link").symlink_to("modify.txt")
+    (tree / "created" / "deeper").mkdir(parents=True)
+    after = snap(tree)
+
+    changes = diff(before, after)
+    assert set(changes.added) == {
+        f"{tree}/new\nline.txt", f"{tree}/sub/new link", f"{tree}/created", f"{tree}/created/deeper"
+    }
+    assert set(changes.removed) == {f"{tree}/delete.txt"}
+    assert set(changes.modified) == {f"{tree}/modify.txt", f"{tree}/chmod.txt", f"{tree}/link"}
+    content = changes.modified[f"{tree}/modify.txt"]
+    assert content.content and content.metadata == []
+    mode_only = changes.modified[f"{tree}/chmod.txt"]
+    assert not mode_only.content and mode_only.metadata == ["mode 0644 -> 0600"]
+    assert changes.modified[f"{tree}/link"].content
+    assert not changes.is_empty
+    assert changes.lines() == [
+        f"+ {tree}/created (dir)",
+        f"+ {tree}/created/deeper (dir)",
+        f"+ {tree}/new\nline.txt (file)",
+        f"+ {tree}/sub/new link (link)",
+        f"- {tree}/delete.txt (file)",
+        f"~ {tree}/chmod.txt (mode 0644 -> 0600)",
+        f"~ {tree}/link (content)",
+        f"~ {tree}/modify.txt (content)",
+    ]
+    # Directory sizes are not compared; an unchanged tree diffs empty.
+    assert diff(after, snap(tree)).is_empty
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_owner_change_and_type_change(tree: Path) -> None:
+    before = snap(tree)
+    os.chown(tree / "keep.txt", 1, 1)
+    (tree / "modify.txt").unlink()
+    (tree / "modify.txt").mkdir()
+    changes = diff(before, snap(tree))
+    assert changes.lines() == [
+        f"~ {tree}/keep.txt (owner 0:0 -> 1:1)",
+        f"~ {tree}/modify.txt (content, mode 0644 -> 0755)",
+    ]
+
+
+def test_ignore_patterns(tree: Path) -> None:
+    (tree / "cache" / "a" / "b").mkdir(parents=True)
+    (tree / "cache" / "a" / "b" / "blob").write_text("x")
+    (tree / "top.bak").write_text("x")
+    (tree / "sub" / "deep.bak").write_text("x")
+    snapshot = snap(tree, ignore=(f"{tree}/cache/**", f"{tree}/*.bak", f"{tree}/sub/nested.con?"))
+    paths = set(snapshot.files)
+    assert f"{tree}/cache" in paths  # the directory itself is kept, only its tree ignored
+    assert not any(p.startswith(f"{tree}/cache/") for p in paths)
+    assert f"{tree}/top.bak" not in paths
+    assert f"{tree}/sub/deep.bak" in paths  # "*" stays within one path component
+    assert f"{tree}/sub/nested.conf" not in paths
+
+
+def test_ignore_regex_semantics() -> None:
+    regex = ignore_regex(DEFAULT_IGNORE)
+    assert regex is not None
+    ignored = re.compile(regex, re.DOTALL)
+    for path in ("/var/lib/dpkg/status", "/var/cache/apt/x/y", "/etc/passwd-", "/etc/shadow-",
+                 "/etc/ld.so.cache", "/tmp/x", "/run/systemd/x", "/var/log/apt/history.log"):
+        assert ignored.fullmatch(path), path
+    for path in ("/var/lib/dpkg", "/etc/passwd", "/etc/default/foo-", "/etc/ld.so.cachex",
+                 "/var/lib/prometheus", "/tmp"):
+        assert not ignored.fullmatch(path), path
+    assert ignore_regex([]) is None
+
+
+def test_missing_paths_are_skipped_and_relative_paths_refused(tree: Path) -> None:
+    snapshot = snap(tree / "absent", tree / "sub")
+    assert set(snapshot.files) == {f"{tree}/sub", f"{tree}/sub/nested.conf"}
+    assert snap(tree / "absent").files == {}
+    with pytest.raises(InvalidInputError, match="absolute"):
+        snap("relative/path")
+
+
+def test_max_files_guard(tree: Path) -> None:
+    with pytest.raises(InvalidInputError, match="more than 5 entries") as info:
+        snap(tree, max_files=5)
+    assert info.value.hint is not None and "max_files" in info.value.hint
+    assert len(snap(tree, max_files=9).files) == 9
+
+
+def test_non_utf8_file_names_survive(tree: Path) -> None:
+    os.close(os.open(os.fsencode(tree) + b"/caf\xe9", os.O_CREAT | os.O_WRONLY, 0o644))
+    snapshot = snap(tree)
+    name = f"{tree}/caf\udce9"
+    assert snapshot.files[name].sha256 is not None
+
+
+def test_package_user_and_group_diff() -> None:
+    before = Snapshot(
+        packages={"curl": "7.88.1-10", "jq": "1.6-2.1"},
+        users={"root": "root:x:0:0:root:/root:/bin/bash"},
+        groups={"adm": "adm:x:4:"},
+    )
+    after = Snapshot(
+        packages={"curl": "7.88.1-11", "prometheus-node-exporter": "1.5.0-1+b6"},
+        config_files_remaining=["jq"],
+        users={"root": "root:x:0:0:root:/root:/bin/sh",
+               "prometheus": "prometheus:x:104:110::/var/lib/prometheus:/usr/sbin/nologin"},
+        groups={"prometheus": "prometheus:x:110:"},
+    )
+    changes = diff(before, after)
+    assert changes.lines() == [
+        "+ package prometheus-node-exporter 1.5.0-1+b6",
+        "- package jq 1.6-2.1",
+        "~ package curl 7.88.1-10 -> 7.88.1-11",
+        "+ package jq config files remain (removed, not purged)",
+        "+ user prometheus",
+        "~ user root",
+        "+ group prometheus",
+        "- group adm",
+    ]
+    assert diff(after, after).is_empty and diff(after, after).lines() == []
+
+
+def test_remove_empty_dirs_created(tree: Path) -> None:
+    (tree / "was-empty").mkdir()
+    before = snap(tree)
+    (tree / "a" / "b" / "c").mkdir(parents=True)
+    (tree / "kept" / "inner").mkdir(parents=True)
+    (tree / "kept" / "leftover.conf").write_text("x")
+    (tree / "odd name\n").mkdir()
+    changes = diff(before, snap(tree))
+
+    removed = asyncio.run(remove_empty_dirs_created(LocalTarget(), changes))
+    # Deepest first, so "a/b" is empty by the time its turn comes.
+    assert removed == [f"{tree}/a/b/c", f"{tree}/a/b", f"{tree}/kept/inner", f"{tree}/a",
+                       f"{tree}/odd name\n"]
+    assert (tree / "kept" / "leftover.conf").exists() and (tree / "was-empty").is_dir()
+    assert diff(before, snap(tree)).lines() == [f"+ {tree}/kept (dir)",
+                                                f"+ {tree}/kept/leftover.conf (file)"]
+    assert asyncio.run(remove_empty_dirs_created(LocalTarget(), diff(before, before))) == []
+
+
+def test_nested_paths_are_listed_once(tree: Path) -> None:
+    # Without folding nested paths together the 9 entries would count as 20.
+    assert len(snap(tree, tree / "sub", f"{tree}/", max_files=9).files) == 9
