@@ -104,10 +104,8 @@ def parse_facts(output: str) -> Facts:
     distro = values.get("distro", "unknown")
     family = _FAMILIES.get(distro)
     if family is None:
-        family = next(
-            (_FAMILIES[like] for like in values.get("distro_like", "").split() if like in _FAMILIES),
-            "unknown",
-        )
+        likes = values.get("distro_like", "").split()
+        family = next((_FAMILIES[like] for like in likes if like in _FAMILIES), "unknown")
     machine = values.get("machine", "")
     init = values.get("init", "none")
     return Facts(
@@ -119,7 +117,7 @@ def parse_facts(output: str) -> Facts:
         kernel=values.get("kernel", ""),
         hostname=values.get("hostname", ""),
         package_manager=_PACKAGE_MANAGERS.get(values.get("package_manager", "")),
-        init_system=init if init in ("systemd", "sysv", "none") else "none",  # type: ignore[arg-type]
+        init_system=init if init in ("systemd", "sysv", "none") else "none",
         is_root=values.get("uid") == "0",
         installed_packages=packages,
     )

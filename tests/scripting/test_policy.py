@@ -124,7 +124,7 @@ NEGATIVE = [
         "policy.curl-pipe-shell",
     ),
     (
-        "curl -s https://ex.test/v.json | python3 -c 'import json,sys; print(json.load(sys.stdin))'",
+        "curl -s https://ex.test/v | python3 -c 'import json,sys; print(json.load(sys.stdin))'",
         "policy.curl-pipe-shell",
     ),
     ("curl -s https://ex.test/a.tgz | tar xz -C /opt/example", "policy.curl-pipe-shell"),

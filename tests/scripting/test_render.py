@@ -24,41 +24,27 @@ GOLDEN = Path(__file__).parent.parent / "golden"
 
 
 def facts(init: str = "sysv") -> Facts:
-    return Facts(
-        os_family="debian",
-        distro="debian",
-        distro_version="12",
-        distro_codename="bookworm",
-        arch="amd64",
-        package_manager="apt",
-        init_system=init,
-        is_root=True,
-    )  # type: ignore[arg-type]
+    return Facts(os_family="debian", distro="debian", distro_version="12",
+                 distro_codename="bookworm", arch="amd64", package_manager="apt",
+                 init_system=init, is_root=True)  # type: ignore[arg-type]
 
 
 def _echo_integration(tmp_path: Path, parameters: dict[str, Any], body: str):  # type: ignore[no-untyped-def]
     folder = tmp_path / "echo"
     (folder / "templates").mkdir(parents=True)
     (folder / "templates" / "install.sh.j2").write_text(body)
-    (folder / "definition.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": "echo",
-                "version": "1",
-                "description": "test",
-                "parameters": parameters,
-                "platforms": [{"os_family": "debian"}],
-                "methods": [{"name": "plain", "templates": {"install": "install.sh.j2"}}],
-            }
-        )
-    )
+    (folder / "definition.yaml").write_text(yaml.safe_dump({
+        "name": "echo", "version": "1", "description": "test",
+        "parameters": parameters,
+        "platforms": [{"os_family": "debian"}],
+        "methods": [{"name": "plain", "templates": {"install": "install.sh.j2"}}],
+    }))
     return load_integration(folder)
 
 
 # Any text bash can carry: everything but NUL (surrogates can't be encoded either).
-HOSTILE = st.text(
-    st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=60
-)
+HOSTILE = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
+                  max_size=60)
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +52,15 @@ def echo_lists(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     return _echo_integration(
         tmp_path_factory.mktemp("hostile"),
         {"value": {"type": "string"}, "items": {"type": "list"}},
-        "VALUE={{ value }}\nITEMS=({{ items }})\n"
+        'VALUE={{ value }}\nITEMS=({{ items }})\n'
         'printf "%s" "$VALUE" > {{ out }}\n'
-        ": > {{ out }}.items\n"
-        'for item in "${ITEMS[@]}"; do printf "%s\\0" "$item" >> {{ out }}.items; done\n',
+        ': > {{ out }}.items\n'
+        'for item in "${ITEMS[@]}"; do printf "%s\\0" "$item" >> {{ out }}.items; done\n'
     )
 
 
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=HOSTILE, items=st.lists(HOSTILE, max_size=3))
 def test_hostile_values_reach_the_target_literally(
     echo_lists: Any, value: str, items: list[str]
@@ -96,21 +81,12 @@ def test_hostile_values_reach_the_target_literally(
 
 def test_injection_attempt_does_not_run(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    integration = _echo_integration(tmp_path, {"value": {"type": "string"}}, "echo {{ value }}\n")
-    for attack in (
-        f"$(touch {marker})",
-        f"`touch {marker}`",
-        f"x; touch {marker}",
-        f"x\ntouch {marker}",
-        f"'; touch {marker}; '",
-    ):
-        script = render_script(
-            integration,
-            integration.definition.methods[0],
-            "install",
-            facts(),
-            ResolvedParams({"value": attack}, {}, {}),
-        )
+    integration = _echo_integration(tmp_path, {"value": {"type": "string"}},
+                                    "echo {{ value }}\n")
+    for attack in (f"$(touch {marker})", f"`touch {marker}`", f"x; touch {marker}",
+                   f"x\ntouch {marker}", f"'; touch {marker}; '"):
+        script = render_script(integration, integration.definition.methods[0], "install",
+                               facts(), ResolvedParams({"value": attack}, {}, {}))
         assert script is not None
         result = asyncio.run(LocalTarget().run(script.text, timeout=10))
         assert result.stdout == attack + "\n"
@@ -131,30 +107,18 @@ def test_expression_in_a_quoting_context_is_refused(tmp_path: Path, body: str, w
     """Where a quoted word would not stay one literal word, rendering refuses."""
     integration = _echo_integration(tmp_path, {"value": {"type": "string"}}, body)
     with pytest.raises(DefinitionError) as caught:
-        render_script(
-            integration,
-            integration.definition.methods[0],
-            "install",
-            facts(),
-            ResolvedParams({"value": "$(touch /tmp/x)"}, {}, {}),
-        )
+        render_script(integration, integration.definition.methods[0], "install", facts(),
+                      ResolvedParams({"value": "$(touch /tmp/x)"}, {}, {}))
     assert where in caught.value.message
 
 
 def test_expressions_after_heredocs_and_comments_are_fine(tmp_path: Path) -> None:
-    body = (
-        "V={{ value }}  # comment with \" and '\n"
-        'cat <<EOF >/dev/null\nit\'s "$V"\nEOF\n'
-        "printf '%s' {{ value }}\n"
-    )
+    body = ("V={{ value }}  # comment with \" and '\n"
+            "cat <<EOF >/dev/null\nit's \"$V\"\nEOF\n"
+            "printf '%s' {{ value }}\n")
     integration = _echo_integration(tmp_path, {"value": {"type": "string"}}, body)
-    script = render_script(
-        integration,
-        integration.definition.methods[0],
-        "install",
-        facts(),
-        ResolvedParams({"value": "a 'b' $(c)"}, {}, {}),
-    )
+    script = render_script(integration, integration.definition.methods[0], "install", facts(),
+                           ResolvedParams({"value": "a 'b' $(c)"}, {}, {}))
     assert script is not None
     result = asyncio.run(LocalTarget().run(script.text, timeout=10))
     assert result.stdout == "a 'b' $(c)\n"  # output is collected line by line
@@ -162,18 +126,11 @@ def test_expressions_after_heredocs_and_comments_are_fine(tmp_path: Path) -> Non
 
 def test_secret_cannot_be_rendered_into_a_script(tmp_path: Path) -> None:
     integration = _echo_integration(
-        tmp_path,
-        {"token": {"type": "string", "secret": True, "env": "TOKEN"}},
-        "echo {{ token }}\n",
-    )
+        tmp_path, {"token": {"type": "string", "secret": True, "env": "TOKEN"}},
+        "echo {{ token }}\n")
     with pytest.raises(DefinitionError) as caught:
-        render_script(
-            integration,
-            integration.definition.methods[0],
-            "install",
-            facts(),
-            ResolvedParams({}, {"token": "s3cr3t-value"}, {"TOKEN": "s3cr3t-value"}),
-        )
+        render_script(integration, integration.definition.methods[0], "install", facts(),
+                      ResolvedParams({}, {"token": "s3cr3t-value"}, {"TOKEN": "s3cr3t-value"}))
     assert '"$TOKEN"' in caught.value.message
     assert "s3cr3t-value" not in caught.value.message
 
@@ -181,14 +138,11 @@ def test_secret_cannot_be_rendered_into_a_script(tmp_path: Path) -> None:
 def test_secret_reaches_script_through_environment_only(tmp_path: Path) -> None:
     out = tmp_path / "out"
     integration = _echo_integration(
-        tmp_path,
-        {"token": {"type": "string", "secret": True, "env": "TOKEN"}},
-        f'printf "%s" "$TOKEN" > {out}\n',
-    )
+        tmp_path, {"token": {"type": "string", "secret": True, "env": "TOKEN"}},
+        f'printf "%s" "$TOKEN" > {out}\n')
     params = ResolvedParams({}, {"token": "s3cr3t-value"}, {"TOKEN": "s3cr3t-value"})
-    script = render_script(
-        integration, integration.definition.methods[0], "install", facts(), params
-    )
+    script = render_script(integration, integration.definition.methods[0], "install", facts(),
+                           params)
     assert script is not None and "s3cr3t-value" not in script.text
     result = asyncio.run(LocalTarget().run(script.text, env=params.secret_env, timeout=10))
     assert result.ok and out.read_text() == "s3cr3t-value"
@@ -196,13 +150,8 @@ def test_secret_reaches_script_through_environment_only(tmp_path: Path) -> None:
 
 def test_failing_line_is_reported(tmp_path: Path) -> None:
     integration = _echo_integration(tmp_path, {}, "echo one\nfalse\necho never\n")
-    script = render_script(
-        integration,
-        integration.definition.methods[0],
-        "install",
-        facts(),
-        ResolvedParams({}, {}, {}),
-    )
+    script = render_script(integration, integration.definition.methods[0], "install", facts(),
+                           ResolvedParams({}, {}, {}))
     assert script is not None
     result = asyncio.run(LocalTarget().run(script.text, timeout=10))
     failing = script.text.splitlines().index("false") + 1
@@ -211,12 +160,10 @@ def test_failing_line_is_reported(tmp_path: Path) -> None:
     assert "never" not in result.stdout
 
 
-CASES = {f"apt-{init}": (facts(init), {}) for init in ("systemd", "sysv", "none")} | {
-    "apt-sysv-custom": (
-        facts("sysv"),
-        {"listen_address": "127.0.0.1", "listen_port": "9999", "disable_collectors": "wifi,hwmon"},
-    )
-}
+CASES = {
+    f"apt-{init}": (facts(init), {}) for init in ("systemd", "sysv", "none")
+} | {"apt-sysv-custom": (facts("sysv"), {"listen_address": "127.0.0.1", "listen_port": "9999",
+                                          "disable_collectors": "wifi,hwmon"})}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -226,12 +173,8 @@ def test_golden_scripts(case: str) -> None:
     for integration in Registry.discover(entry_points=False):
         params = resolve_params(integration.definition, given_params, {})
         for method in integration.definition.methods:
-            extra = {
-                "purge": True,
-                "remove_users": ["prometheus"],
-                "remove_groups": ["prometheus"],
-                "remove_paths": ["/var/lib/prometheus"],
-            }
+            extra = {"purge": True, "remove_users": ["prometheus"],
+                     "remove_groups": ["prometheus"], "remove_paths": ["/var/lib/prometheus"]}
             for action in ("install", "verify", "uninstall"):
                 script = render_script(integration, method, action, case_facts, params, extra)
                 if script is None:

@@ -181,8 +181,11 @@ def test_disk_cache_is_reused_without_running_shellcheck(
     tmp_path: Path, counting_shellcheck: Path
 ) -> None:
     cache = tmp_path / "cache"
-    kwargs = {"name": "install.sh", "secret_env": [SECRET], "cache_dir": cache}
-    first = validate_script(INSTALL_SCRIPT, **kwargs)
+
+    def validate() -> ValidationReport:
+        return validate_script(INSTALL_SCRIPT, name="i.sh", secret_env=[SECRET], cache_dir=cache)
+
+    first = validate()
     assert runs(counting_shellcheck) == 1
     [entry] = (cache / "validation").glob("*.json")
     assert ValidationReport.model_validate_json(entry.read_bytes()) == first
@@ -190,7 +193,7 @@ def test_disk_cache_is_reused_without_running_shellcheck(
 
     clear_memory_cache()  # a new process: only the file can answer
     started = time.perf_counter()
-    second = validate_script(INSTALL_SCRIPT, **kwargs)
+    second = validate()
     elapsed = time.perf_counter() - started
     assert second == first
     assert runs(counting_shellcheck) == 1

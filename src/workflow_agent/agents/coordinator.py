@@ -207,9 +207,9 @@ class Coordinator:
         state = await self._stage(state, "script-validation", lambda s: self._check(s, run))
         if action == "plan":
             return state
-        if action in ("install", "uninstall"):
-            if confirm is not None and not await confirm(state):
-                raise _Stopped(self._declined(state))
+        changes_target = action in ("install", "uninstall")
+        if changes_target and confirm is not None and not await confirm(state):
+            raise _Stopped(self._declined(state))
         if action == "install":
             state = await self._stage(state, "baseline", lambda s: self._baseline(s, run))
         if action in ("install", "uninstall"):
@@ -385,7 +385,7 @@ class Coordinator:
 
     def _timeout(self, run: _Run, action: str) -> float:
         assert run.integration is not None
-        timeouts: dict[str, float] = dict(run.integration.definition.timeouts)
+        timeouts = {str(key): value for key, value in run.integration.definition.timeouts.items()}
         return timeouts.get(action, self.config.script_timeout)
 
     async def _execute(self, state: WorkflowState, run: _Run) -> _Outcome:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,8 +22,8 @@ from workflow_agent.errors import WorkflowAgentError
 if TYPE_CHECKING:
     from workflow_agent.agent import WorkflowAgent
     from workflow_agent.agents.coordinator import Confirm
-    from workflow_agent.execution.target import Target
     from workflow_agent.container import Container
+    from workflow_agent.execution.target import Target
     from workflow_agent.state import Action, WorkflowState
 
 app = typer.Typer(
@@ -39,7 +39,7 @@ integrations_app = typer.Typer(help="List and inspect the integrations this run 
 app.add_typer(integrations_app, name="integrations")
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     """How results are printed."""
 
     text = "text"

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 
 from workflow_agent.execution.target import OutputCallback, OutputCollector, RunResult
 
-
 #: A line longer than this is delivered in pieces rather than buffered without bound.
 MAX_LINE = 1024 * 1024
 

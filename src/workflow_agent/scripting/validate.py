@@ -279,20 +279,16 @@ def _shellcheck_layer(script: bytes, binary: Path | None) -> tuple[list[Finding]
             )
         ], False
     # 0 = clean, 1 = comments found; anything else means shellcheck itself failed.
-    try:
-        if proc.returncode not in (0, 1):
-            raise ValueError(proc.stderr.decode("utf-8", "replace").strip())
-        output = _ShellcheckOutput.model_validate_json(proc.stdout)
-    except (ValueError, ValidationError) as exc:
-        return [
-            _finding(
-                "shellcheck",
-                "error",
-                1,
-                "shellcheck.failed",
-                f"shellcheck failed (exit {proc.returncode}): {exc}",
-            )
-        ], False
+    problem = proc.stderr.decode("utf-8", "replace").strip()
+    output = None
+    if proc.returncode in (0, 1):
+        try:
+            output = _ShellcheckOutput.model_validate_json(proc.stdout)
+        except ValidationError as exc:
+            problem = f"unreadable JSON output: {exc}"
+    if output is None:
+        message = f"shellcheck failed (exit {proc.returncode}): {problem}"
+        return [_finding("shellcheck", "error", 1, "shellcheck.failed", message)], False
     return [
         _finding(
             "shellcheck",
