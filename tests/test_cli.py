@@ -1,0 +1,123 @@
+"""The command line as a user runs it: real processes, exit codes, messages, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment with its own data and cache folders."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WORKFLOW_AGENT_")},
+        "WORKFLOW_AGENT_DATA_DIR": str(tmp_path / "data"),
+        "WORKFLOW_AGENT_CACHE_DIR": str(tmp_path / "cache"),
+        "COLUMNS": "200",
+    }
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workflow_agent", *args],
+        env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+    )
+
+
+def add_plugin(tmp_path: Path, env: dict[str, str], definition: dict[str, object],
+               install: str) -> None:
+    folder = tmp_path / "plugins" / str(definition["name"])
+    (folder / "templates").mkdir(parents=True)
+    (folder / "templates" / "install.sh.j2").write_text(install)
+    base = {"version": "1", "description": "test", "platforms": [{"os_family": "debian"}],
+            "methods": [{"name": "script", "templates": {"install": "install.sh.j2"}}],
+            "uninstall": {"watch": ["/opt"]}}
+    (folder / "definition.yaml").write_text(yaml.safe_dump({**base, **definition}))
+    env["WORKFLOW_AGENT_PLUGIN_DIRS"] = json.dumps([str(tmp_path / "plugins")])
+
+
+def test_help_and_integrations(env: dict[str, str]) -> None:
+    assert cli(env, "--help").returncode == 0
+    listed = cli(env, "integrations", "list", "--output", "json")
+    assert listed.returncode == 0
+    assert "prometheus-node-exporter" in [i["name"] for i in json.loads(listed.stdout)]
+    shown = cli(env, "integrations", "show", "prometheus-node-exporter")
+    assert shown.returncode == 0 and "listen_port" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["install", "node-exporter"], 2, "Did you mean: prometheus-node-exporter"),
+        (["install", "prometheus-node-exporter", "-p", "listen_port=abc"], 2,
+         "'abc' is not a valid integer"),
+        (["install", "prometheus-node-exporter", "-p", "listen_address=a b"], 2,
+         "does not match the pattern"),
+        (["install", "prometheus-node-exporter", "-p", "listen_port"], 2, "not KEY=VALUE"),
+        (["install", "prometheus-node-exporter", "--target", "mars"], 2, "unknown target"),
+        (["install", "prometheus-node-exporter"], 7, "Pass --yes"),
+        (["show", "nosuchid"], 1, "workflow-agent history"),
+    ],
+)
+def test_bad_input_is_explained_with_its_exit_code(
+    env: dict[str, str], args: list[str], code: int, message: str
+) -> None:
+    result = cli(env, *args, "--target", "local") if args[0] == "install" and \
+        "--target" not in args else cli(env, *args)
+    assert result.returncode == code, result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_required_parameter(tmp_path: Path, env: dict[str, str]) -> None:
+    add_plugin(tmp_path, env, {"name": "needs-key", "parameters": {
+        "api_key": {"type": "string", "secret": True, "required": True, "env": "API_KEY"}}},
+        'echo "$API_KEY" > /dev/null\n')
+    result = cli(env, "plan", "needs-key", "--target", "local")
+    assert result.returncode == 2
+    assert "'api_key': is required" in result.stderr and "API_KEY" in result.stderr
+
+
+def test_unreachable_sandbox_is_a_target_error(env: dict[str, str]) -> None:
+    """No cached root file system and an archive nobody answers: exit 6, said plainly."""
+    env["WORKFLOW_AGENT_SANDBOX__MIRROR"] = "http://127.0.0.1:9/debian"
+    result = cli(env, "plan", "prometheus-node-exporter", "--target", "sandbox")
+    assert result.returncode == 6, result.stderr
+    assert "mmdebstrap" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_json_changes_nothing_and_is_recorded(env: dict[str, str]) -> None:
+    result = cli(env, "plan", "prometheus-node-exporter", "--target", "local", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["status"] == "succeeded" and plan["strategy"]["method"] == "apt"
+    assert set(plan["scripts"]) == {"install", "verify", "uninstall"}
+    assert all(r["findings"] == [] or all(f["severity"] != "error" for f in r["findings"])
+               for r in plan["validation"].values())
+    history = json.loads(cli(env, "history", "-o", "json").stdout)
+    assert history[0]["id"] == plan["workflow_id"] and history[0]["action"] == "plan"
+    shown = json.loads(cli(env, "show", plan["workflow_id"][:8], "-o", "json").stdout)
+    assert [s["name"] for s in shown["stages"]][-1] == "script-validation"
+
+
+@pytest.mark.sandbox
+def test_secret_never_printed_or_stored(tmp_path: Path, env: dict[str, str]) -> None:
+    secret = "s3cr3t-Licence-Key-123"
+    add_plugin(tmp_path, env, {"name": "leaky", "parameters": {
+        "licence": {"type": "string", "secret": True, "required": True, "env": "LICENCE"}}},
+        'echo "licence is $LICENCE"\nprintf "%s" "$LICENCE" > /opt/licence\nfalse\n')
+    env["LICENCE"] = secret
+    result = cli(env, "install", "leaky", "--target", "sandbox", "--verbose")
+    assert result.returncode == 4
+    assert "licence is ********" in result.stderr
+    assert secret not in result.stdout + result.stderr
+    shown = cli(env, "show", json.loads(cli(env, "history", "-o", "json").stdout)[0]["id"])
+    assert "licence is ********" in shown.stdout and secret not in shown.stdout
+    for path in (tmp_path / "data").iterdir():
+        assert secret.encode() not in path.read_bytes(), path
