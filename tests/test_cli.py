@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from workflow_agent.storage.history import HistoryStore
 
 
 @pytest.fixture
@@ -121,3 +124,38 @@ def test_secret_never_printed_or_stored(tmp_path: Path, env: dict[str, str]) -> 
     assert "licence is ********" in shown.stdout and secret not in shown.stdout
     for path in (tmp_path / "data").iterdir():
         assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.sandbox
+def test_killed_run_shows_as_incomplete_and_loses_nothing(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    add_plugin(tmp_path, env, {"name": "slow"}, "mkdir -p /opt/slow\nsleep 60\n")
+    proc = subprocess.Popen([sys.executable, "-m", "workflow_agent", "install", "slow",
+                             "--target", "sandbox", "-o", "json"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        stages: list[str] = []
+        database = tmp_path / "data" / "history.db"
+        while "baseline" not in stages and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if database.exists():
+                with HistoryStore.for_path(database) as store:
+                    listed = store.list_workflows(limit=1)
+                    if listed:
+                        stages = [s.name for s in store.get_workflow(listed[0].id).stages]
+        assert "baseline" in stages, "the run never reached its execute stage"
+        time.sleep(0.5)  # inside the install script now
+    finally:
+        proc.kill()
+        proc.wait()
+    listed = json.loads(cli(env, "history", "-o", "json").stdout)
+    assert listed[0]["status"] == "incomplete"
+    shown = json.loads(cli(env, "show", listed[0]["id"], "-o", "json").stdout)
+    assert [s["name"] for s in shown["stages"]][-1] == "baseline"
+    assert any(a["kind"] == "script" for a in shown["artifacts"])
+    # The sandbox died with the agent: no process still runs the script.
+    time.sleep(0.5)
+    survivors = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
+    assert survivors.stdout == ""

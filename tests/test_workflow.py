@@ -145,3 +145,29 @@ def test_hostile_parameter_is_refused_not_run(
     state = run(agent, "install", target, listen_address="$(touch /tmp/pwned)")
     assert state.exit_code == 2 and state.stage == "validate"
     assert state.error is not None and "does not match the pattern" in state.error.message
+
+
+class NoInitSystem(SandboxTarget):
+    """A sandbox reporting no init system, so the integration must start its daemon itself."""
+
+    async def facts(self, *, refresh: bool = False):  # type: ignore[no-untyped-def]
+        facts = await super().facts(refresh=refresh)
+        return facts.model_copy(update={"init_system": "none"})
+
+
+def test_install_without_any_init_system(tmp_path: Path, sandbox_rootfs: Path) -> None:
+    """The 'none' branch: the daemon is started directly and its pid recorded."""
+    agent = make_agent(tmp_path)
+    target = NoInitSystem(sandbox_rootfs)
+    asyncio.run(target.open())
+    try:
+        installed = run(agent, "install", target, listen_port="19103")
+        assert installed.status == "succeeded", installed.error
+        pid = sh(target, "cat /run/prometheus/prometheus-node-exporter.pid").strip()
+        assert sh(target, f"tr '\\0' ' ' < /proc/{pid}/cmdline").startswith(
+            "/usr/bin/prometheus-node-exporter --web.listen-address=0.0.0.0:19103")
+        removed = run(agent, "uninstall", target, listen_port="19103")
+        assert removed.status == "succeeded", removed.error
+        assert sh(target, f"[ -e /proc/{pid} ] && echo alive || echo gone").strip() == "gone"
+    finally:
+        asyncio.run(target.close())

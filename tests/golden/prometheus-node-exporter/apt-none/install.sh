@@ -38,6 +38,8 @@ if [ -s "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   kill "$(cat "$PIDFILE")"
 fi
 read -r -a daemon_args <<< "$args"
-setsid runuser -u prometheus -- /usr/bin/prometheus-node-exporter "${daemon_args[@]}" \
+# setpriv execs the daemon itself (runuser would stay as its parent), so $! is its pid.
+setsid setpriv --reuid=prometheus --regid=prometheus --init-groups \
+  /usr/bin/prometheus-node-exporter "${daemon_args[@]}" \
   >> /var/log/prometheus/prometheus-node-exporter.log 2>&1 < /dev/null &
 echo $! > "$PIDFILE"
