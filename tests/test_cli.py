@@ -17,11 +17,10 @@ from workflow_agent.storage.history import HistoryStore
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    """A clean environment with its own data and cache folders."""
+    """A clean environment with its own history (the sandbox cache is shared)."""
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("WORKFLOW_AGENT_")},
         "WORKFLOW_AGENT_DATA_DIR": str(tmp_path / "data"),
-        "WORKFLOW_AGENT_CACHE_DIR": str(tmp_path / "cache"),
         "COLUMNS": "200",
     }
 
@@ -87,8 +86,9 @@ def test_missing_required_parameter(tmp_path: Path, env: dict[str, str]) -> None
     assert "'api_key': is required" in result.stderr and "API_KEY" in result.stderr
 
 
-def test_unreachable_sandbox_is_a_target_error(env: dict[str, str]) -> None:
+def test_unreachable_sandbox_is_a_target_error(tmp_path: Path, env: dict[str, str]) -> None:
     """No cached root file system and an archive nobody answers: exit 6, said plainly."""
+    env["WORKFLOW_AGENT_CACHE_DIR"] = str(tmp_path / "empty-cache")
     env["WORKFLOW_AGENT_SANDBOX__MIRROR"] = "http://127.0.0.1:9/debian"
     result = cli(env, "plan", "prometheus-node-exporter", "--target", "sandbox")
     assert result.returncode == 6, result.stderr
