@@ -315,7 +315,7 @@ def test_parse_check_builds_each_type() -> None:
         ({"type": "port_listening", "port": 1, "host": "localhost"},
          "host must be an IP address", "host"),
         ({"type": "http_endpoint", "url": "ftp://x/"}, "expected an http:// URL", "url"),
-        ({"type": "file_contains", "path": "/x", "regex": "("}, "invalid regex '('", "regex"),
+        ({"type": "file_contains", "path": "/x", "regex": "("}, "not a valid regular expression '('", "regex"),
         ({"type": "prometheus_metrics", "url": "http://x/", "metrics": []},
          "field 'metrics': List should have at least 1 item", "metrics"),
     ],

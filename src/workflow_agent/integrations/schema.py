@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workflow_agent.validators import Regex
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]*$"
 ACTIONS = ("install", "verify", "uninstall")
@@ -30,22 +32,12 @@ class ParameterSpec(_Strict):
     default: Any = None
     secret: bool = False
     #: Regular expression the whole value must match (strings, and each list item).
-    pattern: str | None = None
+    pattern: Regex | None = None
     choices: list[Any] | None = None
     minimum: float | None = None
     maximum: float | None = None
     #: For secrets: the environment variable the scripts read the value from.
     env: Annotated[str, Field(pattern=ENV_NAME_PATTERN)] | None = None
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from exc
-        return value
 
     @model_validator(mode="after")
     def _secret_rules(self) -> ParameterSpec:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
+from workflow_agent.validators import Regex
 from workflow_agent.verification.exposition import Sample, parse_exposition
 from workflow_agent.verification.http import MAX_BODY, HttpFailure, check_url, http_get
 
@@ -352,17 +353,7 @@ class FileContains(Check):
     type: Literal["file_contains"] = "file_contains"
     path: str = Field(pattern=r"^/")
     text: str | None = None
-    regex: str | None = None
-
-    @field_validator("regex")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {value!r}: {exc}") from None
-        return value
+    regex: Regex | None = None
 
     @property
     def label(self) -> str:
