@@ -19,7 +19,7 @@ demo: $(BIN)/workflow-agent
 
 test: $(BIN)/workflow-agent
 	scripts/system-deps.sh --test
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check
 	$(BIN)/mypy
 	$(BIN)/pytest
 
