@@ -51,3 +51,12 @@ def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError) as caught:
         load_configuration(config_file=tmp_path / "nope.yaml")
     assert "cannot read" in caught.value.message
+
+
+def test_list_setting_from_environment_must_be_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKFLOW_AGENT_PLUGIN_DIRS", "/srv/integrations")
+    with pytest.raises(ConfigurationError) as caught:
+        load_configuration()
+    assert "WORKFLOW_AGENT_PLUGIN_DIRS='[" in (caught.value.hint or "")
+    monkeypatch.setenv("WORKFLOW_AGENT_PLUGIN_DIRS", '["/srv/integrations"]')
+    assert [str(p) for p in load_configuration().plugin_dirs] == ["/srv/integrations"]

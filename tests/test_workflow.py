@@ -14,6 +14,7 @@ from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import WorkflowRequest
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
+from workflow_agent.execution.local import LocalTarget
 from workflow_agent.execution.sandbox import SandboxTarget
 from workflow_agent.state import WorkflowState
 
@@ -171,3 +172,13 @@ def test_install_without_any_init_system(tmp_path: Path, sandbox_rootfs: Path) -
         assert sh(target, f"[ -e /proc/{pid} ] && echo alive || echo gone").strip() == "gone"
     finally:
         asyncio.run(target.close())
+
+
+def test_uninstall_without_a_template_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    plugins = plugin(tmp_path, "no-uninstall", "mkdir -p /opt/x\n")
+    agent = make_agent(tmp_path, plugin_dirs=[plugins])
+    request = WorkflowRequest(action="uninstall", integration="no-uninstall", target="local",
+                              target_object=LocalTarget())
+    state = asyncio.run(agent.run(request))
+    assert state.exit_code == 2 and state.stage == "generate"
+    assert state.error is not None and "has no uninstall template" in state.error.message

@@ -15,7 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from workflow_agent.errors import ConfigurationError
 
@@ -122,6 +127,13 @@ def load_configuration(**overrides: Any) -> WorkflowConfiguration:
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
         return WorkflowConfiguration(**given)
+    except SettingsError as exc:
+        # e.g. WORKFLOW_AGENT_PLUGIN_DIRS=/x: list settings from the environment are JSON.
+        raise ConfigurationError(
+            f"invalid setting: {exc}",
+            hint='List and mapping settings in the environment are JSON, e.g. '
+            "WORKFLOW_AGENT_PLUGIN_DIRS='[\"/srv/integrations\"]'.",
+        ) from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

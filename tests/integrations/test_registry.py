@@ -59,6 +59,11 @@ def test_plugin_folder_adds_an_integration(tmp_path: Path) -> None:
         ({"checks": [{"type": "port_listening", "port": "{{ undefined_name }}"}]}, "checks"),
         ({"uninstall": {"paths": ["relative/path"]}}, "uninstall.paths"),
         ({"colour": "blue"}, "colour"),
+        ({"parameters": {"facts": {"type": "string"}}}, "parameters"),
+        ({"parameters": {"listen_port": {"type": "integer", "default": "x"}}},
+         "parameters.listen_port.default"),
+        ({"parameters": {"listen_port": {"type": "integer", "default": 70000, "maximum": 65535}}},
+         "parameters.listen_port.default"),
     ],
 )
 def test_invalid_definition_names_file_and_field(
@@ -143,3 +148,22 @@ def test_secret_comes_from_environment_and_is_masked(tmp_path: Path) -> None:
     with pytest.raises(ParameterError) as bad:
         resolve_params(definition, {"license_key": "NOT-VALID-secret"}, {})
     assert "NOT-VALID-secret" not in bad.value.message
+
+
+def test_required_parameter_can_be_used_in_checks(tmp_path: Path) -> None:
+    folder = _plugin(tmp_path, "required-port", {"parameters": {
+        "listen_port": {"type": "integer", "required": True},
+        "listen_address": {"type": "string", "default": "0.0.0.0"}}})
+    assert load_integration(folder).definition.parameters["listen_port"].required
+
+
+def test_list_choices_are_checked_per_item(tmp_path: Path) -> None:
+    folder = _plugin(tmp_path, "choosy", {"parameters": {
+        **yaml.safe_load((NODE / "definition.yaml").read_text())["parameters"],
+        "collectors": {"type": "list", "default": ["cpu"], "choices": ["cpu", "meminfo"]}}})
+    definition = load_integration(folder).definition
+    assert resolve_params(definition, {"collectors": "cpu,meminfo"}, {}).values[
+        "collectors"] == ["cpu", "meminfo"]
+    with pytest.raises(ParameterError) as caught:
+        resolve_params(definition, {"collectors": "cpu,wifi"}, {})
+    assert "'wifi' is not one of cpu, meminfo" in caught.value.message

@@ -112,6 +112,15 @@ def test_expression_in_a_quoting_context_is_refused(tmp_path: Path, body: str, w
     assert where in caught.value.message
 
 
+def test_refusal_names_the_line_after_continued_lines(tmp_path: Path) -> None:
+    integration = _echo_integration(tmp_path, {"value": {"type": "string"}},
+                                    'echo one \\\n  two\necho "{{ value }}"\n')
+    with pytest.raises(DefinitionError) as caught:
+        render_script(integration, integration.definition.methods[0], "install", facts(),
+                      ResolvedParams({"value": "v"}, {}, {}))
+    assert caught.value.field == "rendered line 3"
+
+
 def test_expressions_after_heredocs_and_comments_are_fine(tmp_path: Path) -> None:
     body = ("V={{ value }}  # comment with \" and '\n"
             "cat <<EOF >/dev/null\nit's \"$V\"\nEOF\n"

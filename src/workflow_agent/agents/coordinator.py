@@ -28,6 +28,7 @@ from workflow_agent.errors import (
     ExecutionFailedError,
     LeftoversError,
     NotConfirmedError,
+    UnsupportedPlatformError,
     ValidationRefusedError,
     VerificationFailedError,
     WorkflowAgentError,
@@ -320,6 +321,12 @@ class Coordinator:
             ),
             timeout=self.config.bus_timeout,
         )
+        if state.action in ("install", "uninstall") and state.action not in scripts:
+            raise UnsupportedPlatformError(
+                f"method {state.strategy.method} of {state.integration} has no "
+                f"{state.action} template",
+                hint=f"Add templates.{state.action} to that method in the definition.",
+            )
         notes = list(state.notes)
         if state.action == "uninstall" and run.baseline is None:
             notes.append(
@@ -366,9 +373,13 @@ class Coordinator:
     async def _baseline(self, state: WorkflowState, run: _Run) -> _Outcome:
         assert run.integration is not None and state.facts is not None
         spec = run.integration.definition.uninstall
-        installed = bool(spec.packages) and all(
-            p in state.facts.installed_packages for p in spec.packages
-        )
+        if spec.packages:
+            installed = all(p in state.facts.installed_packages for p in spec.packages)
+        else:
+            # Nothing tells whether it is installed: keep the first install's baseline.
+            installed = self.history.latest_snapshot(
+                target=state.target_identity or "", integration=state.integration
+            ) is not None
         if installed:
             return _Outcome(detail={"skipped": "already installed; the first install's "
                                     "baseline stays the reference"})

@@ -60,10 +60,12 @@ def _coerce(name: str, spec: ParameterSpec, value: Any) -> Any:
 
 
 def _check(name: str, spec: ParameterSpec, value: Any) -> None:
-    if spec.choices is not None and value not in spec.choices:
-        raise ParameterError(
-            name, f"{value!r} is not one of {', '.join(map(str, spec.choices))}"
-        )
+    if spec.choices is not None:
+        for item in value if isinstance(value, list) else [value]:
+            if item not in spec.choices:
+                raise ParameterError(
+                    name, f"{item!r} is not one of {', '.join(map(str, spec.choices))}"
+                )
     if isinstance(value, int | float) and not isinstance(value, bool):
         if spec.minimum is not None and value < spec.minimum:
             raise ParameterError(name, f"{value} is below the minimum {spec.minimum:g}")
@@ -79,6 +81,18 @@ def _check(name: str, spec: ParameterSpec, value: Any) -> None:
                     f"{shown} does not match the pattern {spec.pattern}",
                     hint=spec.description or None,
                 )
+
+
+#: A stand-in value of each type, to check a definition's checks without real values.
+SAMPLES: dict[str, Any] = {"string": "x", "integer": 1, "number": 1.0, "boolean": False,
+                           "list": []}
+
+
+def checked_default(name: str, spec: ParameterSpec) -> Any:
+    """The default coerced and checked like a given value (``ParameterError`` if bad)."""
+    value = _coerce(name, spec, spec.default)
+    _check(name, spec, value)
+    return value
 
 
 def resolve_params(

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import ValidationError
 
-from workflow_agent.errors import DefinitionError, UnknownIntegrationError
+from workflow_agent.errors import DefinitionError, ParameterError, UnknownIntegrationError
+from workflow_agent.integrations.params import SAMPLES, checked_default
 from workflow_agent.integrations.schema import ACTIONS, Definition
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -84,7 +85,7 @@ def load_integration(
         raise DefinitionError(str(path), _error_field(dict(first)), first["msg"]) from exc
     integration = Integration(definition, root, source, extension or IntegrationBase())
     _check_templates(integration, path)
-    _check_checks(integration, path)
+    _check_parameters_and_checks(integration, path)
     return integration
 
 
@@ -100,17 +101,24 @@ def _check_templates(integration: Integration, path: Path) -> None:
                 )
 
 
-def _check_checks(integration: Integration, path: Path) -> None:
-    # Render every check with the default parameters so a typo fails at load, not mid-run.
+def _check_parameters_and_checks(integration: Integration, path: Path) -> None:
+    # Defaults must pass their own type, range and pattern; and every check must render
+    # with the defaults (a stand-in where there is none), so a typo fails at load.
     from workflow_agent.scripting.render import render_checks
 
-    defaults = {
-        name: spec.default
-        for name, spec in integration.definition.parameters.items()
-        if spec.default is not None
-    }
+    values: dict[str, Any] = {}
+    for name, spec in integration.definition.parameters.items():
+        if spec.secret:
+            continue  # checks never see secrets
+        if spec.default is None:
+            values[name] = SAMPLES[spec.type]
+            continue
+        try:
+            values[name] = checked_default(name, spec)
+        except ParameterError as exc:
+            raise DefinitionError(str(path), f"parameters.{name}.default", exc.message) from exc
     try:
-        render_checks(integration.definition.checks, defaults)
+        render_checks(integration.definition.checks, values)
     except ValueError as exc:
         raise DefinitionError(str(path), "checks", str(exc)) from exc
 

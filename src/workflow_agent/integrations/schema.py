@@ -15,6 +15,9 @@ from workflow_agent.validators import Regex
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]*$"
 ACTIONS = ("install", "verify", "uninstall")
+#: Template variables the tool provides; a parameter may not hide one of them.
+RESERVED_NAMES = frozenset({"params", "facts", "integration", "method", "action", "uninstall",
+                            "purge", "remove_users", "remove_groups", "remove_paths"})
 
 ParameterType = Literal["string", "integer", "number", "boolean", "list"]
 
@@ -125,6 +128,8 @@ class Definition(_Strict):
         for name in value:
             if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
                 raise ValueError(f"parameter name {name!r} must be lower_snake_case")
+            if name in RESERVED_NAMES:
+                raise ValueError(f"parameter name {name!r} is a built-in template variable")
         return value
 
     @model_validator(mode="after")

@@ -126,6 +126,7 @@ def _unquote_contexts(text: str) -> tuple[str, list[tuple[int, str]]]:
                 i, line = _heredoc_bodies(text, i, line, pending, out, problems)
         elif char == "\\" and state in ("plain", "double quotes"):
             if i < len(text) and text[i] != _MARK:
+                line += text[i] == "\n"
                 out.append(text[i])
                 i += 1
         elif state == "plain":
