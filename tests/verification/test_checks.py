@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from workflow_agent.execution.local import LocalTarget
+from workflow_agent.execution.sandbox import SandboxTarget
 from workflow_agent.verification.checks import (
     CheckResult,
     CheckSpec,
@@ -172,7 +174,7 @@ def test_process_running_ignores_its_own_scan() -> None:
 
 def test_port_listening(server_port: int) -> None:
     ok = run(PortListening(port=server_port))
-    assert ok.passed and ok.detail == f"listening on 127.0.0.1:{server_port}"
+    assert ok.passed and ok.detail.startswith(f"listening on 127.0.0.1:{server_port} (pid ")
     assert ok.name == f"port {server_port} listening"
     assert run(PortListening(port=server_port, host="127.0.0.1")).passed
     elsewhere = run(PortListening(port=server_port, host="10.1.2.3"))
@@ -186,7 +188,19 @@ def test_port_listening_ipv6_wildcard_serves_ipv4() -> None:
         sock.listen()
         port = sock.getsockname()[1]
         result = run(PortListening(port=port, host="127.0.0.1"))
-    assert result.passed and result.detail == f"listening on [::]:{port}"
+    assert result.passed and result.detail == f"listening on [::]:{port} (pid {os.getpid()})"
+
+
+@pytest.mark.sandbox
+def test_port_held_outside_the_target_does_not_count(sandbox: SandboxTarget) -> None:
+    """A sandbox sharing the host network sees the host's sockets; they prove nothing."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = asyncio.run(PortListening(port=port).run(sandbox))
+    assert not result.passed
+    assert "no process on this target owns the socket" in result.detail
 
 
 def test_port_with_nothing_listening_fails_clearly() -> None:

@@ -245,20 +245,30 @@ class PortListening(Check):
         return wildcard or addr == want
 
     async def _probe(self, target: Target, timeout: float) -> _Outcome:
+        # Socket owners too: a sandbox sharing the host's network sees the host's sockets,
+        # and a port some other namespace's process holds proves nothing about the target.
         script = r"""printf '\1\0' | od -An -tx2
+echo "--uid $(id -u)"
 echo '--tcp'; cat /proc/net/tcp 2>/dev/null
 echo '--tcp6'; cat /proc/net/tcp6 2>/dev/null
+echo '--owners'; find /proc/[0-9]*/fd -lname 'socket:*' -printf '%h %l\n' 2>/dev/null
 true"""
         result = await target.run(script, timeout=timeout)
         if not result.ok:
             return _failure(result, "socket scan")
         first, *lines = result.stdout.splitlines()
         little_endian = first.strip() == "0001"
+        root = "--uid 0" in lines
+        owners: dict[str, set[int]] = {}
         listening: list[str] = []
-        serving = False
+        inodes: list[str] = []
         for line in lines:
             cols = line.split()
-            if len(cols) < 4 or cols[3] != "0A" or ":" not in cols[1]:  # 0A is TCP_LISTEN
+            if len(cols) == 2 and cols[1].startswith("socket:["):
+                pid = cols[0].split("/")[2]
+                owners.setdefault(cols[1][8:-1], set()).add(int(pid))
+                continue
+            if len(cols) < 10 or cols[3] != "0A" or ":" not in cols[1]:  # 0A is TCP_LISTEN
                 continue
             hexaddr, hexport = cols[1].split(":")
             if int(hexport, 16) != self.port:
@@ -266,9 +276,18 @@ true"""
             addr = _decode_proc_address(hexaddr, little_endian)
             shown = f"[{addr}]" if addr.version == 6 else str(addr)
             listening.append(f"{shown}:{self.port}")
-            serving = serving or self._serves(addr)
+            if self._serves(addr):
+                inodes.append(cols[9])
         listening = list(dict.fromkeys(listening))  # SO_REUSEPORT: one line per socket
-        if serving:
+        if inodes:
+            pids = sorted(set().union(*(owners.get(inode, set()) for inode in inodes)))
+            if pids:
+                return _Outcome(True, f"listening on {', '.join(listening)} "
+                                      f"(pid {', '.join(map(str, pids))})")
+            if root:
+                return _Outcome(False, f"port {self.port} is listening, but no process on this "
+                                "target owns the socket: it belongs to another namespace "
+                                "(e.g. the host's, when a sandbox shares the host network)")
             return _Outcome(True, "listening on " + ", ".join(listening))
         if listening:
             return _Outcome(False, f"listening only on {', '.join(listening)}, not {self.host}")
