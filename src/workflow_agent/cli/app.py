@@ -249,6 +249,7 @@ def demo(
     try:
         params = _parse_params(param)
         container = _container(config, target="sandbox")
+        params = _free_ports(container, integration, params, output)
         states = asyncio.run(_demo(container, integration, params, output, verbose))
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
@@ -261,6 +262,34 @@ def demo(
             out.print("[bold green]demo passed:[/] installed, verified, uninstalled; "
                       "nothing the install added is left behind.")
     raise typer.Exit(next((s.exit_code for s in states if s.exit_code), 0))
+
+
+def _free_ports(
+    container: Container, integration: str, params: dict[str, str], output: OutputFormat
+) -> dict[str, str]:
+    """Move default ports that are busy here: the sandbox shares this host's network."""
+    import socket
+
+    from workflow_agent.cli.output import err
+
+    chosen = dict(params)
+    for name, spec in container.registry.get(integration).definition.parameters.items():
+        if spec.type != "integer" or not name.endswith("port") or name in params:
+            continue
+        if not isinstance(spec.default, int) or isinstance(spec.default, bool):
+            continue
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", spec.default))
+                continue
+            except OSError:
+                probe.bind(("", 0))
+                chosen[name] = str(probe.getsockname()[1])
+        if output is OutputFormat.text:
+            err.print(f"[yellow]note:[/] port {spec.default} is in use on this host, which the "
+                      f"sandbox shares; using {name}={chosen[name]}")
+    return chosen
 
 
 async def _demo(
