@@ -69,7 +69,7 @@ def stage_durations(env: dict[str, str], ids: Sequence[str]) -> dict[str, list[f
 
 def stages_total(stages: dict[str, list[float]]) -> float:
     """Median over the workflows of the sum of their stages."""
-    return statistics.median(sum(r) for r in zip(*stages.values(), strict=False))
+    return float(statistics.median(sum(r) for r in zip(*stages.values(), strict=False)))
 
 
 def print_stages(title: str, stages: dict[str, list[float]], wall: float | None = None) -> None:

@@ -36,6 +36,12 @@ def daemon_running() -> bool:
     return subprocess.run([INIT, "status"], capture_output=True, check=False).returncode == 0
 
 
+def daemon_pid() -> str | None:
+    """The pid in the init script's pid file, if there is one."""
+    pid_file = Path("/run/prometheus/prometheus-node-exporter.pid")
+    return pid_file.read_text().strip() if pid_file.exists() else None
+
+
 def _user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)

@@ -45,12 +45,18 @@ class Series:
         return f"target < {self.target:.2f} {self.unit}: {mark} {self.note}".rstrip()
 
 
+def runs_default(default_runs: int) -> int:
+    """The BENCH_RUNS environment variable if set, else ``default_runs``."""
+    return int(os.environ.get("BENCH_RUNS", default_runs))
+
+
 def parse_args(description: str, default_runs: int) -> argparse.Namespace:
-    """``--runs N`` (default ``default_runs``, or the BENCH_RUNS environment variable)."""
-    parser = argparse.ArgumentParser(description=description)
+    """``--runs N`` (default: $BENCH_RUNS, else ``default_runs``)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--runs", "-n", type=int, default=int(os.environ.get("BENCH_RUNS", default_runs)),
-        help=f"timed runs per command (default {default_runs}, or $BENCH_RUNS)",
+        "--runs", "-n", type=int, default=runs_default(default_runs),
+        help=f"timed runs per command (default: $BENCH_RUNS, else {default_runs})",
     )
     args = parser.parse_args()
     if args.runs < 1:

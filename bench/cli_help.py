@@ -6,6 +6,8 @@ from _agent import agent, agent_env
 from _timing import Series, parse_args, print_table, sample
 
 TARGET = 0.3
+DEFAULT_RUNS = 20
+CHANGES_HOST = False
 
 
 def main(runs: int) -> None:
@@ -16,4 +18,4 @@ def main(runs: int) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args(__doc__ or "", default_runs=20).runs)
+    main(parse_args(__doc__ or "", DEFAULT_RUNS).runs)

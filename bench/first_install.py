@@ -15,6 +15,8 @@ from _timing import BenchError, Command, Series, parse_args, print_table, run, t
 
 RATIO = 1.2  # target: workflow-agent within 1.2x of bash
 LOCAL = ("--target", "local", "--yes")
+DEFAULT_RUNS = 3
+CHANGES_HOST = True
 
 
 def make_clean(after: str) -> None:
@@ -77,4 +79,4 @@ def main(runs: int) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args(__doc__ or "", default_runs=3).runs)
+    main(parse_args(__doc__ or "", DEFAULT_RUNS).runs)

@@ -9,6 +9,9 @@ from __future__ import annotations
 from _agent import NODE_EXPORTER, agent, agent_env
 from _timing import Series, parse_args, peak_rss_mib, print_table, sample
 
+DEFAULT_RUNS = 10
+CHANGES_HOST = False
+
 
 def main(runs: int) -> None:
     cmd = agent("plan", NODE_EXPORTER, "--target", "local", "-o", "json")
@@ -21,4 +24,4 @@ def main(runs: int) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args(__doc__ or "", default_runs=10).runs)
+    main(parse_args(__doc__ or "", DEFAULT_RUNS).runs)
