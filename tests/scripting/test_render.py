@@ -169,31 +169,34 @@ def test_failing_line_is_reported(tmp_path: Path) -> None:
     assert "never" not in result.stdout
 
 
-CASES = {
-    f"apt-{init}": (facts(init), {}) for init in ("systemd", "sysv", "none")
-} | {"apt-sysv-custom": (facts("sysv"), {"listen_address": "127.0.0.1", "listen_port": "9999",
-                                          "disable_collectors": "wifi,hwmon"})}
+BUILTINS = {i.name: i for i in Registry.discover(entry_points=False)}
+CUSTOM = {"prometheus-node-exporter": {"listen_address": "127.0.0.1", "listen_port": "9999",
+                                       "disable_collectors": "wifi,hwmon"}}
+CASES = [(name, f"apt-{init}", init, {}) for name in sorted(BUILTINS)
+         for init in ("systemd", "sysv", "none")]
+CASES += [(name, "apt-sysv-custom", "sysv", params) for name, params in CUSTOM.items()]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_golden_scripts(case: str) -> None:
+@pytest.mark.parametrize(("name", "case", "init", "given"), CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_golden_scripts(name: str, case: str, init: str, given: dict[str, str]) -> None:
     """Facts + parameters in, exact scripts out. UPDATE_GOLDEN=1 rewrites the files."""
-    case_facts, given_params = CASES[case]
-    for integration in Registry.discover(entry_points=False):
-        params = resolve_params(integration.definition, given_params, {})
-        for method in integration.definition.methods:
-            extra = {"purge": True, "remove_users": ["prometheus"],
-                     "remove_groups": ["prometheus"], "remove_paths": ["/var/lib/prometheus"]}
-            for action in ("install", "verify", "uninstall"):
-                script = render_script(integration, method, action, case_facts, params, extra)
-                if script is None:
-                    continue
-                path = GOLDEN / integration.name / case / f"{action}.sh"
-                if os.environ.get("UPDATE_GOLDEN"):
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(script.text)
-                assert path.exists(), f"no golden file {path}: run with UPDATE_GOLDEN=1"
-                assert script.text == path.read_text(), f"{path} differs"
+    integration = BUILTINS[name]
+    params = resolve_params(integration.definition, given, {})
+    uninstall = integration.definition.uninstall
+    extra = {"purge": True, "remove_users": uninstall.users,
+             "remove_groups": uninstall.groups, "remove_paths": uninstall.paths}
+    for method in integration.definition.methods:
+        for action in ("install", "verify", "uninstall"):
+            script = render_script(integration, method, action, facts(init), params, extra)
+            if script is None:
+                continue
+            path = GOLDEN / name / case / f"{action}.sh"
+            if os.environ.get("UPDATE_GOLDEN"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(script.text)
+            assert path.exists(), f"no golden file {path}: run with UPDATE_GOLDEN=1"
+            assert script.text == path.read_text(), f"{path} differs"
 
 
 def test_every_builtin_is_covered_by_golden_files() -> None:

@@ -18,3 +18,5 @@ if getent group prometheus >/dev/null; then
   groupdel prometheus
 fi
 rm -rf -- /var/lib/prometheus
+rm -rf -- /var/log/prometheus
+rm -rf -- /run/prometheus

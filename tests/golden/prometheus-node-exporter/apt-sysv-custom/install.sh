@@ -9,7 +9,7 @@ DISABLED=(wifi hwmon)
 
 if ! dpkg-query -W -f '${Status}' "$PACKAGE" 2>/dev/null | grep -q 'install ok installed'; then
   # A fresh system may never have fetched package lists.
-  if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
+  if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
     apt-get update
   fi
   apt-get install -y --no-install-recommends "$PACKAGE"
