@@ -4,19 +4,34 @@ The rules and their codes are listed in :data:`RULES`. Commands are found wherev
 (if/for/while/case, functions, subshells, pipelines, substitutions, heredoc redirects), and
 wrappers such as ``sudo``, ``env``, ``command``, ``nohup`` or ``timeout`` are looked through
 to the command that really runs. A literal ``sh -c '…'`` program is checked as a script too.
+Reading commands and words off the tree is :mod:`~workflow_agent.scripting.shellwords`' job.
 """
 
 from __future__ import annotations
 
-import functools
 import posixpath
 import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
-import tree_sitter
-import tree_sitter_bash
-
+from workflow_agent.scripting.shellwords import (
+    SUBSTITUTIONS,
+    Command,
+    Expansion,
+    Node,
+    descendants,
+    interpreter_kind,
+    node_text,
+    parser,
+    program_source,
+    render_parts,
+    resolve_command,
+    shell_text,
+    static_value,
+    stdin_redirects,
+    word_parts,
+    word_set,
+)
 from workflow_agent.scripting.validate import Finding, Severity
 
 __all__ = ["RULES", "check_policy"]
@@ -63,272 +78,23 @@ RULES: dict[str, tuple[Severity, str]] = {
 }
 
 _MAX_NESTED_SCRIPT_DEPTH = 3  # sh -c 'sh -c "…"' nesting still looked into
-_MAX_WORD_DEPTH = 40  # deeper word nesting is treated as an opaque expansion
 
-
-def _words(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-_DOWNLOADERS = _words("curl wget fetch aria2c")
-_SHELLS = _words("sh bash zsh dash ksh mksh ash")
-_BUILTINS = _words(
+_DOWNLOADERS = word_set("curl wget fetch aria2c")
+_BUILTINS = word_set(
     "echo printf test [ [[ export local declare read cd set unset : true false return exit "
     "typeset readonly shift source . alias unalias let getopts trap wait umask type hash "
     "pushd popd dirs shopt mapfile readarray kill break continue builtin command eval "
     "ulimit times caller enable help history jobs fg bg disown suspend logout pwd"
 )
-_FIREWALL_UNITS = _words("firewalld ufw nftables iptables ip6tables netfilter-persistent")
-_FIREWALL_VERBS = _words("stop disable mask kill")
-_IPTABLES = _words("iptables ip6tables iptables-legacy iptables-nft")
-_SYSTEM_DIRS = _words(
+_FIREWALL_UNITS = word_set("firewalld ufw nftables iptables ip6tables netfilter-persistent")
+_FIREWALL_VERBS = word_set("stop disable mask kill")
+_IPTABLES = word_set("iptables ip6tables iptables-legacy iptables-nft")
+_SYSTEM_DIRS = word_set(
     "bin boot dev etc home lib lib32 lib64 opt proc root run sbin srv sys usr var")
-_READ_ONLY = _words("grep egrep fgrep rg test [ awk")  # may mention SELINUX=disabled harmlessly
-_WRITE_REDIRECTS = _words("> >> >| &> &>> <> >&")
-_SUBSTITUTIONS = _words("command_substitution process_substitution")
-_DYNAMIC = _SUBSTITUTIONS | _words("simple_expansion expansion arithmetic_expansion")
+_READ_ONLY = word_set("grep egrep fgrep rg test [ awk")  # may mention SELINUX=disabled harmlessly
+_WRITE_REDIRECTS = word_set("> >> >| &> &>> <> >&")
+_DYNAMIC = SUBSTITUTIONS | word_set("simple_expansion expansion arithmetic_expansion")
 _SELINUX_OFF = re.compile(r"SELINUX\s*=\s*['\"]?(disabled|permissive)", re.IGNORECASE)
-_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
-_DQ_ESCAPABLE = '$`"\\\n'  # what a backslash escapes inside double quotes
-
-
-@dataclass(frozen=True)
-class _Wrapper:
-    """How to skip a wrapper's own options to reach the command it runs."""
-
-    arg_chars: str = ""  # short options that take a value
-    arg_longs: frozenset[str] = frozenset()
-    positional: int = 0  # operands before the command (timeout DURATION, chroot DIR)
-    assignments: bool = False  # accepts NAME=value words (env, sudo)
-    execs: bool = True  # starts the command as a new process (not `command`/`builtin`)
-
-
-_WRAPPERS: dict[str, _Wrapper] = {
-    "sudo": _Wrapper("ugpCDhrtUTR", _words("--user --group --chdir"), 0, True),
-    "doas": _Wrapper("uC"),
-    "env": _Wrapper("uCS", _words("--unset --chdir --split-string"), 0, True),
-    "command": _Wrapper(execs=False),
-    "builtin": _Wrapper(execs=False),
-    "time": _Wrapper("fo", _words("--format --output"), execs=False),
-    "exec": _Wrapper("a"),
-    "nohup": _Wrapper(),
-    "setsid": _Wrapper(),
-    "busybox": _Wrapper(),
-    "nice": _Wrapper("n", _words("--adjustment")),
-    "ionice": _Wrapper("cnpPu"),
-    "timeout": _Wrapper("sk", _words("--signal --kill-after"), 1),
-    "stdbuf": _Wrapper("ioe", _words("--input --output --error")),
-    "chroot": _Wrapper("", _words("--userspec --groups"), 1),
-    "runuser": _Wrapper("ugGl", _words("--user --group")),
-    "xargs": _Wrapper("adEILnPs", _words("--delimiter --max-args --max-procs")),
-}
-
-# Interpreter kind -> (short flags whose value is the program text, short flags meaning "read
-# the program from stdin", short flags taking a separate value, long flags giving the program).
-_INTERPRETERS: dict[str, tuple[str, str, str, frozenset[str]]] = {
-    "shell": ("c", "s", "oO", frozenset()),
-    "python": ("cm", "", "WX", frozenset()),
-    "perl": ("eE", "", "", frozenset()),
-    "ruby": ("e", "", "", frozenset()),
-    "node": ("ep", "", "r", _words("--eval --print")),
-}
-
-
-@functools.cache
-def _parser() -> tree_sitter.Parser:
-    return tree_sitter.Parser(tree_sitter.Language(tree_sitter_bash.language()))
-
-
-_Node = tree_sitter.Node
-
-
-def _text(node: _Node) -> str:
-    return (node.text or b"").decode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
-class _Exp:
-    """An expansion inside a word; ``subst`` is a non-empty stand-in if it cannot be empty."""
-
-    var: str | None  # None for command substitution and the like
-    subst: str | None
-
-
-_Part = str | _Exp
-
-
-def _unescape(text: str, escapable: str | None) -> str:
-    """Drop backslash escapes: any character unquoted, only ``escapable`` in double quotes."""
-    return re.sub(r"\\(.)", lambda m: m.group(1) if escapable is None or m.group(1) in
-                  escapable else m.group(0), text, flags=re.DOTALL)
-
-
-def _parts(node: _Node, depth: int = 0) -> list[_Part]:
-    """Split a word into literal text and expansions, resolving quotes and escapes."""
-    kind = node.type
-    if depth > _MAX_WORD_DEPTH:
-        return [_Exp(None, None)]
-    if kind in ("word", "number"):
-        return [_unescape(_text(node), None)]
-    if kind == "raw_string":
-        return [_text(node)[1:-1]]
-    if kind == "ansi_c_string":
-        return [_text(node)[2:-1]]
-    if kind in ("string", "concatenation"):
-        parts: list[_Part] = []
-        for child in node.children:
-            if child.type == "string_content":
-                parts.append(_unescape(_text(child), _DQ_ESCAPABLE))
-            elif child.is_named:
-                parts.extend(_parts(child, depth + 1))
-            elif kind == "concatenation":
-                parts.append(_text(child))
-        return parts
-    if kind == "simple_expansion":
-        return [_Exp(_text(node)[1:], None)]
-    if kind == "expansion":
-        return [_expansion(node)]
-    return [_Exp(None, None)]
-
-
-def _expansion(node: _Node) -> _Exp:
-    """``${…}``: only ``${V:?}`` and ``${V:-literal}`` are known never to be empty."""
-    names = [c for c in node.named_children if c.type in ("variable_name", "subscript")]
-    var = _text(names[0]).split("[")[0] if names else None
-    op_node = node.child_by_field_name("operator")
-    op = _text(op_node) if op_node is not None else ""
-    if op == ":?":
-        return _Exp(var, var or "?")
-    if op in (":-", ":=") and op_node is not None:
-        default = [_static(c) for c in node.named_children if c.start_byte >= op_node.end_byte]
-        if default and None not in default and "".join(map(str, default)):
-            return _Exp(var, "".join(map(str, default)))
-    return _Exp(var, None)
-
-
-def _static(node: _Node) -> str | None:
-    """The word's value if it contains no expansion, else ``None``."""
-    parts = _parts(node)
-    return None if any(isinstance(p, _Exp) for p in parts) else "".join(map(str, parts))
-
-
-def _render(parts: list[_Part], unknown: str) -> str:
-    return "".join(p if isinstance(p, str) else (p.subst or unknown) for p in parts)
-
-
-def _shell_text(node: _Node) -> str:
-    """What an inner ``sh -c`` receives; expansions stay as source and are re-parsed there."""
-    if node.type == "raw_string":
-        return _text(node)[1:-1]
-    if node.type == "string":
-        return _unescape(_text(node)[1:-1], _DQ_ESCAPABLE)
-    if node.type == "concatenation":
-        return "".join(_shell_text(c) for c in node.named_children)
-    return _unescape(_text(node), None) if node.type == "word" else _text(node)
-
-
-def _descendants(node: _Node, *, substitutions: bool = True) -> Iterator[_Node]:
-    """Pre-order walk without recursion, so deeply nested input cannot overflow the stack."""
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        yield current
-        if substitutions or current.type not in _SUBSTITUTIONS:
-            stack.extend(reversed(current.children))
-
-
-@dataclass
-class _Cmd:
-    """A simple command with wrappers (sudo, env, …) looked through."""
-
-    node: _Node
-    words: list[_Node]  # argv as written, command name first
-    start: int  # index in ``words`` of the command that really runs
-    name: str | None  # its basename; None when the name is not literal
-    wrapped: bool  # a wrapper execs it, so it is a new process even if a builtin
-
-    @property
-    def args(self) -> list[_Node]:
-        return self.words[self.start + 1 :]
-
-
-def _skip_options(words: list[_Node], j: int, spec: _Wrapper) -> int:
-    while j < len(words):
-        head = _parts(words[j])[:1]
-        if spec.assignments and head and isinstance(head[0], str) and _ASSIGNMENT.match(head[0]):
-            j += 1  # NAME=value, where value may be an expansion
-            continue
-        if (s := _static(words[j])) is None:
-            break
-        if s == "--":
-            return j + 1
-        if s.startswith("--") and "=" not in s:
-            j += 2 if s in spec.arg_longs else 1
-        elif s.startswith("-") and len(s) > 1:
-            # In a cluster like -Eu the value of -u is the next word only if u comes last.
-            cut = next((k for k, ch in enumerate(s[1:], 1) if ch in spec.arg_chars), None)
-            j += 2 if cut == len(s) - 1 else 1
-        else:
-            break
-    return j
-
-
-def _resolve(node: _Node) -> _Cmd | None:
-    """Resolve a ``command`` node; ``None`` when nothing runs (``command -v``, ``sudo -v``)."""
-    name_node = node.child_by_field_name("name")
-    if name_node is None:
-        return None
-    if name_node.type == "command_name" and name_node.named_child_count:
-        name_node = name_node.named_children[0]  # the word inside
-    words = [name_node, *node.children_by_field_name("argument")]
-    start, wrapped = 0, False
-    for _ in range(8):  # longer wrapper chains are not realistic
-        literal = _static(words[start])
-        name = posixpath.basename(literal) if literal is not None else None
-        spec = _WRAPPERS.get(name or "")
-        if spec is None:
-            return _Cmd(node, words, start, name, wrapped)
-        if name == "command" and any(_static(w) in ("-v", "-V") for w in words[start + 1 :]):
-            return None
-        nxt = _skip_options(words, start + 1, spec) + spec.positional
-        if nxt >= len(words):
-            return None if start == 0 and spec.execs else _Cmd(node, words, start, name, wrapped)
-        start, wrapped = nxt, wrapped or spec.execs
-    return _Cmd(node, words, start, None, wrapped)
-
-
-def _interpreter_kind(name: str | None) -> str | None:
-    if name in _SHELLS:
-        return "shell"
-    if name is not None and re.fullmatch(r"(python|pypy)[0-9.]*", name):
-        return "python"
-    return {"perl": "perl", "ruby": "ruby", "node": "node", "nodejs": "node"}.get(name or "")
-
-
-def _program_source(kind: str, args: list[_Node]) -> tuple[str, int]:
-    """Where an interpreter reads its program: ("stdin"|"string"|"file", index into args)."""
-    string_flags, stdin_flags, arg_flags, long_string = _INTERPRETERS[kind]
-    from_stdin, i = False, 0
-    while i < len(args):
-        s = _static(args[i])
-        if s == "--":
-            i += 1
-            break
-        if s is None or len(s) < 2 or not s.startswith(("-", "+")):
-            break
-        if s in long_string:
-            return "string", i + 1
-        if not s.startswith("--"):
-            if any(ch in string_flags for ch in s[1:]):  # python -m names a module, not code
-                return ("file" if kind == "python" and "m" in s else "string"), i + 1
-            from_stdin = from_stdin or any(ch in stdin_flags for ch in s[1:])
-            i += 1 if s[-1] in arg_flags else 0
-        elif s in ("--rcfile", "--init-file"):
-            i += 1
-        i += 1
-    if from_stdin or i >= len(args) or _static(args[i]) == "-":
-        return "stdin", i
-    return "file", i
 
 
 @dataclass
@@ -340,13 +106,13 @@ class _Checker:
     depth: int
     findings: list[Finding] = field(default_factory=list)
     functions: set[str] = field(default_factory=set)
-    resolved: dict[int, _Cmd | None] = field(default_factory=dict)
+    resolved: dict[int, Command | None] = field(default_factory=dict)
     lines: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.lines = self.source.split(b"\n")
 
-    def add(self, node: _Node, code: str, **fields: str) -> None:
+    def add(self, node: Node, code: str, **fields: str) -> None:
         row, col = node.start_point
         line = self.lines[row] if row < len(self.lines) else b""
         column = len(line[:col].decode("utf-8", "replace")) + 1  # tree-sitter counts bytes
@@ -354,24 +120,24 @@ class _Checker:
         self.findings.append(Finding(layer="policy", severity=severity, line=row + 1,
                                      column=column, code=code, message=template.format(**fields)))
 
-    def cmd(self, node: _Node) -> _Cmd | None:
+    def cmd(self, node: Node) -> Command | None:
         if node.id not in self.resolved:
-            self.resolved[node.id] = _resolve(node)
+            self.resolved[node.id] = resolve_command(node)
         return self.resolved[node.id]
 
-    def commands(self, node: _Node, *, substitutions: bool = True) -> Iterator[_Cmd]:
-        for n in _descendants(node, substitutions=substitutions):
+    def commands(self, node: Node, *, substitutions: bool = True) -> Iterator[Command]:
+        for n in descendants(node, substitutions=substitutions):
             if n.type == "command" and (c := self.cmd(n)) is not None:
                 yield c
 
-    def downloads(self, node: _Node) -> bool:
+    def downloads(self, node: Node) -> bool:
         return any(c.name in _DOWNLOADERS for c in self.commands(node))
 
-    def run(self, root: _Node) -> list[Finding]:
-        self.functions = {_text(name) for n in _descendants(root) if n.type ==
+    def run(self, root: Node) -> list[Finding]:
+        self.functions = {node_text(name) for n in descendants(root) if n.type ==
                           "function_definition" and (name := n.child_by_field_name("name"))}
         incomplete = False
-        for node in _descendants(root):
+        for node in descendants(root):
             if (node.type == "ERROR" or node.is_missing) and not incomplete:
                 incomplete = True  # one warning says it; more would be noise
                 self.add(node, "policy.parse-incomplete")
@@ -381,12 +147,12 @@ class _Checker:
                 self.check_pipeline(node)
             elif node.type == "file_redirect":
                 self.check_redirect(node)
-            elif node.type == "heredoc_body" and _SELINUX_OFF.search(_text(node)):
+            elif node.type == "heredoc_body" and _SELINUX_OFF.search(node_text(node)):
                 self.add(node, "policy.selinux-disable")
         return self.findings
 
-    def check_command(self, cmd: _Cmd) -> None:
-        statics = [_static(a) for a in cmd.args]
+    def check_command(self, cmd: Command) -> None:
+        statics = [static_value(a) for a in cmd.args]
         if cmd.name == "rm":
             self.check_rm(cmd, statics)
         elif cmd.name in ("chmod", "mkdir", "install"):
@@ -398,36 +164,36 @@ class _Checker:
         self.check_secrets(cmd)
         self.check_interpreter(cmd)  # last: a nested `sh -c` program skips findings made here
 
-    def check_interpreter(self, cmd: _Cmd) -> None:
+    def check_interpreter(self, cmd: Command) -> None:
         """``bash <(curl …)``, ``sh -c "$(curl …)"``, ``bash < <(curl …)``, ``. <(curl …)``."""
         if cmd.name in (".", "source") and cmd.args and self.downloads(cmd.args[0]):
             self.add(cmd.node, "policy.curl-pipe-shell")
-        kind = _interpreter_kind(cmd.name)
+        kind = interpreter_kind(cmd.name)
         if kind is None:
             return
-        where, idx = _program_source(kind, cmd.args)
+        where, idx = program_source(kind, cmd.args)
         program = cmd.args[idx] if idx < len(cmd.args) else None
         if where == "stdin":
-            if any(self.downloads(r) for r in _stdin_redirects(cmd.node)):
+            if any(self.downloads(r) for r in stdin_redirects(cmd.node)):
                 self.add(cmd.node, "policy.curl-pipe-shell")
         elif program is not None and self.downloads(program):
             self.add(program, "policy.curl-pipe-shell")
         elif where == "string" and kind == "shell" and program is not None:
             self.check_nested(program)
 
-    def check_nested(self, program: _Node) -> None:
+    def check_nested(self, program: Node) -> None:
         """Check a ``sh -c`` program as a script of its own, mapped to our line numbers."""
         if self.depth >= _MAX_NESTED_SCRIPT_DEPTH:
             return
         seen = {(f.code, f.line) for f in self.findings}
-        for f in _check(_shell_text(program), self.secrets, self.depth + 1):
+        for f in _check(shell_text(program), self.secrets, self.depth + 1):
             line = program.start_point[0] + f.line
             if (f.code, line) not in seen and f.code != "policy.parse-incomplete":
                 message = f"in a `sh -c` program: {f.message}"
                 update = {"line": line, "column": None, "message": message}
                 self.findings.append(f.model_copy(update=update))
 
-    def check_pipeline(self, node: _Node) -> None:
+    def check_pipeline(self, node: Node) -> None:
         """A later stage is an interpreter reading its program from an earlier download."""
         stages = [c for c in node.named_children if c.type != "comment"]
         # `cat <<EOF | bash` nests the pipeline inside the heredoc redirect; its first stage
@@ -439,13 +205,13 @@ class _Checker:
             if not any(self.downloads(s) for s in stages[:i]):
                 continue
             for cmd in self.commands(stages[i], substitutions=False):
-                kind = _interpreter_kind(cmd.name)
-                if kind is not None and _program_source(kind, cmd.args)[0] == "stdin":
+                kind = interpreter_kind(cmd.name)
+                if kind is not None and program_source(kind, cmd.args)[0] == "stdin":
                     self.add(cmd.node, "policy.curl-pipe-shell")
 
-    def check_rm(self, cmd: _Cmd, statics: list[str | None]) -> None:
+    def check_rm(self, cmd: Command, statics: list[str | None]) -> None:
         options: list[str] = []
-        operands: list[_Node] = []
+        operands: list[Node] = []
         for node, s in zip(cmd.args, statics, strict=True):
             if "--" not in options and s is not None and s.startswith("-") and len(s) > 1:
                 options.append(s)
@@ -457,14 +223,14 @@ class _Checker:
         if "--no-preserve-root" in options:
             self.add(cmd.node, "policy.rm-root", path="--no-preserve-root")
         for operand in operands:
-            parts = _parts(operand)
+            parts = word_parts(operand)
             first = parts[0] if parts else ""
-            if isinstance(first, _Exp) and first.var is not None and first.subst is None:
-                self.add(operand, "policy.rm-unguarded-var", path=_text(operand), var=first.var)
-            elif _is_root_like(_render(parts, "")):  # e.g. /$SUB or $(dirname x)/* when empty
-                self.add(operand, "policy.rm-root", path=_text(operand))
+            if isinstance(first, Expansion) and first.var is not None and first.subst is None:
+                self.add(operand, "policy.rm-unguarded-var", path=node_text(operand), var=first.var)
+            elif _is_root_like(render_parts(parts, "")):  # e.g. /$SUB or $(dirname x)/* when empty
+                self.add(operand, "policy.rm-root", path=node_text(operand))
 
-    def check_mode(self, cmd: _Cmd, statics: list[str | None]) -> None:
+    def check_mode(self, cmd: Command, statics: list[str | None]) -> None:
         if cmd.name == "chmod":  # the first operand is the mode
             modes = [next((s for s in statics if s is None or not s.startswith("-")), None)]
         else:  # mkdir -m MODE, install -m MODE
@@ -474,13 +240,13 @@ class _Checker:
             if mode is not None and (code := _mode_rule(mode)) is not None:
                 self.add(cmd.node, code, cmd=cmd.name or "", mode=mode)
 
-    def check_eval(self, cmd: _Cmd) -> None:
+    def check_eval(self, cmd: Command) -> None:
         if any(self.downloads(a) for a in cmd.args):
             self.add(cmd.node, "policy.curl-pipe-shell")
-        dynamic = any(n.type in _DYNAMIC for a in cmd.args for n in _descendants(a))
+        dynamic = any(n.type in _DYNAMIC for a in cmd.args for n in descendants(a))
         self.add(cmd.node, "policy.eval-dynamic" if dynamic else "policy.eval-literal")
 
-    def check_protection(self, cmd: _Cmd, args: list[str]) -> None:
+    def check_protection(self, cmd: Command, args: list[str]) -> None:
         """Firewall or SELinux switched off."""
         name = cmd.name
         units = bool({a.removesuffix(".service") for a in args} & _FIREWALL_UNITS)
@@ -492,14 +258,15 @@ class _Checker:
                 or (name == "nft" and "flush" in args and "ruleset" in args)):
             self.add(cmd.node, "policy.firewall-disable")
         if (name == "setenforce" and args[:1] in (["0"], ["permissive"], ["Permissive"])) or (
-                name not in _READ_ONLY and any(_SELINUX_OFF.search(_text(a)) for a in cmd.args)):
+                name not in _READ_ONLY
+                and any(_SELINUX_OFF.search(node_text(a)) for a in cmd.args)):
             self.add(cmd.node, "policy.selinux-disable")
 
-    def check_sudoers_command(self, cmd: _Cmd, statics: list[str | None]) -> None:
+    def check_sudoers_command(self, cmd: Command, statics: list[str | None]) -> None:
         """tee / cp / mv / install / ln / rsync / dd / sed -i writing a sudoers file."""
         pairs = list(zip(cmd.args, statics, strict=True))
         positional = [a for a, s in pairs if s is None or not s.startswith("-")]
-        targets: list[_Node] = []
+        targets: list[Node] = []
         if cmd.name == "tee":
             targets = positional
         elif cmd.name in ("cp", "mv", "install", "ln", "rsync") and positional:
@@ -510,25 +277,25 @@ class _Checker:
         elif cmd.name in ("sed", "perl") and any(_in_place(s) for s in statics):
             targets = positional
         for target in targets:
-            if _is_sudoers(_render(_parts(target), "X").removeprefix("of=")):
+            if _is_sudoers(render_parts(word_parts(target), "X").removeprefix("of=")):
                 self.add(target, "policy.sudoers-write")
 
-    def check_redirect(self, node: _Node) -> None:
+    def check_redirect(self, node: Node) -> None:
         ops = [c.type for c in node.children if not c.is_named]
         target = node.child_by_field_name("destination")
         if target is not None and ops and ops[0] in _WRITE_REDIRECTS and _is_sudoers(
-                _render(_parts(target), "X")):
+                render_parts(word_parts(target), "X")):
             self.add(target, "policy.sudoers-write")
 
-    def check_secrets(self, cmd: _Cmd) -> None:
+    def check_secrets(self, cmd: Command) -> None:
         """A secret expanded into the argv of a new process (builtins and functions are fine)."""
         if not self.secrets or (
                 not cmd.wrapped and (cmd.name in _BUILTINS or cmd.name in self.functions)):
             return
-        shown = cmd.name or _text(cmd.words[cmd.start])
+        shown = cmd.name or node_text(cmd.words[cmd.start])
         for word in cmd.words:
             # Substitutions run commands of their own, which are checked on their own.
-            used = {_text(n) for n in _descendants(word, substitutions=False)
+            used = {node_text(n) for n in descendants(word, substitutions=False)
                     if n.type == "variable_name"} & self.secrets
             if used:
                 self.add(word, "policy.secret-in-argv", var=min(used), cmd=shown)
@@ -539,18 +306,6 @@ def _in_place(option: str | None) -> bool:
     if option is None or not option.startswith("-"):
         return False
     return option.startswith("--in-place") or (not option.startswith("--") and "i" in option)
-
-
-def _stdin_redirects(node: _Node) -> list[_Node]:
-    """Input redirects (``<``, ``<<<``) of a command, including its redirected statement's."""
-    redirects = node.children_by_field_name("redirect")
-    parent = node.parent
-    if parent is not None and parent.type == "redirected_statement":
-        body = parent.child_by_field_name("body")
-        if body is not None and body.id == node.id:
-            redirects = redirects + parent.children_by_field_name("redirect")
-    return [r for r in redirects if r.type == "herestring_redirect" or (
-        r.type == "file_redirect" and any(c.type == "<" for c in r.children))]
 
 
 def _is_root_like(path: str) -> bool:
@@ -596,7 +351,7 @@ def _mode_rule(mode: str) -> str | None:
 def _check(script: str, secrets: frozenset[str], depth: int) -> list[Finding]:
     # surrogatepass: any str must encode; tree-sitter copes with the resulting odd bytes.
     source = script.encode("utf-8", "surrogatepass")
-    return _Checker(source, secrets, depth).run(_parser().parse(source).root_node)
+    return _Checker(source, secrets, depth).run(parser().parse(source).root_node)
 
 
 def check_policy(script: str, *, secret_env: Collection[str]) -> list[Finding]:

@@ -152,7 +152,7 @@ def _identity(path: Path | str | None) -> str:
 def _code_fingerprint() -> str:
     """Hash of the validator and policy source, so editing a rule invalidates cached reports."""
     digest = hashlib.sha256(CACHE_FORMAT.encode())
-    for module in ("validate.py", "policy.py"):
+    for module in ("validate.py", "policy.py", "shellwords.py"):
         digest.update(Path(__file__).with_name(module).read_bytes())
     for dist in ("tree-sitter", "tree-sitter-bash"):
         digest.update(metadata.version(dist).encode())

@@ -4,12 +4,9 @@ SQLite (a file, in WAL mode) by default; PostgreSQL by URL. Every write is its o
 transaction, so a crash at any point loses nothing already written, and every text or
 JSON value goes through the ``Redactor`` before it reaches the database.
 
-Start-up is kept cheap: ``open()`` looks at ``alembic_version`` with plain SQLAlchemy and
-imports Alembic (slow to import) only when the schema is missing or behind
-``HEAD_REVISION``.
-
-A workflow whose row still says ``running`` but whose process is gone from this host is
-reported as ``incomplete``; the row is left alone, the status is derived on every read.
+Connecting and migrating is ``engine``'s job; the record types handed back, and the
+``incomplete`` status derived for a ``running`` workflow whose process is gone, are
+``records``'. Both are re-exported here, the import path callers use.
 """
 
 from __future__ import annotations
@@ -20,143 +17,66 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import (
-    URL,
-    Connection,
-    Engine,
-    create_engine,
-    event,
-    insert,
-    inspect,
-    make_url,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy import URL, Connection, Engine, insert, make_url, select, update
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from workflow_agent.errors import HistoryError, InvalidInputError
 from workflow_agent.secrets import Redactor
+from workflow_agent.storage.engine import (
+    HEAD_REVISION,
+    MIGRATIONS_DIR,
+    SQLITE_BUSY_TIMEOUT_MS,
+    alembic_config,
+    begin_immediate,
+    ensure_schema,
+    open_engine,
+)
+from workflow_agent.storage.records import (
+    ACTIONS,
+    FINAL_STATUSES,
+    INCOMPLETE,
+    RUNNING,
+    STAGE_STATUSES,
+    WORKFLOW_STATUSES,
+    ArtifactEntry,
+    CheckpointEntry,
+    StageEntry,
+    WorkflowRecord,
+    WorkflowSummary,
+    record_from_rows,
+    summary_from_row,
+)
 from workflow_agent.storage.tables import artifacts, checkpoints, snapshots, stages, workflows
 
-if TYPE_CHECKING:
-    from alembic.config import Config
-
-#: The newest Alembic revision in ``migrations/versions``. A database at this revision is
-#: used as is, without importing Alembic. Bump it with every new migration (a test checks).
-HEAD_REVISION = "0001"
-
-#: The Alembic environment shipped inside the package.
-MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-
-ACTIONS = frozenset({"install", "verify", "uninstall", "plan"})
-RUNNING = "running"
-#: Derived on read for a ``running`` row whose process is gone; never stored.
-INCOMPLETE = "incomplete"
-FINAL_STATUSES = frozenset({"succeeded", "failed", "refused"})
-WORKFLOW_STATUSES = frozenset({RUNNING, INCOMPLETE, *FINAL_STATUSES})
-STAGE_STATUSES = frozenset({"succeeded", "failed", "skipped"})
+__all__ = [
+    "ACTIONS",
+    "FINAL_STATUSES",
+    "HEAD_REVISION",
+    "INCOMPLETE",
+    "MIGRATIONS_DIR",
+    "MIN_ID_PREFIX",
+    "RUNNING",
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "STAGE_STATUSES",
+    "WORKFLOW_STATUSES",
+    "ArtifactEntry",
+    "CheckpointEntry",
+    "HistoryStore",
+    "StageEntry",
+    "WorkflowRecord",
+    "WorkflowSummary",
+    "alembic_config",
+]
 
 #: Shortest id prefix ``get_workflow`` accepts: short enough to type, long enough that
 #: a collision among a few thousand uuid4 ids is very unlikely.
 MIN_ID_PREFIX = 6
 
-#: How long a writer waits for another process holding the SQLite write lock.
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-
-#: Key of the PostgreSQL advisory lock held while migrating (arbitrary, fixed).
-_PG_MIGRATION_LOCK = 0x57464147  # "WFAG"
-
-#: Connection execution option naming the statement that begins a SQLite transaction.
-_SQLITE_BEGIN = "workflow_agent_sqlite_begin"
-
 _FIND_IDS_HINT = "List recent workflows and their ids with: workflow-agent history"
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkflowSummary:
-    """One line of ``workflow-agent history``.
-
-    ``status`` is ``incomplete`` when the row says ``running`` but the process that
-    ran it is gone from this host.
-    """
-
-    id: str
-    action: str
-    integration: str
-    target: str
-    status: str
-    started_at: datetime
-    finished_at: datetime | None
-    duration: float | None
-    error: str | None
-    exit_code: int | None
-    fleet_id: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageEntry:
-    """One stage of a workflow as recorded."""
-
-    name: str
-    status: str
-    started_at: datetime
-    finished_at: datetime
-    duration: float
-    detail: dict[str, Any]
-
-
-class CheckpointEntry(NamedTuple):
-    """A checkpoint's ``(stage, created_at)``; the state itself is ``last_checkpoint``'s."""
-
-    stage: str
-    created_at: datetime
-
-
-@dataclass(frozen=True, kw_only=True)
-class ArtifactEntry:
-    """A script, output, facts document, ... that a stage produced."""
-
-    stage: str
-    kind: str
-    name: str
-    content: str
-    created_at: datetime
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkflowRecord(WorkflowSummary):
-    """Everything recorded about one workflow, in the order it was written."""
-
-    params: dict[str, Any]
-    pid: int
-    host: str
-    stages: list[StageEntry] = field(default_factory=list)
-    checkpoints: list[CheckpointEntry] = field(default_factory=list)
-    artifacts: list[ArtifactEntry] = field(default_factory=list)
-
-
-def alembic_config(url: str | None = None) -> Config:
-    """An Alembic ``Config`` for the packaged migrations; no ``alembic.ini`` involved.
-
-    Importing this module does not import Alembic; calling this does. ``url`` is only
-    needed to run Alembic commands standalone (e.g. ``revision --autogenerate``).
-    """
-    from alembic.config import Config
-
-    config = Config()
-    # Config values go through configparser interpolation: a literal % must be doubled.
-    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
-    config.set_main_option("path_separator", "os")
-    if url is not None:
-        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return config
 
 
 class HistoryStore:
@@ -200,10 +120,10 @@ class HistoryStore:
         with self._lock:
             if self._engine is not None:
                 return
-            engine = self._create_engine()
+            engine = open_engine(self.url)
             try:
                 with self._errors("open the history database"):
-                    self._ensure_schema(engine)
+                    ensure_schema(engine, where=self._display_url())
             except BaseException:
                 engine.dispose()
                 raise
@@ -411,7 +331,7 @@ class HistoryStore:
             query = query.limit(limit)
         with self._read("list workflows") as conn:
             rows = conn.execute(query).all()
-        summaries = [self._summary(row) for row in rows]
+        summaries = [summary_from_row(row, self._hostname) for row in rows]
         if derived:
             # Running rows are few, so filtering them here (after the liveness check)
             # costs nothing; the limit can only be applied afterwards.
@@ -439,34 +359,12 @@ class HistoryStore:
             artifact_rows = conn.execute(
                 select(artifacts).where(artifacts.c.workflow_id == wid).order_by(artifacts.c.id)
             ).all()
-        summary = self._summary(row)
-        return WorkflowRecord(
-            **{f.name: getattr(summary, f.name) for f in fields(WorkflowSummary)},
-            params=_load_json_object(row.params_json),
-            pid=row.pid,
-            host=row.host,
-            stages=[
-                StageEntry(
-                    name=s.name,
-                    status=s.status,
-                    started_at=s.started_at,
-                    finished_at=s.finished_at,
-                    duration=s.duration,
-                    detail=_load_json_object(s.detail_json),
-                )
-                for s in stage_rows
-            ],
-            checkpoints=[CheckpointEntry(c.stage, c.created_at) for c in checkpoint_rows],
-            artifacts=[
-                ArtifactEntry(
-                    stage=a.stage,
-                    kind=a.kind,
-                    name=a.name,
-                    content=a.content,
-                    created_at=a.created_at,
-                )
-                for a in artifact_rows
-            ],
+        return record_from_rows(
+            row,
+            self._hostname,
+            stage_rows=stage_rows,
+            checkpoint_rows=checkpoint_rows,
+            artifact_rows=artifact_rows,
         )
 
     def last_checkpoint(self, workflow_id: str) -> tuple[str, str] | None:
@@ -481,67 +379,7 @@ class HistoryStore:
             row = conn.execute(query).first()
         return None if row is None else (row.stage, row.state_json)
 
-    # -- connections and schema ------------------------------------------------------
-
-    def _create_engine(self) -> Engine:
-        url = self.url
-        is_sqlite = url.get_backend_name() == "sqlite"
-        if is_sqlite and url.database and url.database != ":memory:":
-            try:
-                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise HistoryError(
-                    f"cannot create the directory of the history database {url.database}: "
-                    f"{exc.strerror}",
-                    hint="Choose a writable location for the history database.",
-                ) from exc
-        try:
-            engine = create_engine(url)
-        except (ModuleNotFoundError, NoSuchModuleError) as exc:
-            raise HistoryError(
-                f"no database driver for {url.drivername}: {exc}",
-                hint="For PostgreSQL install psycopg: pip install 'psycopg[binary]'",
-            ) from exc
-        if is_sqlite:
-            event.listen(engine, "connect", _sqlite_on_connect)
-            event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
-
-    def _ensure_schema(self, engine: Engine) -> None:
-        with engine.connect() as conn:
-            current = _schema_revision(conn)
-        if current != HEAD_REVISION:
-            self._migrate(engine)
-
-    def _migrate(self, engine: Engine) -> None:
-        # Imported here, not at the top: importing Alembic costs more than everything
-        # else open() does, and an up-to-date database never needs it.
-        from alembic import command
-        from alembic.util import CommandError
-
-        config = alembic_config()
-        with engine.connect() as conn:
-            conn.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
-            with conn.begin():
-                # Serialise concurrent first runs: the loser waits here, then sees that
-                # the winner already migrated. SQLite gets this from BEGIN IMMEDIATE.
-                if conn.dialect.name == "postgresql":
-                    conn.execute(
-                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
-                    )
-                current = _schema_revision(conn)
-                if current == HEAD_REVISION:
-                    return
-                config.attributes["connection"] = conn
-                try:
-                    command.upgrade(config, "head")
-                except CommandError as exc:
-                    raise HistoryError(
-                        f"cannot migrate the history database from schema revision "
-                        f"{current!r} to {HEAD_REVISION!r}: {exc}",
-                        hint="If a newer workflow-agent wrote this database, upgrade this "
-                        f"one; otherwise move {self._display_url()} aside to start afresh.",
-                    ) from exc
+    # -- connections and errors ------------------------------------------------------
 
     def _require_engine(self) -> Engine:
         engine = self._engine
@@ -556,9 +394,8 @@ class HistoryStore:
         """A connection inside a write transaction that commits when the block ends."""
         engine = self._require_engine()
         with self._errors(doing), engine.connect() as conn:
-            # Take the SQLite write lock up front: a deferred transaction that reads and
-            # then writes can fail with "database is locked" without waiting.
-            conn.execution_options(**{_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
+            # Take the SQLite write lock up front, so reading then writing cannot fail.
+            begin_immediate(conn)
             with conn.begin():
                 yield conn
 
@@ -633,27 +470,6 @@ class HistoryStore:
             )
         return rows[0]
 
-    def _summary(self, row: Any) -> WorkflowSummary:
-        return WorkflowSummary(
-            id=row.id,
-            action=row.action,
-            integration=row.integration,
-            target=row.target,
-            status=self._derive_status(row.status, row.pid, row.host),
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            duration=row.duration,
-            error=row.error,
-            exit_code=row.exit_code,
-            fleet_id=row.fleet_id,
-        )
-
-    def _derive_status(self, status: str, pid: int, host: str) -> str:
-        # Another host's processes cannot be checked from here: trust the row.
-        if status != RUNNING or host != self._hostname:
-            return status
-        return RUNNING if _pid_alive(pid) else INCOMPLETE
-
     def _dump_json(self, value: object) -> str:
         """``value`` as JSON text, every string in it (keys too) redacted."""
         # Redacting the structure, not just the JSON text, matters: a secret containing
@@ -697,58 +513,6 @@ class HistoryStore:
         return self.redactor.redact(str(value))
 
 
-def _sqlite_on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
-    # SQLAlchemy emits BEGIN itself (see _sqlite_on_begin); the sqlite3 module's own
-    # transaction handling skips BEGIN for reads and DDL, which breaks both the
-    # migration lock and consistent multi-query reads.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        # WAL: readers (`workflow-agent history`) never block the running workflow.
-        cursor.execute("PRAGMA journal_mode = WAL")
-        # FULL: each commit is fsynced, so not even a power cut loses a recorded step.
-        # (NORMAL would survive a killed process but not the machine going down.) It
-        # costs about 0.25 ms per commit on an SSD, ~1.3 ms for a whole small workflow.
-        cursor.execute("PRAGMA synchronous = FULL")
-    finally:
-        cursor.close()
-
-
-def _sqlite_on_begin(conn: Connection) -> None:
-    conn.exec_driver_sql(conn.get_execution_options().get(_SQLITE_BEGIN, "BEGIN"))
-
-
-def _schema_revision(conn: Connection) -> str | None:
-    """The Alembic revision the database is at, ``None`` for an empty database."""
-    if not inspect(conn).has_table("alembic_version"):
-        return None
-    versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    # More than one row would mean merged branches; let Alembic sort that out.
-    return versions[0] if len(versions) == 1 else None
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if process ``pid`` exists on this host and is not a zombie."""
-    if pid <= 0:
-        # os.kill(0, ...) would signal our whole process group.
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, it just belongs to another user
-    # A killed process nobody has reaped yet still answers signals; on Linux its state
-    # in /proc says Z. Elsewhere there is no cheap way to tell, so it counts as alive.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
-
-
 def _check_choice(what: str, value: str, allowed: frozenset[str]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {sorted(allowed)}")
@@ -766,19 +530,3 @@ def _now() -> datetime:
 
 def _unknown_workflow(workflow_id: str) -> HistoryError:
     return HistoryError(f"no workflow with id {workflow_id!r} in the history", hint=_FIND_IDS_HINT)
-
-
-def _load_json_object(raw: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise HistoryError(
-            f"the history holds invalid JSON: {exc}",
-            hint="The history database may be damaged; move it aside to start afresh.",
-        ) from exc
-    if not isinstance(value, dict):
-        raise HistoryError(
-            f"the history holds {type(value).__name__} where an object was expected",
-            hint="The history database may be damaged; move it aside to start afresh.",
-        )
-    return value

@@ -307,7 +307,7 @@ def _parse(
         # model_construct: a host snapshot has tens of thousands of entries, and the
         # fields were just parsed and checked here; validating each costs ~0.5 s.
         snapshot.files[path] = FileEntry.model_construct(
-            type=kind, mode=int(mode, 8), uid=int(uid), gid=int(gid), size=int(size),
+            type=cast(FileType, kind), mode=int(mode, 8), uid=int(uid), gid=int(gid), size=int(size),
             sha256=hashes.get(path) if regular else None,
             mtime=mtime if regular and int(size) >= hash_limit else None,
             target=link if kind == "l" else None,

@@ -1,7 +1,7 @@
 """Alembic environment for the history store, shipped inside the package.
 
 There is no ``alembic.ini``: ``HistoryStore`` builds an ``alembic.config.Config`` in code
-(see ``workflow_agent.storage.history.alembic_config``) and hands over its own open
+(see ``workflow_agent.storage.engine.alembic_config``) and hands over its own open
 connection in ``config.attributes["connection"]``, inside a transaction it already holds
 the migration lock for. For development (``alembic revision --autogenerate``), build the
 same config with a URL instead and call ``alembic.command`` on it; a throw-away engine is

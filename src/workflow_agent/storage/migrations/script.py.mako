@@ -6,7 +6,7 @@ Create Date: ${create_date}
 
 Migrations are frozen history: they spell out their own column types instead of
 importing ``workflow_agent.storage.tables``, which keeps moving. After adding one,
-update ``HEAD_REVISION`` in ``workflow_agent/storage/history.py`` (a test checks).
+update ``HEAD_REVISION`` in ``workflow_agent/storage/engine.py`` (a test checks).
 """
 
 from __future__ import annotations
