@@ -20,7 +20,7 @@ import posixpath
 import re
 import shlex
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -307,7 +307,8 @@ def _parse(
         # model_construct: a host snapshot has tens of thousands of entries, and the
         # fields were just parsed and checked here; validating each costs ~0.5 s.
         snapshot.files[path] = FileEntry.model_construct(
-            type=cast(FileType, kind), mode=int(mode, 8), uid=int(uid), gid=int(gid), size=int(size),
+            type=cast(FileType, kind), mode=int(mode, 8), uid=int(uid), gid=int(gid),
+            size=int(size),
             sha256=hashes.get(path) if regular else None,
             mtime=mtime if regular and int(size) >= hash_limit else None,
             target=link if kind == "l" else None,
