@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import posixpath
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,9 +77,20 @@ _INTERPRETERS: dict[str, tuple[str, str, str, frozenset[str]]] = {
 
 
 @functools.cache
+def _language() -> tree_sitter.Language:
+    return tree_sitter.Language(tree_sitter_bash.language())
+
+
+_local = threading.local()
+
+
 def parser() -> tree_sitter.Parser:
-    """The bash parser, built once: loading the grammar is the slow part."""
-    return tree_sitter.Parser(tree_sitter.Language(tree_sitter_bash.language()))
+    """This thread's bash parser: a Parser must not be shared between threads, and
+    validation runs in worker threads."""
+    found: tree_sitter.Parser | None = getattr(_local, "parser", None)
+    if found is None:
+        found = _local.parser = tree_sitter.Parser(_language())
+    return found
 
 
 #: A node of the syntax tree ``parser()`` produces.
