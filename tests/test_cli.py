@@ -122,8 +122,9 @@ def test_secret_never_printed_or_stored(tmp_path: Path, env: dict[str, str]) -> 
     assert secret not in result.stdout + result.stderr
     shown = cli(env, "show", json.loads(cli(env, "history", "-o", "json").stdout)[0]["id"])
     assert "licence is ********" in shown.stdout and secret not in shown.stdout
-    for path in (tmp_path / "data").iterdir():
-        assert secret.encode() not in path.read_bytes(), path
+    for path in (tmp_path / "data").rglob("*"):  # the database and the spool
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.sandbox
@@ -137,14 +138,13 @@ def test_killed_run_shows_as_incomplete_and_loses_nothing(
     try:
         deadline = time.monotonic() + 60
         stages: list[str] = []
-        database = tmp_path / "data" / "history.db"
+        data = tmp_path / "data"
         while "baseline" not in stages and time.monotonic() < deadline:
             time.sleep(0.2)
-            if database.exists():
-                with HistoryStore.for_path(database) as store:
-                    listed = store.list_workflows(limit=1)
-                    if listed:
-                        stages = [s.name for s in store.get_workflow(listed[0].id).stages]
+            with HistoryStore.for_path(data / "history.db", spool_dir=data / "spool") as store:
+                listed = store.list_workflows(limit=1)
+                if listed:
+                    stages = [s.name for s in store.get_workflow(listed[0].id).stages]
         assert "baseline" in stages, "the run never reached its execute stage"
         time.sleep(0.5)  # inside the install script now
     finally:

@@ -18,13 +18,13 @@ class WorkflowAgent:
     def __init__(self, container: Container) -> None:
         self.container = container
         bus = container.bus
-        HistoryRecorder(container.history).attach(bus)
+        HistoryRecorder(container.history_writer).attach(bus)
         KnowledgeAgent(container.registry).attach(bus)
         ScriptBuilderAgent(container.config.cache_dir).attach(bus)
         ExecutionAgent(container.pool, container.redactor).attach(bus)
         VerificationAgent(container.pool).attach(bus)
         self.coordinator = Coordinator(
-            bus, container.pool, container.config, container.redactor, container.history
+            bus, container.pool, container.config, container.redactor, lambda: container.history
         )
 
     async def run(self, request: WorkflowRequest, confirm: Confirm | None = None) -> WorkflowState:

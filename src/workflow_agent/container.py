@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workflow_agent.bus import MemoryBus, MessageBus
 from workflow_agent.config import WorkflowConfiguration
@@ -16,7 +18,10 @@ from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.target import Target
 from workflow_agent.integrations.registry import Registry
 from workflow_agent.secrets import Redactor
-from workflow_agent.storage.history import HistoryStore
+from workflow_agent.storage.spool import HistorySpool, HistoryWriter
+
+if TYPE_CHECKING:
+    from workflow_agent.storage.history import HistoryStore
 
 TARGET_KINDS = ("local", "sandbox")
 
@@ -45,14 +50,34 @@ class Container:
         """The message bus (in-memory unless one was given)."""
         return self._bus or MemoryBus()
 
+    @property
+    def spool_dir(self) -> Path:
+        """Where runs spool their history writes until the store ingests them."""
+        return self.config.data_dir / "spool"
+
     @functools.cached_property
     def history(self) -> HistoryStore:
-        """The opened history store; every write goes through the run's redactor."""
+        """The opened history store (it ingests the spool); reads go here."""
+        from workflow_agent.storage.history import HistoryStore
+
         store = self._history or HistoryStore(
-            self.config.history_database, redactor=self.redactor
+            self.config.history_database, redactor=self.redactor, spool_dir=self.spool_dir
         )
         store.open()
         return store
+
+    @functools.cached_property
+    def history_writer(self) -> HistoryWriter:
+        """Where runs record history: a spool, so a run needs no database driver; or
+        the given store itself."""
+        if self._history is not None:
+            return self._history
+        return HistorySpool(self.spool_dir, self.redactor)
+
+    def sync_history(self) -> None:
+        """Bring a shared history database up to date now, rather than at its next read."""
+        if self._history is not None or self.config.history_url:
+            self.history.ingest()
 
     @functools.cached_property
     def registry(self) -> Registry:

@@ -19,7 +19,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workflow_agent.agents import builder, execution, knowledge, verification
 from workflow_agent.bus import MessageBus
@@ -40,7 +40,9 @@ from workflow_agent.integrations.registry import Integration
 from workflow_agent.scripting.render import render_checks
 from workflow_agent.secrets import Redactor
 from workflow_agent.state import Action, ErrorInfo, StageRecord, WorkflowState, now
-from workflow_agent.storage.history import HistoryStore
+
+if TYPE_CHECKING:
+    from workflow_agent.storage.history import HistoryStore
 
 STARTED_EVENT = "workflow.started"
 STAGE_EVENT = "workflow.stage"
@@ -124,12 +126,13 @@ class Coordinator:
         pool: TargetPool,
         config: WorkflowConfiguration,
         redactor: Redactor,
-        history: HistoryStore,
+        history: Callable[[], HistoryStore],
     ) -> None:
         self.bus = bus
         self.pool = pool
         self.config = config
         self.redactor = redactor
+        #: Opened only when a run must read history (uninstall, plan, package-less install).
         self.history = history
 
     async def run(self, request: WorkflowRequest, confirm: Confirm | None = None) -> WorkflowState:
@@ -289,7 +292,7 @@ class Coordinator:
         """What uninstall may remove: only what the install created, per the baseline."""
         assert run.integration is not None
         spec = run.integration.definition.uninstall
-        stored = self.history.latest_snapshot(
+        stored = self.history().latest_snapshot(
             target=state.target_identity or "", integration=state.integration
         )
         purge = self.config.purge
@@ -377,7 +380,7 @@ class Coordinator:
             installed = all(p in state.facts.installed_packages for p in spec.packages)
         else:
             # Nothing tells whether it is installed: keep the first install's baseline.
-            installed = self.history.latest_snapshot(
+            installed = self.history().latest_snapshot(
                 target=state.target_identity or "", integration=state.integration
             ) is not None
         if installed:

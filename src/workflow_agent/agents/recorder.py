@@ -14,13 +14,13 @@ from workflow_agent.agents.coordinator import (
 )
 from workflow_agent.bus import Message, MessageBus
 from workflow_agent.state import WorkflowState
-from workflow_agent.storage.history import HistoryStore
+from workflow_agent.storage.spool import HistoryWriter
 
 
 class HistoryRecorder:
     """Subscribes to the workflow events and records them."""
 
-    def __init__(self, history: HistoryStore) -> None:
+    def __init__(self, history: HistoryWriter) -> None:
         self.history = history
 
     def attach(self, bus: MessageBus) -> None:

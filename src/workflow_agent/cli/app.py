@@ -168,6 +168,7 @@ def _workflow_command(
             _agent(container, output, verbose), action, integration, params,
             target=container.config.target, confirm=_confirmer(yes, output),
         ))
+        container.sync_history()
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
     if output is OutputFormat.json:
@@ -251,6 +252,7 @@ def demo(
         container = _container(config, target="sandbox")
         params = _free_ports(container, integration, params, output)
         states = asyncio.run(_demo(container, integration, params, output, verbose))
+        container.sync_history()
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
     if output is OutputFormat.json:

@@ -11,7 +11,6 @@ Connecting and migrating is ``engine``'s job; the record types handed back, and 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -50,6 +49,7 @@ from workflow_agent.storage.records import (
     record_from_rows,
     summary_from_row,
 )
+from workflow_agent.storage.spool import Origin, ingest
 from workflow_agent.storage.tables import artifacts, checkpoints, snapshots, stages, workflows
 
 __all__ = [
@@ -88,7 +88,13 @@ class HistoryStore:
     or status, naive datetime) is a bug in the caller and raises ``ValueError``.
     """
 
-    def __init__(self, url: str | URL, *, redactor: Redactor | None = None) -> None:
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        redactor: Redactor | None = None,
+        spool_dir: Path | None = None,
+    ) -> None:
         try:
             parsed = make_url(url)
         except ArgumentError as exc:
@@ -106,12 +112,16 @@ class HistoryStore:
         self._engine: Engine | None = None
         self._lock = threading.Lock()
         self._hostname = socket.gethostname()
+        #: Runs spool their writes here (see spool.py); opening and reading ingest them.
+        self.spool_dir = spool_dir
 
     @classmethod
-    def for_path(cls, path: Path, *, redactor: Redactor | None = None) -> HistoryStore:
+    def for_path(
+        cls, path: Path, *, redactor: Redactor | None = None, spool_dir: Path | None = None
+    ) -> HistoryStore:
         """A store in the SQLite file ``path``; its parent directories are created on open."""
         url = URL.create("sqlite", database=str(path.expanduser().absolute()))
-        return cls(url, redactor=redactor)
+        return cls(url, redactor=redactor, spool_dir=spool_dir)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -128,6 +138,13 @@ class HistoryStore:
                 engine.dispose()
                 raise
             self._engine = engine
+        self.ingest()
+
+    def ingest(self) -> int:
+        """Take in every spooled event not yet stored; returns how many were taken."""
+        if self.spool_dir is None:
+            return 0
+        return ingest(self, self.spool_dir)
 
     def close(self) -> None:
         """Close every connection; ``open()`` may be called again afterwards."""
@@ -159,8 +176,10 @@ class HistoryStore:
         target: str,
         params: Mapping[str, object],
         fleet_id: str | None = None,
+        origin: Origin | None = None,
     ) -> None:
-        """Record a new ``running`` workflow owned by this process on this host."""
+        """Record a new ``running`` workflow owned by this process on this host (or by
+        the process ``origin`` names, when replaying a spooled record)."""
         _check_choice("action", action, ACTIONS)
         redact = self.redactor.redact
         # Ids are left unredacted: they are generated, not user text, and redacting one
@@ -171,11 +190,11 @@ class HistoryStore:
             "integration": redact(integration),
             "target": redact(target),
             "status": RUNNING,
-            "params_json": self._dump_json(params),
+            "params_json": self.redactor.dump_json(params),
             "fleet_id": fleet_id,
-            "pid": os.getpid(),
-            "host": self._hostname,
-            "started_at": _now(),
+            "pid": origin.pid if origin else os.getpid(),
+            "host": origin.host if origin else self._hostname,
+            "started_at": origin.at if origin else _now(),
         }
         with self._write(f"record the start of workflow {workflow_id}") as conn:
             try:
@@ -208,22 +227,31 @@ class HistoryStore:
             started_at=started,
             finished_at=finished,
             duration=(finished - started).total_seconds(),
-            detail_json=self._dump_json(detail or {}),
+            detail_json=self.redactor.dump_json(detail or {}),
         )
 
-    def checkpoint(self, workflow_id: str, *, stage: str, state_json: str) -> None:
+    def checkpoint(
+        self, workflow_id: str, *, stage: str, state_json: str, at: datetime | None = None
+    ) -> None:
         """Store the whole serialized workflow state as it was after ``stage``."""
         self._insert_for_workflow(
             checkpoints,
             workflow_id,
             f"store the checkpoint after stage {stage!r}",
             stage=self.redactor.redact(stage),
-            created_at=_now(),
-            state_json=self._redact_json_text(state_json),
+            created_at=_aware(at) if at else _now(),
+            state_json=self.redactor.redact_json_text(state_json),
         )
 
     def add_artifact(
-        self, workflow_id: str, *, stage: str, kind: str, name: str, content: str
+        self,
+        workflow_id: str,
+        *,
+        stage: str,
+        kind: str,
+        name: str,
+        content: str,
+        at: datetime | None = None,
     ) -> None:
         """Store a script, output, facts document, plan, finding, ... of a stage."""
         redact = self.redactor.redact
@@ -234,8 +262,8 @@ class HistoryStore:
             stage=redact(stage),
             kind=redact(kind),
             name=redact(name),
-            content=self._redact_json_text(content),
-            created_at=_now(),
+            content=self.redactor.redact_json_text(content),
+            created_at=_aware(at) if at else _now(),
         )
 
     def finish_workflow(
@@ -245,10 +273,11 @@ class HistoryStore:
         status: str,
         error: str | None = None,
         exit_code: int | None = None,
+        at: datetime | None = None,
     ) -> None:
         """Mark a workflow finished: final status, error text, exit code and duration."""
         _check_choice("final status", status, FINAL_STATUSES)
-        finished = _now()
+        finished = _aware(at) if at else _now()
         with self._write(f"record the end of workflow {workflow_id}") as conn:
             # Reading then writing is safe here: the write transaction already holds
             # the lock (BEGIN IMMEDIATE on SQLite), so nobody can slip in between.
@@ -270,7 +299,13 @@ class HistoryStore:
             )
 
     def save_snapshot(
-        self, *, target: str, integration: str, workflow_id: str, content: str
+        self,
+        *,
+        target: str,
+        integration: str,
+        workflow_id: str,
+        content: str,
+        at: datetime | None = None,
     ) -> None:
         """Store the pre-install file-set snapshot of ``integration`` on ``target``."""
         self._insert_for_workflow(
@@ -279,8 +314,8 @@ class HistoryStore:
             f"store the snapshot of {integration!r}",
             target=self.redactor.redact(target),
             integration=self.redactor.redact(integration),
-            created_at=_now(),
-            content=self._redact_json_text(content),
+            created_at=_aware(at) if at else _now(),
+            content=self.redactor.redact_json_text(content),
         )
 
     # -- reading ---------------------------------------------------------------------
@@ -403,6 +438,7 @@ class HistoryStore:
     def _read(self, doing: str) -> Iterator[Connection]:
         """A connection inside a read transaction (one consistent snapshot)."""
         engine = self._require_engine()
+        self.ingest()  # readers see every run, spooled or not
         with self._errors(doing), engine.connect() as conn, conn.begin():
             yield conn
 
@@ -469,48 +505,6 @@ class HistoryStore:
                 hint="Give more characters of the id. " + _FIND_IDS_HINT,
             )
         return rows[0]
-
-    def _dump_json(self, value: object) -> str:
-        """``value`` as JSON text, every string in it (keys too) redacted."""
-        # Redacting the structure, not just the JSON text, matters: a secret containing
-        # a quote, a backslash or a control character is escaped in JSON, so the text
-        # no longer contains it literally and a text-only redaction would miss it.
-        dumped = json.dumps(self._redact_value(value), ensure_ascii=False)
-        return self.redactor.redact(dumped)
-
-    def _redact_json_text(self, content: str) -> str:
-        """``content`` redacted; if it is JSON, also the strings escaped inside it."""
-        redacted = self.redactor.redact(content)
-        if not self.redactor or not redacted.lstrip().startswith(("{", "[", '"')):
-            return redacted
-        try:
-            parsed = json.loads(redacted)
-        except ValueError:
-            return redacted
-        cleaned = self._redact_value(parsed)
-        if cleaned == parsed:
-            # Keep the caller's exact text (formatting, key order) when nothing changed.
-            return redacted
-        return self.redactor.redact(json.dumps(cleaned, ensure_ascii=False))
-
-    def _redact_value(self, value: object) -> object:
-        if isinstance(value, str):
-            return self.redactor.redact(value)
-        if value is None or isinstance(value, bool | int | float):
-            return value
-        if isinstance(value, Mapping):
-            return {
-                self.redactor.redact(str(key)): self._redact_value(item)
-                for key, item in value.items()
-            }
-        if isinstance(value, list | tuple):
-            return [self._redact_value(item) for item in value]
-        if isinstance(value, set | frozenset):
-            return sorted((self._redact_value(item) for item in value), key=str)
-        if isinstance(value, datetime):
-            return value.isoformat()
-        # Paths, enums, ...: stored as their text, like json.dumps(default=str) would.
-        return self.redactor.redact(str(value))
 
 
 def _check_choice(what: str, value: str, allowed: frozenset[str]) -> None:
