@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.syntax import Syntax
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -122,6 +121,8 @@ def show_result(state: WorkflowState) -> None:
 
 def show_plan(state: WorkflowState) -> None:
     """Facts, strategy, scripts and findings of a plan."""
+    from rich.syntax import Syntax  # pygments: only plans show highlighted scripts
+
     if state.facts is not None:
         table = Table(title="Facts", show_header=False, title_justify="left")
         for key, value in state.facts.summary().items():
