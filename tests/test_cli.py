@@ -159,3 +159,33 @@ def test_killed_run_shows_as_incomplete_and_loses_nothing(
     time.sleep(0.5)
     survivors = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
     assert survivors.stdout == ""
+
+
+def test_one_workflow_at_a_time_per_target(tmp_path: Path, env: dict[str, str]) -> None:
+    """A second install on a busy target is refused naming the holder; a dead holder's
+    lock is no obstacle."""
+    marker = tmp_path / "started"
+    add_plugin(tmp_path, env, {"name": "slow-local", "uninstall": {"packages": ["bash"]}},
+               f"touch {marker}\nsleep 30\n")
+    first = subprocess.Popen([sys.executable, "-m", "workflow_agent", "install", "slow-local",
+                              "--target", "local", "--yes"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the first install never started its script"
+        second = cli(env, "install", "slow-local", "--target", "local", "--yes")
+        assert second.returncode == 6, second.stderr
+        message = " ".join(second.stderr.split())
+        assert "is being changed by another workflow" in message
+        assert f"pid {first.pid}" in message and "action install" in message
+    finally:
+        first.kill()
+        first.wait()
+    add_plugin(tmp_path / "quick", env, {"name": "quick-local",
+                                         "uninstall": {"packages": ["bash"]}}, "true\n")
+    env["WORKFLOW_AGENT_PLUGIN_DIRS"] = json.dumps(
+        [str(tmp_path / "plugins"), str(tmp_path / "quick" / "plugins")])
+    third = cli(env, "install", "quick-local", "--target", "local", "--yes")
+    assert third.returncode == 0, third.stderr

@@ -71,6 +71,8 @@ class WorkflowConfiguration(BaseSettings):
     purge: bool = True
     #: Validation warnings are shown; with this set they refuse execution like errors.
     strict_validation: bool = False
+    #: Seconds to wait for another workflow's lock on the same target (0: refuse at once).
+    lock_wait: float = 0.0
     #: Seconds a bus request waits for its reply before failing.
     bus_timeout: float = 900.0
 

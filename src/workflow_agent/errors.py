@@ -10,7 +10,8 @@
     ├── ValidationRefusedError          generated scripts failed validation   (exit 3)
     ├── TargetError                     the target cannot be used            (exit 6)
     │   ├── TargetUnreachableError      cannot connect / start the target
-    │   └── SandboxToolingMissingError  a host tool the sandbox needs is missing
+    │   ├── SandboxToolingMissingError  a host tool the sandbox needs is missing
+    │   └── TargetBusyError             another workflow is changing the target
     ├── ExecutionFailedError            a script on the target failed / timed out (exit 4)
     ├── VerificationFailedError         the integration does not work after install (exit 5)
     ├── LeftoversError                  uninstall left things behind           (exit 5)
@@ -23,7 +24,7 @@ turns these into messages for people; everything below it raises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 class WorkflowAgentError(Exception):
@@ -116,6 +117,19 @@ class SandboxToolingMissingError(TargetError):
         )
         self.tool = tool
         self.package = package
+
+
+class TargetBusyError(TargetError):
+    """Another workflow holds the target's lock; names the holder."""
+
+    def __init__(self, target: str, holder: Mapping[str, str]) -> None:
+        who = ", ".join(f"{k} {v}" for k, v in holder.items() if k != "host") or "unknown"
+        super().__init__(
+            f"{target} is being changed by another workflow ({who})",
+            hint="Wait for it to finish (workflow-agent history shows it), or raise "
+            "lock_wait in the configuration to wait for it automatically.",
+        )
+        self.holder = dict(holder)
 
 
 class ExecutionFailedError(WorkflowAgentError):

@@ -33,6 +33,7 @@ from workflow_agent.errors import (
     VerificationFailedError,
     WorkflowAgentError,
 )
+from workflow_agent.execution.lock import TargetLock
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.target import Target
 from workflow_agent.integrations.params import ResolvedParams, resolve_params
@@ -112,6 +113,7 @@ class _Run:
     """What one workflow has learned so far that is not part of the stored state."""
 
     request: WorkflowRequest
+    lock: TargetLock | None = None
     integration: Integration | None = None
     params: ResolvedParams | None = None
     baseline: execution.Baseline | None = None
@@ -157,11 +159,16 @@ class Coordinator:
             state = state.model_copy(update={"status": "failed", "error": info,
                                              "finished_at": now()})
             await self.bus.publish(FINISHED_EVENT, state)
-            await self.pool.release(state.workflow_id)
+            await self._release(state, run)
             raise
-        await self.pool.release(state.workflow_id)
+        await self._release(state, run)
         await self.bus.publish(FINISHED_EVENT, state)
         return state
+
+    async def _release(self, state: WorkflowState, run: _Run) -> None:
+        await self.pool.release(state.workflow_id)
+        if run.lock is not None:
+            run.lock.release()
 
     async def _stage(
         self,
@@ -252,6 +259,13 @@ class Coordinator:
             self.pool.adopt(state.workflow_id, target)
         else:
             target = await self.pool.open(state.workflow_id, run.request.target)
+        if state.action in ("install", "uninstall"):
+            run.lock = TargetLock(
+                self.config.data_dir / "locks", target.identity,
+                holder={"workflow": state.workflow_id, "action": state.action,
+                        "integration": state.integration},
+            )
+            run.lock.acquire(wait=self.config.lock_wait)
         return _Outcome(
             changes={"params": run.params.masked(), "target_identity": target.identity},
             detail={"params": run.params.masked(), "target": target.identity},
