@@ -1,0 +1,120 @@
+"""The built-in zabbix-agent, munin-node and collectd integrations, for real.
+
+Fast part: every script of each, for every init system and with and without purge,
+renders and validates with no finding at all.
+
+Sandbox part: in a fresh sandbox each one installs (on a free port) with every check
+passing, installs again with the same parameters without changing its configuration
+or restarting its daemon, and uninstalls leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from workflow_agent.agent import WorkflowAgent
+from workflow_agent.agents.coordinator import WorkflowRequest
+from workflow_agent.config import WorkflowConfiguration
+from workflow_agent.container import Container
+from workflow_agent.execution.sandbox import SandboxTarget
+from workflow_agent.facts import Facts
+from workflow_agent.integrations.params import resolve_params
+from workflow_agent.integrations.registry import Registry
+from workflow_agent.integrations.schema import ACTIONS
+from workflow_agent.scripting.render import render_script
+from workflow_agent.scripting.validate import validate_script
+from workflow_agent.state import WorkflowState
+
+
+class Builtin(NamedTuple):
+    config: str  # the file the install manages
+    pidfile: str  # the daemon's pid file, as its init script writes it
+
+
+BUILTINS = {
+    "zabbix-agent": Builtin("/etc/zabbix/zabbix_agentd.conf.d/workflow-agent.conf",
+                            "/run/zabbix/zabbix_agentd.pid"),
+    "munin-node": Builtin("/etc/munin/munin-node.conf", "/run/munin/munin-node.pid"),
+    "collectd": Builtin("/etc/collectd/collectd.conf", "/run/collectd.pid"),
+}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the sandbox shares this host's network), in
+    1024-32767: zabbix_agentd refuses any other ListenPort."""
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-32767")
+
+
+def make_agent(tmp_path: Path) -> WorkflowAgent:
+    config = WorkflowConfiguration(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+    return WorkflowAgent(Container(config))
+
+
+def run(agent: WorkflowAgent, action: str, target: SandboxTarget, integration: str,
+        **params: str) -> WorkflowState:
+    request = WorkflowRequest(action=action, integration=integration,  # type: ignore[arg-type]
+                              target="sandbox", params=params, target_object=target)
+    return asyncio.run(agent.run(request))
+
+
+def read(target: SandboxTarget, path: str) -> bytes:
+    return asyncio.run(target.get(path))
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+@pytest.mark.parametrize("init", ["systemd", "sysv", "none"])
+def test_scripts_validate_without_findings(name: str, init: str) -> None:
+    integration = {i.name: i for i in Registry.discover(entry_points=False)}[name]
+    facts = Facts(os_family="debian", distro="debian", distro_version="12",
+                  distro_codename="bookworm", arch="amd64", package_manager="apt",
+                  init_system=init, is_root=True)
+    params = resolve_params(integration.definition, {}, {})
+    spec = integration.definition.uninstall
+    for purge in (True, False):
+        extra = {"purge": purge, "remove_users": spec.users, "remove_groups": spec.groups,
+                 "remove_paths": spec.paths}
+        for method in integration.definition.methods:
+            for action in ACTIONS:
+                script = render_script(integration, method, action, facts, params, extra)
+                assert script is not None
+                report = validate_script(script.text, name=f"{name} {action}")
+                assert report.findings == [], (action, purge, report.findings)
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_install_reinstall_uninstall(tmp_path: Path, sandbox: SandboxTarget, name: str) -> None:
+    builtin = BUILTINS[name]
+    agent = make_agent(tmp_path)
+    port = str(free_port())
+
+    installed = run(agent, "install", sandbox, name, listen_port=port)
+    assert installed.status == "succeeded", installed.error
+    assert installed.checks and all(check.passed for check in installed.checks)
+    config, pid = read(sandbox, builtin.config), read(sandbox, builtin.pidfile)
+    assert f"{port}".encode() in config
+
+    # Same parameters: nothing rewritten, nothing restarted.
+    again = run(agent, "install", sandbox, name, listen_port=port)
+    assert again.status == "succeeded", again.error
+    assert all(check.passed for check in again.checks)
+    assert read(sandbox, builtin.config) == config
+    assert read(sandbox, builtin.pidfile) == pid
+
+    removed = run(agent, "uninstall", sandbox, name, listen_port=port)
+    assert removed.status == "succeeded", removed.error
+    assert removed.leftovers == []
+    assert [s.name for s in removed.stages][-1] == "proof"
