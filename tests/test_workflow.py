@@ -182,3 +182,47 @@ def test_uninstall_without_a_template_is_refused_before_anything_runs(tmp_path: 
     state = asyncio.run(agent.run(request))
     assert state.exit_code == 2 and state.stage == "generate"
     assert state.error is not None and "has no uninstall template" in state.error.message
+
+
+def test_keep_config_then_reinstall_then_purge_leaves_nothing(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    """The first install's baseline stays the reference until a purge proves it again."""
+    keep = make_agent(tmp_path, purge=False)
+    agent = make_agent(tmp_path)
+    assert run(agent, "install", sandbox, listen_port="19104").status == "succeeded"
+    kept = run(keep, "uninstall", sandbox, listen_port="19104")
+    assert kept.status == "succeeded" and kept.leftovers  # configuration kept, and said so
+    again = run(agent, "install", sandbox, listen_port="19104")
+    assert again.status == "succeeded", again.error
+    assert next(s for s in again.stages if s.name == "baseline").detail.get("skipped")
+    removed = run(agent, "uninstall", sandbox, listen_port="19104")
+    assert removed.status == "succeeded", removed.error
+    assert removed.leftovers == []
+    params = agent.container.history.get_workflow(removed.workflow_id).params
+    assert params["listen_port"] == 19104
+
+
+def test_dependencies_the_install_added_are_removed(tmp_path: Path, sandbox: SandboxTarget) -> None:
+    folder = tmp_path / "plugins" / "jq"
+    (folder / "templates").mkdir(parents=True)
+    (folder / "templates" / "install.sh.j2").write_text(
+        "apt-get install -y --no-install-recommends jq\n")
+    (folder / "templates" / "uninstall.sh.j2").write_text(
+        "apt-get purge -y jq\n"
+        "{% if remove_packages %}\napt-get purge -y {{ remove_packages }}\n{% endif %}\n")
+    (folder / "definition.yaml").write_text(yaml.safe_dump({
+        "name": "jq", "version": "1", "description": "jq and its libraries",
+        "platforms": [{"os_family": "debian"}],
+        "methods": [{"name": "apt", "templates": {"install": "install.sh.j2",
+                                                  "uninstall": "uninstall.sh.j2"}}],
+        "uninstall": {"packages": ["jq"], "watch": ["/usr/bin", "/usr/lib/x86_64-linux-gnu"]},
+    }))
+    agent = make_agent(tmp_path, plugin_dirs=[tmp_path / "plugins"])
+    installed = run(agent, "install", sandbox, integration="jq")
+    assert installed.status == "succeeded", installed.error
+    assert "libjq1" in sh(sandbox, "dpkg-query -W -f '${Package}\\n'")
+    removed = run(agent, "uninstall", sandbox, integration="jq")
+    assert removed.status == "succeeded", removed.error
+    assert "libjq1" in removed.scripts["uninstall"].text
+    assert removed.leftovers == []

@@ -167,3 +167,13 @@ def test_list_choices_are_checked_per_item(tmp_path: Path) -> None:
     with pytest.raises(ParameterError) as caught:
         resolve_params(definition, {"collectors": "cpu,wifi"}, {})
     assert "'wifi' is not one of cpu, meminfo" in caught.value.message
+
+
+def test_list_min_items(tmp_path: Path) -> None:
+    folder = _plugin(tmp_path, "needs-servers", {"parameters": {
+        **yaml.safe_load((NODE / "definition.yaml").read_text())["parameters"],
+        "servers": {"type": "list", "default": ["a"], "min_items": 1}}})
+    definition = load_integration(folder).definition
+    with pytest.raises(ParameterError) as caught:
+        resolve_params(definition, {"servers": ""}, {})
+    assert "needs at least 1 item(s), got 0" in caught.value.message

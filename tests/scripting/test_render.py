@@ -112,6 +112,14 @@ def test_expression_in_a_quoting_context_is_refused(tmp_path: Path, body: str, w
     assert where in caught.value.message
 
 
+def test_bash_array_length_is_not_a_jinja_comment(tmp_path: Path) -> None:
+    integration = _echo_integration(tmp_path, {}, 'A=(x y)\necho "${#A[@]}" {## note ##}\n')
+    script = render_script(integration, integration.definition.methods[0], "install", facts(),
+                           ResolvedParams({}, {}, {}))
+    assert script is not None
+    assert asyncio.run(LocalTarget().run(script.text, timeout=10)).stdout == "2\n"
+
+
 def test_refusal_names_the_line_after_continued_lines(tmp_path: Path) -> None:
     integration = _echo_integration(tmp_path, {"value": {"type": "string"}},
                                     'echo one \\\n  two\necho "{{ value }}"\n')
@@ -170,8 +178,14 @@ def test_failing_line_is_reported(tmp_path: Path) -> None:
 
 
 BUILTINS = {i.name: i for i in Registry.discover(entry_points=False)}
-CUSTOM = {"prometheus-node-exporter": {"listen_address": "127.0.0.1", "listen_port": "9999",
-                                       "disable_collectors": "wifi,hwmon"}}
+CUSTOM = {
+    "prometheus-node-exporter": {"listen_address": "127.0.0.1", "listen_port": "9999",
+                                 "disable_collectors": "wifi,hwmon"},
+    "zabbix-agent": {"server": "127.0.0.1,10.0.0.0/24", "listen_port": "20050",
+                     "hostname": "web-1"},
+    "munin-node": {"allow": "10.0.0.0/8,^127\\.0\\.0\\.1$", "host_name": "web-1"},
+    "collectd": {"listen_port": "9999", "interval": "30"},
+}
 CASES = [(name, f"apt-{init}", init, {}) for name in sorted(BUILTINS)
          for init in ("systemd", "sysv", "none")]
 CASES += [(name, "apt-sysv-custom", "sysv", params) for name, params in CUSTOM.items()]
@@ -185,7 +199,8 @@ def test_golden_scripts(name: str, case: str, init: str, given: dict[str, str]) 
     params = resolve_params(integration.definition, given, {})
     uninstall = integration.definition.uninstall
     extra = {"purge": True, "remove_users": uninstall.users,
-             "remove_groups": uninstall.groups, "remove_paths": uninstall.paths}
+             "remove_groups": uninstall.groups, "remove_paths": uninstall.paths,
+             "remove_packages": ["libexample1"]}
     for method in integration.definition.methods:
         for action in ("install", "verify", "uninstall"):
             script = render_script(integration, method, action, facts(init), params, extra)

@@ -41,6 +41,7 @@ from workflow_agent.integrations.registry import Integration
 from workflow_agent.scripting.render import render_checks
 from workflow_agent.secrets import Redactor
 from workflow_agent.state import Action, ErrorInfo, StageRecord, WorkflowState, now
+from workflow_agent.verification.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from workflow_agent.storage.history import HistoryStore
@@ -302,23 +303,36 @@ class Coordinator:
             artifacts=[Artifact("plan", "strategy", decision.model_dump_json())],
         )
 
-    def _uninstall_context(self, state: WorkflowState, run: _Run) -> dict[str, Any]:
-        """What uninstall may remove: only what the install created, per the baseline."""
-        assert run.integration is not None
-        spec = run.integration.definition.uninstall
+    def _stored_baseline(self, state: WorkflowState) -> execution.Baseline | None:
+        """The baseline in force for this integration on this target, if any."""
         stored = self.history().latest_snapshot(
             target=state.target_identity or "", integration=state.integration
         )
-        purge = self.config.purge
         if stored is None:
-            return {"purge": purge, "remove_users": [], "remove_groups": [], "remove_paths": []}
+            return None
         baseline = execution.Baseline.model_validate_json(stored)
-        run.baseline = baseline
+        return None if baseline.consumed_by else baseline
+
+    def _uninstall_context(self, state: WorkflowState, run: _Run) -> dict[str, Any]:
+        """What uninstall may remove: only what the install created, per the baseline."""
+        assert run.integration is not None and state.facts is not None
+        spec = run.integration.definition.uninstall
+        purge = self.config.purge
+        baseline = run.baseline = self._stored_baseline(state)
+        if baseline is None:
+            return {"purge": purge, "remove_users": [], "remove_groups": [], "remove_paths": [],
+                    "remove_packages": []}
         return {
             "purge": purge,
             "remove_users": [u for u in spec.users if u not in baseline.snapshot.users],
             "remove_groups": [g for g in spec.groups if g not in baseline.snapshot.groups],
             "remove_paths": [p for p in spec.paths if p not in baseline.preexisting_paths],
+            # Dependencies only: templates remove their declared packages themselves.
+            "remove_packages": sorted(
+                p for p in baseline.added_packages
+                if p in state.facts.installed_packages
+                and p not in _package_names(baseline.snapshot) and p not in spec.packages
+            ),
         }
 
     async def _generate(self, state: WorkflowState, run: _Run) -> _Outcome:
@@ -390,21 +404,22 @@ class Coordinator:
     async def _baseline(self, state: WorkflowState, run: _Run) -> _Outcome:
         assert run.integration is not None and state.facts is not None
         spec = run.integration.definition.uninstall
-        if spec.packages:
-            installed = all(p in state.facts.installed_packages for p in spec.packages)
-        else:
-            # Nothing tells whether it is installed: keep the first install's baseline.
-            installed = self.history().latest_snapshot(
-                target=state.target_identity or "", integration=state.integration
-            ) is not None
-        if installed:
+        if spec.packages and all(p in state.facts.installed_packages for p in spec.packages):
             return _Outcome(detail={"skipped": "already installed; the first install's "
                                     "baseline stays the reference"})
+        # Not (fully) installed, but an earlier install's baseline may still be in force:
+        # after an uninstall that kept configuration, the target is not back at it.
+        stored = self._stored_baseline(state)
+        if stored is not None:
+            run.baseline = stored
+            return _Outcome(detail={"skipped": "the baseline from before the first install "
+                                    "stays the reference (no purge proved it since)"})
         baseline: execution.Baseline = await self.bus.request(
             execution.SNAPSHOT,
             execution.SnapshotRequest(state.workflow_id, spec.watch, spec.ignore, spec.paths),
             timeout=self.config.bus_timeout,
         )
+        run.baseline = baseline
         return _Outcome(
             detail={"files": len(baseline.snapshot.files),
                     "packages": len(baseline.snapshot.packages)},
@@ -430,6 +445,7 @@ class Coordinator:
         runs = {**state.runs, action: summary}
         output = Artifact("output", action,
                           self.redactor.redact(result.stdout + result.stderr))
+        recorded = await self._record_added_packages(state, run)
         if not result.ok:
             if summary.timed_out:
                 why = f"timed out after {self._timeout(run, action):g} s"
@@ -441,9 +457,27 @@ class Coordinator:
             raise _Failed(ExecutionFailedError(
                 f"the {action} script {why}",
                 hint=f"Last output:\n{summary.output_tail}" if summary.output_tail else None,
-            ), _Outcome(changes={"runs": runs}, detail=summary.model_dump(), artifacts=[output]))
+            ), _Outcome(changes={"runs": runs}, detail=summary.model_dump(),
+                        artifacts=[output, *recorded]))
         return _Outcome(changes={"runs": runs}, detail=summary.model_dump(),
-                        artifacts=[output])
+                        artifacts=[output, *recorded])
+
+    async def _record_added_packages(self, state: WorkflowState, run: _Run) -> list[Artifact]:
+        """After an install ran (even partly), note the packages it added to the baseline,
+        so uninstall removes exactly those and no package that was there before."""
+        if state.action != "install" or run.baseline is None:
+            return []
+        facts = await self.bus.request(
+            execution.FACTS, execution.FactsRequest(state.workflow_id),
+            timeout=self.config.bus_timeout,
+        )
+        before = _package_names(run.baseline.snapshot)
+        added = {**run.baseline.added_packages,
+                 **{p: v for p, v in facts.installed_packages.items() if p not in before}}
+        if added == run.baseline.added_packages:
+            return []
+        run.baseline = run.baseline.model_copy(update={"added_packages": added})
+        return [Artifact("baseline", "baseline", run.baseline.model_dump_json())]
 
     async def _verify(self, state: WorkflowState, run: _Run) -> _Outcome:
         assert run.integration is not None and run.params is not None
@@ -465,17 +499,21 @@ class Coordinator:
                 problems.insert(0, f"verify script: {runs['verify'].output_tail}")
         artifact = Artifact("verification", "checks",
                             json.dumps([r.model_dump() for r in reply.checks]))
+        outputs = [artifact]
+        if reply.script_result is not None:
+            outputs.append(Artifact("output", "verify", self.redactor.redact(
+                reply.script_result.stdout + reply.script_result.stderr)))
         if problems:
             raise _Failed(VerificationFailedError(
                 f"{state.integration} does not work on {state.target}: "
                 + "; ".join(problems),
                 hint="`workflow-agent show WORKFLOW_ID` has the install output.",
             ), _Outcome(changes={"checks": reply.checks, "runs": runs},
-                        detail={"failed": problems}, artifacts=[artifact]))
+                        detail={"failed": problems}, artifacts=outputs))
         return _Outcome(
             changes={"checks": reply.checks, "runs": runs},
             detail={"passed": [r.name for r in reply.checks]},
-            artifacts=[artifact],
+            artifacts=outputs,
         )
 
     async def _proof(self, state: WorkflowState, run: _Run) -> _Outcome:
@@ -493,6 +531,11 @@ class Coordinator:
         )
         detail = {"leftovers": reply.leftovers, "removed_empty_dirs": reply.removed_dirs}
         outcome = _Outcome(changes={"leftovers": reply.leftovers}, detail=detail)
+        if not reply.leftovers and self.config.purge:
+            # Proven back at the baseline: the next install measures from a fresh one.
+            consumed = execution.Baseline(snapshot=Snapshot(), preexisting_paths=[],
+                                          consumed_by=state.workflow_id)
+            outcome.artifacts.append(Artifact("baseline", "consumed", consumed.model_dump_json()))
         if reply.leftovers and self.config.purge:
             raise _Failed(LeftoversError(
                 f"uninstall left {len(reply.leftovers)} change(s) behind: "
@@ -501,3 +544,8 @@ class Coordinator:
                 "hand or extend the integration's uninstall section.",
             ), outcome)
         return outcome
+
+
+def _package_names(snapshot: Snapshot) -> set[str]:
+    """Package names without dpkg's ``:arch`` suffix, as facts list them."""
+    return {name.split(":", 1)[0] for name in snapshot.packages}

@@ -39,6 +39,11 @@ class Baseline(BaseModel):
     snapshot: Snapshot
     #: Which of the integration's uninstall paths existed before install.
     preexisting_paths: list[str]
+    #: Packages the installs since this baseline added (dependencies included).
+    added_packages: dict[str, str] = {}
+    #: Set once a purge-level uninstall proved the target back at this baseline: the
+    #: next install starts from a new one.
+    consumed_by: str | None = None
 
 
 @dataclass(frozen=True)

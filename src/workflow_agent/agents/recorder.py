@@ -42,6 +42,8 @@ class HistoryRecorder:
     async def _stage(self, message: Message) -> None:
         event: StageEvent = message.payload
         state, record = event.state, event.record
+        if record.name == "validate" and record.status == "succeeded":
+            self.history.set_params(state.workflow_id, params=state.params)
         self.history.record_stage(
             state.workflow_id,
             name=record.name,

@@ -60,6 +60,11 @@ def _coerce(name: str, spec: ParameterSpec, value: Any) -> Any:
 
 
 def _check(name: str, spec: ParameterSpec, value: Any) -> None:
+    if spec.min_items is not None and isinstance(value, list) and len(value) < spec.min_items:
+        raise ParameterError(
+            name, f"needs at least {spec.min_items} item(s), got {len(value)}",
+            hint=spec.description or None,
+        )
     if spec.choices is not None:
         for item in value if isinstance(value, list) else [value]:
             if item not in spec.choices:

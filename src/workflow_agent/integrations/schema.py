@@ -17,7 +17,8 @@ ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]*$"
 ACTIONS = ("install", "verify", "uninstall")
 #: Template variables the tool provides; a parameter may not hide one of them.
 RESERVED_NAMES = frozenset({"params", "facts", "integration", "method", "action", "uninstall",
-                            "purge", "remove_users", "remove_groups", "remove_paths"})
+                            "purge", "remove_users", "remove_groups", "remove_paths",
+                            "remove_packages"})
 
 ParameterType = Literal["string", "integer", "number", "boolean", "list"]
 
@@ -39,6 +40,8 @@ class ParameterSpec(_Strict):
     choices: list[Any] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    #: For lists: the fewest items a value may have.
+    min_items: Annotated[int, Field(ge=1)] | None = None
     #: For secrets: the environment variable the scripts read the value from.
     env: Annotated[str, Field(pattern=ENV_NAME_PATTERN)] | None = None
 
@@ -50,6 +53,8 @@ class ParameterSpec(_Strict):
             raise ValueError("a secret parameter needs 'env': the variable scripts read it from")
         if not self.secret and self.env is not None:
             raise ValueError("'env' is only for secret parameters")
+        if self.min_items is not None and self.type != "list":
+            raise ValueError("'min_items' is only for list parameters")
         return self
 
 

@@ -178,6 +178,9 @@ def _environment(templates_dir: Path) -> jinja2.Environment:
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
+        # Jinja's default comment start "{#" would swallow bash's "${#array[@]}".
+        comment_start_string="{##",
+        comment_end_string="##}",
     )
 
 

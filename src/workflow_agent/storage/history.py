@@ -205,6 +205,17 @@ class HistoryStore:
                     hint="Workflow ids must be unique; generate a new one.",
                 ) from exc
 
+    def set_params(self, workflow_id: str, *, params: Mapping[str, object]) -> None:
+        """Replace a workflow's parameters (known only once they were checked)."""
+        with self._write(f"record the parameters of workflow {workflow_id}") as conn:
+            done = conn.execute(
+                update(workflows)
+                .where(workflows.c.id == workflow_id)
+                .values(params_json=self.redactor.dump_json(params))
+            )
+            if done.rowcount == 0:
+                raise _unknown_workflow(workflow_id)
+
     def record_stage(
         self,
         workflow_id: str,

@@ -48,6 +48,8 @@ class HistoryWriter(Protocol):
         params: Mapping[str, object], fleet_id: str | None = None,
     ) -> None: ...
 
+    def set_params(self, workflow_id: str, *, params: Mapping[str, object]) -> None: ...
+
     def record_stage(
         self, workflow_id: str, *, name: str, status: str, started_at: datetime,
         finished_at: datetime, detail: Mapping[str, object] | None = None,
@@ -85,6 +87,10 @@ class HistorySpool:
         self._append(workflow_id, "start_workflow", workflow_id=workflow_id, action=action,
                      integration=integration, target=target, params=params,
                      fleet_id=fleet_id)
+
+    def set_params(self, workflow_id: str, *, params: Mapping[str, object]) -> None:
+        """Spool the checked parameters of a workflow."""
+        self._append(workflow_id, "set_params", workflow_id=workflow_id, params=params)
 
     def record_stage(
         self, workflow_id: str, *, name: str, status: str, started_at: datetime,
@@ -153,6 +159,8 @@ def _replay(store: HistoryStore, event: Mapping[str, Any]) -> None:
     at = datetime.fromisoformat(event["at"])
     if op == "start_workflow":
         store.start_workflow(**args, origin=Origin(int(event["pid"]), str(event["host"]), at))
+    elif op == "set_params":
+        store.set_params(args["workflow_id"], params=args["params"])
     elif op == "record_stage":
         store.record_stage(
             args.pop("workflow_id"),

@@ -13,6 +13,8 @@ fi
 if dpkg-query -W -f '${Status}' "$PACKAGE" 2>/dev/null | grep -q 'ok installed'; then
   apt-get purge -y "$PACKAGE"
 fi
+# Dependencies the install added (and nothing that was there before it).
+apt-get purge -y libexample1
 if getent passwd prometheus >/dev/null; then
   userdel prometheus
 fi
