@@ -184,15 +184,20 @@ def _environment(templates_dir: Path) -> jinja2.Environment:
     )
 
 
-def template_context(
+def render_script(
     integration: Integration,
     method: MethodSpec,
     action: str,
     facts: Facts,
     params: ResolvedParams,
     extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything a template sees (docs/writing-integrations.md lists it)."""
+) -> RenderedScript | None:
+    """Render ``action``'s script for ``method``; ``None`` when the method has none."""
+    template_name: str | None = getattr(method.templates, action)
+    if template_name is None:
+        return None
+    env = _environment(integration.templates_dir)
+    # Everything a template sees (docs/writing-integrations.md lists it).
     definition = integration.definition
     secret_refs = {
         name: SecretRef(name, spec.env or "")
@@ -212,23 +217,6 @@ def template_context(
     context.update(integration.extension.template_context(facts.summary(), dict(params.values)))
     if extra:
         context.update(extra)
-    return context
-
-
-def render_script(
-    integration: Integration,
-    method: MethodSpec,
-    action: str,
-    facts: Facts,
-    params: ResolvedParams,
-    extra: Mapping[str, Any] | None = None,
-) -> RenderedScript | None:
-    """Render ``action``'s script for ``method``; ``None`` when the method has none."""
-    template_name: str | None = getattr(method.templates, action)
-    if template_name is None:
-        return None
-    env = _environment(integration.templates_dir)
-    context = template_context(integration, method, action, facts, params, extra)
     where = integration.templates_dir / template_name
     try:
         marked = env.get_template(template_name).render(context)
