@@ -226,3 +226,18 @@ def test_dependencies_the_install_added_are_removed(tmp_path: Path, sandbox: San
     assert removed.status == "succeeded", removed.error
     assert "libjq1" in removed.scripts["uninstall"].text
     assert removed.leftovers == []
+
+
+def test_purge_after_keep_config_removes_the_dependencies_left_as_config(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    """zabbix-agent pulls in dependencies; a kept-configuration uninstall leaves some of
+    them as configuration files only, and the purge after it must finish them."""
+    keep = make_agent(tmp_path, purge=False)
+    agent = make_agent(tmp_path)
+    params = {"listen_port": "20551"}
+    assert run(agent, "install", sandbox, "zabbix-agent", **params).status == "succeeded"
+    assert run(keep, "uninstall", sandbox, "zabbix-agent", **params).status == "succeeded"
+    removed = run(agent, "uninstall", sandbox, "zabbix-agent", **params)
+    assert removed.status == "succeeded", removed.error
+    assert removed.leftovers == []

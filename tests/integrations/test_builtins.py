@@ -1,7 +1,8 @@
-"""The built-in zabbix-agent, munin-node and collectd integrations, for real.
+"""The built-in integrations (zabbix-agent, munin-node, collectd,
+prometheus-node-exporter), for real.
 
-Fast part: every script of each, for every init system and with and without purge,
-renders and validates with no finding at all.
+Fast part: every script of each, for every init system, with and without purge and
+with and without dependencies to remove, renders and validates with no finding at all.
 
 Sandbox part: in a fresh sandbox each one installs (on a free port) with every check
 passing, installs again with the same parameters without changing its configuration
@@ -11,6 +12,7 @@ or restarting its daemon, and uninstalls leaving nothing behind.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import socket
 from pathlib import Path
@@ -42,6 +44,8 @@ BUILTINS = {
                             "/run/zabbix/zabbix_agentd.pid"),
     "munin-node": Builtin("/etc/munin/munin-node.conf", "/run/munin/munin-node.pid"),
     "collectd": Builtin("/etc/collectd/collectd.conf", "/run/collectd.pid"),
+    "prometheus-node-exporter": Builtin("/etc/default/prometheus-node-exporter",
+                                        "/run/prometheus/prometheus-node-exporter.pid"),
 }
 
 
@@ -83,15 +87,15 @@ def test_scripts_validate_without_findings(name: str, init: str) -> None:
                   init_system=init, is_root=True)
     params = resolve_params(integration.definition, {}, {})
     spec = integration.definition.uninstall
-    for purge in (True, False):
+    for purge, packages in itertools.product((True, False), ([], ["libexample1", "a+b"])):
         extra = {"purge": purge, "remove_users": spec.users, "remove_groups": spec.groups,
-                 "remove_paths": spec.paths}
+                 "remove_paths": spec.paths, "remove_packages": packages}
         for method in integration.definition.methods:
             for action in ACTIONS:
                 script = render_script(integration, method, action, facts, params, extra)
                 assert script is not None
                 report = validate_script(script.text, name=f"{name} {action}")
-                assert report.findings == [], (action, purge, report.findings)
+                assert report.findings == [], (action, purge, packages, report.findings)
 
 
 @pytest.mark.sandbox
@@ -118,3 +122,48 @@ def test_install_reinstall_uninstall(tmp_path: Path, sandbox: SandboxTarget, nam
     assert removed.status == "succeeded", removed.error
     assert removed.leftovers == []
     assert [s.name for s in removed.stages][-1] == "proof"
+
+
+def installed(target: SandboxTarget, *packages: str) -> dict[str, bool]:
+    result = asyncio.run(target.run(
+        "for p in " + " ".join(packages) + "; do\n"
+        "  printf '%s %s\\n' \"$p\" \"$(dpkg-query -W -f '${db:Status-Abbrev}' \"$p\""
+        " 2>/dev/null || true)\"\n"
+        "done\n", timeout=60))
+    assert result.ok, result.stderr
+    states = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    return {p: states.get(p, "").startswith("ii") for p in packages}
+
+
+@pytest.mark.sandbox
+def test_uninstall_keeps_the_dependencies_another_package_needs(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    """remove_packages lists every package the install added, but uninstall purges only
+    those nothing needs any more. libcurl4, installed by hand after zabbix-agent, needs
+    libssl3 and more that zabbix-agent's install added: those stay, and what is left
+    behind is exactly libcurl4 with what would go along with it. libcurl3-gnutls, which
+    only zabbix-agent needed, goes."""
+    agent = make_agent(tmp_path)
+    port = str(free_port())
+    done = run(agent, "install", sandbox, "zabbix-agent", listen_port=port)
+    assert done.status == "succeeded", done.error
+    assert installed(sandbox, "libssl3", "libcurl3-gnutls", "libcurl4") == {
+        "libssl3": True, "libcurl3-gnutls": True, "libcurl4": False}
+    by_hand = asyncio.run(sandbox.run(
+        "apt-get install -y --no-install-recommends libcurl4\n", timeout=600))
+    assert by_hand.ok, by_hand.stderr
+
+    removed = run(agent, "uninstall", sandbox, "zabbix-agent", listen_port=port)
+    assert installed(sandbox, "zabbix-agent", "libcurl3-gnutls", "libssl3", "libcurl4") == {
+        "zabbix-agent": False, "libcurl3-gnutls": False, "libssl3": True, "libcurl4": True}
+    # What purging libcurl4 would now take along: the dependencies the uninstall kept.
+    along = asyncio.run(sandbox.run(
+        "apt-get -s -o APT::AutoRemove::RecommendsImportant=false "
+        "-o APT::AutoRemove::SuggestsImportant=false --autoremove purge libcurl4 "
+        "| awk '$1 == \"Purg\" {print $2}'\n", timeout=60))
+    assert along.ok, along.stderr
+    assert "libssl3" in along.stdout.split()
+    left = [line.split() for line in removed.leftovers]
+    assert all(words[:2] == ["+", "package"] for words in left), removed.leftovers
+    assert sorted(words[2].split(":")[0] for words in left) == sorted(along.stdout.split())

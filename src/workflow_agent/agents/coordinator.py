@@ -328,10 +328,11 @@ class Coordinator:
             "remove_groups": [g for g in spec.groups if g not in baseline.snapshot.groups],
             "remove_paths": [p for p in spec.paths if p not in baseline.preexisting_paths],
             # Dependencies only: templates remove their declared packages themselves.
+            # Packages a kept-configuration uninstall left as configuration files only
+            # stay listed, so a later purge finishes them; templates check each name.
             "remove_packages": sorted(
                 p for p in baseline.added_packages
-                if p in state.facts.installed_packages
-                and p not in _package_names(baseline.snapshot) and p not in spec.packages
+                if p not in _package_names(baseline.snapshot) and p not in spec.packages
             ),
         }
 

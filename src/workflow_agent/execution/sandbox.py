@@ -20,6 +20,7 @@ the last of them. The host is never changed, apart from the scratch directory.
 
 Network "host" shares the host's network stack (ports a daemon binds are host ports);
 "none" gives the sandbox its own network namespace with only ``lo``, brought up.
+Rehearsals (``rehearsal.py``) reuse this for throw-away copies of a sandbox or the host.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -126,8 +127,8 @@ def _holder_main(argv: list[str]) -> None:
             ifreq = fcntl.ioctl(sock, 0x8913, struct.pack("16sH22x", b"lo", 0))  # GIFFLAGS
             flags = struct.unpack("16sH22x", ifreq)[1] | 1  # IFF_UP
             fcntl.ioctl(sock, 0x8914, struct.pack("16sH22x", b"lo", flags))  # SIFFLAGS
-    name = hostname.encode()
-    if libc.sethostname(name, len(name)) != 0:  # our own UTS namespace
+    name = hostname.encode()  # empty: keep the name the UTS namespace was copied with
+    if name and libc.sethostname(name, len(name)) != 0:  # our own UTS namespace
         raise OSError(ctypes.get_errno(), "sethostname")
 
     def reap(signum: int, frame: object) -> None:
@@ -227,7 +228,13 @@ class SandboxTarget(Target):
         network: Literal["host", "none"] = "host",
         scratch_dir: Path | None = None,
         name: str | None = None,
+        layers: Sequence[Path] = (),
+        hostname: str | None = SANDBOX_HOSTNAME,
+        bind_resolv_conf: bool = True,
     ) -> None:
+        """``layers``: read-only directories stacked above ``rootfs``, topmost first (a
+        rehearsal stacks a sandbox's upper dir). ``hostname`` None keeps the host's;
+        ``bind_resolv_conf`` False keeps the root file system's resolv.conf."""
         super().__init__()
         if network not in ("host", "none"):
             raise ValueError(f"network must be 'host' or 'none', not {network!r}")
@@ -235,6 +242,9 @@ class SandboxTarget(Target):
         self.network = network
         self.scratch_dir = scratch_dir
         self.name = name
+        self.layers = tuple(Path(layer) for layer in layers)
+        self.hostname = hostname
+        self.bind_resolv_conf = bind_resolv_conf
         # Chosen now so identity is stable before open() and across re-opens.
         self._dir_name = f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}"
         self._state: _Running | None = None
@@ -274,6 +284,10 @@ class SandboxTarget(Target):
                 hint="Pass the directory returned by RootfsCache.ensure().",
             )
         check_overlay_path(self.rootfs, "root file system")
+        for layer in self.layers:
+            check_overlay_path(layer, "layer")
+            if not layer.is_dir():
+                raise TargetError(f"the sandbox layer {layer} is not a directory")
         scratch = make_scratch(self._dir_name, self.scratch_dir)
         starting = asyncio.ensure_future(asyncio.to_thread(self._start_holder, scratch))
         try:
@@ -288,13 +302,15 @@ class SandboxTarget(Target):
 
     def _start_holder(self, scratch: Scratch) -> _Running:
         read_end, write_end = os.pipe()  # both close-on-exec; read_end is passed below
-        resolv = "/etc/resolv.conf" if os.path.exists("/etc/resolv.conf") else ""
+        bind = self.bind_resolv_conf and os.path.exists("/etc/resolv.conf")
+        resolv = "/etc/resolv.conf" if bind else ""
         namespaces = ["--mount", "--pid", "--uts", "--ipc"]
         if self.network == "none":
             namespaces.append("--net")
         unshare = [self._tools["unshare"], *namespaces, "--fork", "--propagation", "private"]
         layers = [str(scratch.path / sub) for sub in ("upper", "work", "merged", "exchange")]
-        holder_args = [str(self.rootfs), *layers, self.network, resolv, SANDBOX_HOSTNAME]
+        lower = ":".join(str(layer) for layer in (*self.layers, self.rootfs))  # top first
+        holder_args = [lower, *layers, self.network, resolv, self.hostname or ""]
         # A file rather than -c: `ps` then shows a short, recognisable command line.
         program = scratch.path / "holder.py"
         program.write_text(_holder_source(), encoding="utf-8")

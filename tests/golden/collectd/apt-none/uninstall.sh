@@ -4,8 +4,9 @@ set -Eeuo pipefail
 trap 'printf "workflow-agent: failed at line %s with exit %s: %s\n" "$LINENO" "$?" "$BASH_COMMAND" >&2' ERR
 PACKAGE=collectd-core
 LIBRARIES=(libmicrohttpd12 libprotobuf-c1)
-# The packages the install added (the install script writes this list).
-RECORD=/var/lib/workflow-agent/collectd/installed-packages
+# The packages the installs added besides collectd-core (the libraries and the
+# dependencies), still installed; never one that was there before the first install.
+WANTED=(libexample1)
 
 # 1. Stop collectd.
 PIDFILE=/run/collectd.pid
@@ -23,17 +24,16 @@ if [ -n "$current" ] && [ "$current" != n ]; then
   apt-get purge -y "$PACKAGE"
 fi
 
-# 3. The dependencies the install added, when nothing needs them any more: recorded by
-#    the install, and now removable (apt's autoremove, but a Recommends or Suggests of
-#    another package does not keep them), or left with configuration files only.
-#    Packages that were there before the install are never in the record.
-if [ -r "$RECORD" ]; then
+# 3. Of those packages, the ones nothing needs any more: those apt's autoremove
+#    would now remove (a Recommends or Suggests of another package does not keep them)
+#    or, on a purge, those left with configuration files only.
+if [ "${#WANTED[@]}" -gt 0 ]; then
   # The install asked for the libraries by name, so apt counts them as wanted for their
   # own sake; if the install added them, they are dependencies like the others.
-  for library in "${LIBRARIES[@]}"; do
-    if grep -qFx "$library" "$RECORD" \
-        && dpkg-query -W -f '${Status}' "$library" 2>/dev/null | grep -q 'ok installed'; then
-      apt-mark auto "$library"
+  for package in "${WANTED[@]}"; do
+    if [[ " ${LIBRARIES[*]} " == *" $package "* ]] \
+        && dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'ok installed'; then
+      apt-mark auto "$package"
     fi
   done
   candidates=$(
@@ -42,18 +42,19 @@ if [ -r "$RECORD" ]; then
       | awk '$1 == "Remv" {print $2}'
     dpkg-query -W -f '${db:Status-Abbrev} ${Package}\n' | awk '$1 == "rc" {print $2}'
   )
-  unneeded=$(printf '%s\n' "$candidates" | grep -Fx -f "$RECORD" | tr '\n' ' ' || true)
-  read -r -a dependencies <<< "$unneeded"
-  if [ -n "${dependencies[*]}" ]; then
+  dependencies=()
+  for package in "${WANTED[@]}"; do
+    if grep -qFx -- "$package" <<< "$candidates"; then
+      dependencies+=("$package")
+    else
+      echo "keeping $package: another package needs it, or it is marked as installed by hand"
+    fi
+  done
+  if [ "${#dependencies[@]}" -gt 0 ]; then
     apt-get purge -y "${dependencies[@]}"
   fi
 fi
 
 # 4. What the install created outside the packages (remove_paths lists only those).
-rm -rf -- /var/lib/workflow-agent/collectd
-# /var/lib/workflow-agent may hold other integrations' records: removed only if empty.
-if [ -d /var/lib/workflow-agent ]; then
-  rmdir --ignore-fail-on-non-empty -- /var/lib/workflow-agent
-fi
 rm -rf -- /etc/collectd
 rm -rf -- /var/lib/collectd

@@ -6,8 +6,6 @@ PACKAGE=collectd-core
 # What the write_prometheus plugin links against: collectd-core only suggests them.
 LIBRARIES=(libmicrohttpd12 libprotobuf-c1)
 CONF=/etc/collectd/collectd.conf
-STATE_DIR=/var/lib/workflow-agent/collectd
-RECORD=$STATE_DIR/installed-packages
 MARKER='# Managed by workflow-agent: the next install rewrites this file.'
 PORT=9103
 INTERVAL=10
@@ -24,15 +22,6 @@ if [ "$missing" = 1 ]; then
   if ! apt-get -s install --no-install-recommends "$PACKAGE" "${LIBRARIES[@]}" >/dev/null 2>&1; then
     apt-get update
   fi
-  # Record which packages this adds (the dependencies too; "Inst NAME [OLD]" lines are
-  # upgrades of packages that were there before), so that uninstall removes exactly
-  # those. Earlier records are kept.
-  added=$(apt-get -s install --no-install-recommends "$PACKAGE" "${LIBRARIES[@]}" \
-    | awk '$1 == "Inst" && $3 !~ /^\[/ {print $2}')
-  install -d -m 0755 "$STATE_DIR"
-  { cat "$RECORD" 2>/dev/null || true; printf '%s\n' "$added"; } | sed '/^$/d' | sort -u \
-    > "$RECORD.new"
-  mv "$RECORD.new" "$RECORD"
   # Stale package lists (old versions gone from the mirror): refresh and try again.
   if ! apt-get install -y --no-install-recommends "$PACKAGE" "${LIBRARIES[@]}"; then
     apt-get update

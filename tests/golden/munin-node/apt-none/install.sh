@@ -4,8 +4,6 @@ set -Eeuo pipefail
 trap 'printf "workflow-agent: failed at line %s with exit %s: %s\n" "$LINENO" "$?" "$BASH_COMMAND" >&2' ERR
 PACKAGE=munin-node
 CONF=/etc/munin/munin-node.conf
-STATE_DIR=/var/lib/workflow-agent/munin-node
-RECORD=$STATE_DIR/installed-packages
 PORT=4949
 ALLOW=('^127\.0\.0\.1$' '^::1$')
 HOST_NAME=''
@@ -23,15 +21,6 @@ if ! dpkg-query -W -f '${Status}' "$PACKAGE" 2>/dev/null | grep -q 'install ok i
   if ! apt-get -s install --no-install-recommends "$PACKAGE" >/dev/null 2>&1; then
     apt-get update
   fi
-  # Record which packages this adds (the dependencies too; "Inst NAME [OLD]" lines are
-  # upgrades of packages that were there before), so that uninstall removes exactly
-  # those. Earlier records are kept.
-  added=$(apt-get -s install --no-install-recommends "$PACKAGE" \
-    | awk '$1 == "Inst" && $3 !~ /^\[/ {print $2}')
-  install -d -m 0755 "$STATE_DIR"
-  { cat "$RECORD" 2>/dev/null || true; printf '%s\n' "$added"; } | sed '/^$/d' | sort -u \
-    > "$RECORD.new"
-  mv "$RECORD.new" "$RECORD"
   # Stale package lists (old versions gone from the mirror): refresh and try again.
   if ! apt-get install -y --no-install-recommends "$PACKAGE"; then
     apt-get update

@@ -3,8 +3,9 @@
 set -Eeuo pipefail
 trap 'printf "workflow-agent: failed at line %s with exit %s: %s\n" "$LINENO" "$?" "$BASH_COMMAND" >&2' ERR
 PACKAGE=munin-node
-# The packages the install added (the install script writes this list).
-RECORD=/var/lib/workflow-agent/munin-node/installed-packages
+# The packages the installs added besides munin-node (its dependencies), still
+# installed; never one that was there before the first install.
+WANTED=(libexample1)
 
 # 1. Stop munin-node.
 if [ -x /etc/init.d/"$PACKAGE" ]; then
@@ -21,33 +22,33 @@ if [ -n "$current" ] && [ "$current" != n ]; then
   apt-get purge -y "$PACKAGE"
 fi
 
-# 3. The dependencies the install added, when nothing needs them any more: recorded by
-#    the install, and now removable (apt's autoremove, but a Recommends or Suggests of
-#    another package does not keep them), or left with configuration files only.
-#    Packages that were there before the install are never in the record.
-if [ -r "$RECORD" ]; then
+# 3. Of those dependencies, the ones nothing needs any more: those apt's autoremove
+#    would now remove (a Recommends or Suggests of another package does not keep them)
+#    or, on a purge, those left with configuration files only.
+if [ "${#WANTED[@]}" -gt 0 ]; then
   candidates=$(
     apt-get -s -o APT::AutoRemove::RecommendsImportant=false \
       -o APT::AutoRemove::SuggestsImportant=false autoremove \
       | awk '$1 == "Remv" {print $2}'
     dpkg-query -W -f '${db:Status-Abbrev} ${Package}\n' | awk '$1 == "rc" {print $2}'
   )
-  unneeded=$(printf '%s\n' "$candidates" | grep -Fx -f "$RECORD" | tr '\n' ' ' || true)
-  read -r -a dependencies <<< "$unneeded"
-  if [ -n "${dependencies[*]}" ]; then
+  dependencies=()
+  for package in "${WANTED[@]}"; do
+    if grep -qFx -- "$package" <<< "$candidates"; then
+      dependencies+=("$package")
+    else
+      echo "keeping $package: another package needs it, or it is marked as installed by hand"
+    fi
+  done
+  if [ "${#dependencies[@]}" -gt 0 ]; then
     apt-get purge -y "${dependencies[@]}"
   fi
 fi
 
 # 4. What the install created outside the packages (remove_paths lists only those):
-#    its package record, and what the munin packages leave (the plugin links in
-#    /etc/munin/plugins, the munin user, logs, state). Those are shared by every munin*
-#    package (the master, munin-async): they stay while another one is installed.
-rm -rf -- /var/lib/workflow-agent/munin-node
-# /var/lib/workflow-agent may hold other integrations' records: removed only if empty.
-if [ -d /var/lib/workflow-agent ]; then
-  rmdir --ignore-fail-on-non-empty -- /var/lib/workflow-agent
-fi
+#    what the munin packages leave (the plugin links in /etc/munin/plugins, the munin
+#    user, logs, state). Those are shared by every munin* package (the master,
+#    munin-async): they stay while another one is installed.
 if dpkg-query -W -f '${db:Status-Abbrev} ${Package}\n' 'munin*' 2>/dev/null \
     | grep -q '^ii'; then
   echo "another munin* package is installed: keeping the munin user and its folders"

@@ -3,6 +3,9 @@
 set -Eeuo pipefail
 trap 'printf "workflow-agent: failed at line %s with exit %s: %s\n" "$LINENO" "$?" "$BASH_COMMAND" >&2' ERR
 PACKAGE=prometheus-node-exporter
+# The packages the installs added besides prometheus-node-exporter (its dependencies),
+# still installed; never one that was there before the first install.
+WANTED=(libexample1)
 
 PIDFILE=/run/prometheus/prometheus-node-exporter.pid
 if [ -s "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
@@ -12,8 +15,30 @@ fi
 if dpkg-query -W -f '${Status}' "$PACKAGE" 2>/dev/null | grep -q 'ok installed'; then
   apt-get purge -y "$PACKAGE"
 fi
-# Dependencies the install added (and nothing that was there before it).
-apt-get purge -y libexample1
+
+# Of those dependencies, the ones nothing needs any more: those apt's autoremove would
+# now remove (a Recommends or Suggests of another package does not keep them) or, on a
+# purge, those left with configuration files only.
+if [ "${#WANTED[@]}" -gt 0 ]; then
+  candidates=$(
+    apt-get -s -o APT::AutoRemove::RecommendsImportant=false \
+      -o APT::AutoRemove::SuggestsImportant=false autoremove \
+      | awk '$1 == "Remv" {print $2}'
+    dpkg-query -W -f '${db:Status-Abbrev} ${Package}\n' | awk '$1 == "rc" {print $2}'
+  )
+  dependencies=()
+  for package in "${WANTED[@]}"; do
+    if grep -qFx -- "$package" <<< "$candidates"; then
+      dependencies+=("$package")
+    else
+      echo "keeping $package: another package needs it, or it is marked as installed by hand"
+    fi
+  done
+  if [ "${#dependencies[@]}" -gt 0 ]; then
+    apt-get purge -y "${dependencies[@]}"
+  fi
+fi
+
 if getent passwd prometheus >/dev/null; then
   userdel prometheus
 fi

@@ -6,8 +6,6 @@ PACKAGE=zabbix-agent
 MAIN=/etc/zabbix/zabbix_agentd.conf
 DROPIN_DIR=/etc/zabbix/zabbix_agentd.conf.d
 DROPIN=$DROPIN_DIR/workflow-agent.conf
-STATE_DIR=/var/lib/workflow-agent/zabbix-agent
-RECORD=$STATE_DIR/installed-packages
 SERVERS=(127.0.0.1)
 PORT=10050
 HOST_NAME=''
@@ -24,15 +22,6 @@ if ! dpkg-query -W -f '${Status}' "$PACKAGE" 2>/dev/null | grep -q 'install ok i
   if ! apt-get -s install --no-install-recommends "$PACKAGE" >/dev/null 2>&1; then
     apt-get update
   fi
-  # Record which packages this adds (the dependencies too; "Inst NAME [OLD]" lines are
-  # upgrades of packages that were there before), so that uninstall removes exactly
-  # those. Earlier records are kept.
-  added=$(apt-get -s install --no-install-recommends "$PACKAGE" \
-    | awk '$1 == "Inst" && $3 !~ /^\[/ {print $2}')
-  install -d -m 0755 "$STATE_DIR"
-  { cat "$RECORD" 2>/dev/null || true; printf '%s\n' "$added"; } | sed '/^$/d' | sort -u \
-    > "$RECORD.new"
-  mv "$RECORD.new" "$RECORD"
   # Stale package lists (old versions gone from the mirror): refresh and try again.
   if ! apt-get install -y --no-install-recommends "$PACKAGE"; then
     apt-get update
