@@ -241,3 +241,34 @@ def test_purge_after_keep_config_removes_the_dependencies_left_as_config(
     removed = run(agent, "uninstall", sandbox, "zabbix-agent", **params)
     assert removed.status == "succeeded", removed.error
     assert removed.leftovers == []
+
+
+def test_rehearsal_shows_the_changes_and_leaves_the_target_alone(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    agent = make_agent(tmp_path, rehearse=True)
+    before = sh(sandbox, "dpkg-query -W -f '${Package}\\n' | sort; ls -la /etc")
+    planned = run(agent, "plan", sandbox, listen_port="19105")
+    assert planned.status == "succeeded", planned.error
+    assert planned.rehearsal is not None
+    assert "prometheus-node-exporter" in planned.rehearsal.packages_added
+    assert "prometheus" in planned.rehearsal.users_added
+    defaults = next(c for c in planned.rehearsal.files
+                    if c.path == "/etc/default/prometheus-node-exporter")
+    assert defaults.kind in ("created", "modified")
+    assert sh(sandbox, "dpkg-query -W -f '${Package}\\n' | sort; ls -la /etc") == before
+
+
+def test_an_install_that_fails_in_rehearsal_never_touches_the_target(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    plugins = plugin(tmp_path, "half", "mkdir -p /opt/half\necho x > /opt/half/file\nfalse\n")
+    agent = make_agent(tmp_path, plugin_dirs=[plugins], rehearse=True)
+    state = run(agent, "install", sandbox, integration="half")
+    assert state.status == "failed" and state.exit_code == 4
+    assert state.error is not None and "failed in rehearsal" in state.error.message
+    assert state.rehearsal is not None
+    assert [c.path for c in state.rehearsal.files if c.kind == "created"] == [
+        "/opt/half", "/opt/half/file"]
+    assert sh(sandbox, "ls /opt").strip() == ""
+    assert [s.name for s in state.stages][-1] == "rehearsal"

@@ -67,6 +67,10 @@ class WorkflowConfiguration(BaseSettings):
     verify_timeout: float = 20.0
     #: Default script timeout when the definition names none.
     script_timeout: float = 600.0
+    #: Install (and plan) first run the install script on a copy-on-write copy of the
+    #: target and show what it would change. Off by default: it doubles a first
+    #: install's time (the package is installed twice), until it also feeds rollback.
+    rehearse: bool = False
     #: Uninstall removes configuration, users and data the install created.
     purge: bool = True
     #: Validation warnings are shown; with this set they refuse execution like errors.

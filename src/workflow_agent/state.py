@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from workflow_agent.execution.changes import ChangeSet
 from workflow_agent.facts import Facts
 from workflow_agent.scripting.render import RenderedScript
 from workflow_agent.scripting.validate import ValidationReport
@@ -81,6 +82,8 @@ class WorkflowState(_Frozen):
     strategy: StrategyDecision | None = None
     scripts: dict[str, RenderedScript] = {}
     validation: dict[str, ValidationReport] = {}
+    #: What the install script changed on a copy-on-write copy of the target.
+    rehearsal: ChangeSet | None = None
     runs: dict[str, RunSummary] = {}
     checks: list[CheckResult] = []
     #: Uninstall proof: what is still different from the pre-install snapshot.

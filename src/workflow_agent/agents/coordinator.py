@@ -1,11 +1,14 @@
 """The coordinator: drives one workflow through its stages over the bus.
 
 install:   validate > facts > knowledge > strategy > generate > script-validation >
-           (confirm) > baseline > execute > verify
+           [rehearsal] > (confirm) > baseline > execute > verify
 verify:    validate > facts > knowledge > strategy > generate > script-validation > verify
 uninstall: validate > facts > knowledge > strategy > generate > script-validation >
            (confirm) > execute > proof
-plan:      validate > facts > knowledge > strategy > generate > script-validation
+plan:      validate > facts > knowledge > strategy > generate > script-validation >
+           [rehearsal]
+
+[rehearsal] runs when the configuration asks for it (``rehearse``, ``--rehearse``).
 
 Each stage returns a new ``WorkflowState``; after each, a ``workflow.stage`` event carries
 the state and the stage's artifacts (history and progress subscribe). Only the
@@ -35,6 +38,7 @@ from workflow_agent.errors import (
 )
 from workflow_agent.execution.lock import TargetLock
 from workflow_agent.execution.pool import TargetPool
+from workflow_agent.execution.rehearsal import Rehearsal
 from workflow_agent.execution.target import Target
 from workflow_agent.integrations.params import ResolvedParams, resolve_params
 from workflow_agent.integrations.registry import Integration
@@ -217,6 +221,8 @@ class Coordinator:
         state = await self._stage(state, "strategy", lambda s: self._strategy(s, run))
         state = await self._stage(state, "generate", lambda s: self._generate(s, run))
         state = await self._stage(state, "script-validation", lambda s: self._check(s, run))
+        if action in ("install", "plan") and self.config.rehearse:
+            state = await self._stage(state, "rehearsal", lambda s: self._rehearse(s, run))
         if action == "plan":
             return state
         changes_target = action in ("install", "uninstall")
@@ -399,6 +405,34 @@ class Coordinator:
                 f"{len(refusing)} validation finding(s) refuse these scripts: {first}",
                 hint="Nothing was run. Fix the integration's templates "
                 "(`workflow-agent plan` shows every finding).",
+            ), outcome)
+        return outcome
+
+    async def _rehearse(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.params is not None
+        rehearsal: Rehearsal = await self.bus.request(
+            execution.REHEARSE,
+            execution.RehearseRequest(state.workflow_id, state.scripts["install"],
+                                      self._timeout(run, "install"), run.params.secret_env),
+            timeout=self.config.bus_timeout,
+        )
+        changes = rehearsal.changes
+        summary = execution.summarize(rehearsal.result, self.redactor)
+        outcome = _Outcome(
+            changes={"rehearsal": changes},
+            detail={"changes": len(changes.lines()), "exit_code": summary.exit_code,
+                    "upper_bytes": rehearsal.upper_bytes,
+                    "duration": round(rehearsal.duration, 3)},
+            artifacts=[Artifact("rehearsal", "install", changes.model_dump_json()),
+                       Artifact("output", "rehearsal", self.redactor.redact(
+                           rehearsal.result.stdout + rehearsal.result.stderr))],
+        )
+        if not rehearsal.result.ok:
+            where = (f" at line {summary.failed_line}" if summary.failed_line else "")
+            raise _Failed(ExecutionFailedError(
+                f"the install script failed in rehearsal{where} with exit "
+                f"{summary.exit_code}; the target was not changed",
+                hint=f"Last output:\n{summary.output_tail}" if summary.output_tail else None,
             ), outcome)
         return outcome
 

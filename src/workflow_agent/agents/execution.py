@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict
 
 from workflow_agent.bus import Message, MessageBus
+from workflow_agent.errors import InvalidInputError
 from workflow_agent.execution.pool import TargetPool
-from workflow_agent.execution.target import RunResult
+from workflow_agent.execution.rehearsal import Rehearsal, rehearse, supports_rehearsal
+from workflow_agent.execution.target import OutputCallback, RunResult
 from workflow_agent.facts import Facts
 from workflow_agent.scripting.render import FAILURE_MARKER, RenderedScript
 from workflow_agent.secrets import Redactor
@@ -25,6 +27,7 @@ from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot, take_
 
 FACTS = "target.facts"
 SNAPSHOT = "target.snapshot"
+REHEARSE = "target.rehearse"
 RUN = "execute.run"
 OUTPUT_EVENT = "workflow.output"
 
@@ -74,6 +77,16 @@ class SnapshotRequest:
 
 
 @dataclass(frozen=True)
+class RehearseRequest:
+    """Run ``script`` on a copy-on-write copy of the workflow's target."""
+
+    workflow_id: str
+    script: RenderedScript
+    timeout: float
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RunRequest:
     """Run ``script`` on the workflow's target."""
 
@@ -104,7 +117,7 @@ def summarize(result: RunResult, redactor: Redactor) -> RunSummary:
 
 
 class ExecutionAgent:
-    """Answers ``target.facts``, ``target.snapshot`` and ``execute.run``."""
+    """Answers ``target.facts``, ``target.snapshot``, ``target.rehearse`` and ``execute.run``."""
 
     def __init__(self, pool: TargetPool, redactor: Redactor) -> None:
         self.pool = pool
@@ -116,6 +129,7 @@ class ExecutionAgent:
         self._bus = bus
         bus.serve(FACTS, self._facts)
         bus.serve(SNAPSHOT, self._snapshot)
+        bus.serve(REHEARSE, self._rehearse)
         bus.serve(RUN, self._run)
 
     async def _facts(self, message: Message) -> Facts:
@@ -137,22 +151,44 @@ class ExecutionAgent:
             existing = result.stdout.split()
         return Baseline(snapshot=snapshot, preexisting_paths=existing)
 
+    async def _rehearse(self, message: Message) -> Rehearsal:
+        request: RehearseRequest = message.payload
+        target = self.pool.get(request.workflow_id)
+        if not supports_rehearsal(target):
+            raise InvalidInputError(
+                f"{target.identity} cannot be rehearsed on: only this host and sandboxes can",
+                hint="Run without --rehearse.",
+            )
+        forward, pending = self._forwarder(request.workflow_id, "rehearsal")
+        rehearsal = await rehearse(target, request.script.text, env=request.env,
+                                   timeout=request.timeout, redactor=self.redactor,
+                                   on_output=forward)
+        if pending:
+            await asyncio.gather(*pending)
+        return rehearsal
+
     async def _run(self, message: Message) -> RunResult:
         request: RunRequest = message.payload
         target = self.pool.get(request.workflow_id)
-        loop = asyncio.get_running_loop()
-        bus = self._bus
-        pending: list[asyncio.Task[None]] = []
-
-        def forward(stream: str, line: str) -> None:
-            if bus is not None:
-                event = OutputLine(request.workflow_id, request.stage, stream,
-                                   self.redactor.redact(line))
-                pending.append(loop.create_task(bus.publish(OUTPUT_EVENT, event)))
-
+        forward, pending = self._forwarder(request.workflow_id, request.stage)
         result = await target.run(
             request.script.text, env=request.env, timeout=request.timeout, on_output=forward
         )
         if pending:
             await asyncio.gather(*pending)
         return result
+
+    def _forwarder(
+        self, workflow_id: str, stage: str
+    ) -> tuple[OutputCallback, list[asyncio.Task[None]]]:
+        """An output callback publishing masked lines as events, and its pending sends."""
+        loop = asyncio.get_running_loop()
+        bus = self._bus
+        pending: list[asyncio.Task[None]] = []
+
+        def forward(stream: str, line: str) -> None:
+            if bus is not None:
+                event = OutputLine(workflow_id, stage, stream, self.redactor.redact(line))
+                pending.append(loop.create_task(bus.publish(OUTPUT_EVENT, event)))
+
+        return forward, pending

@@ -59,6 +59,10 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 OutputOpt = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Change the target without asking.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show script output live.")]
+RehearseOpt = Annotated[bool | None, typer.Option(
+    "--rehearse/--no-rehearse",
+    help="First run the install script on a copy-on-write copy of the target and show "
+    "exactly what it changes (files with diffs, packages, users, services).")]
 
 
 def _fail(exc: WorkflowAgentError) -> typer.Exit:
@@ -98,6 +102,10 @@ def _confirmer(yes: bool, output: OutputFormat) -> Confirm:
             return False
         from rich.prompt import Confirm as Prompt
 
+        from workflow_agent.cli.output import show_changes
+
+        if state.rehearsal is not None:
+            show_changes(state.rehearsal)
         return Prompt.ask(
             f"{state.action} {state.integration} on {state.target_identity} "
             f"(method {state.strategy.method if state.strategy else '?'})?",
@@ -189,9 +197,11 @@ def install(
     output: OutputOpt = OutputFormat.text,
     yes: YesOpt = False,
     verbose: VerboseOpt = False,
+    rehearse: RehearseOpt = None,
 ) -> None:
     """Install an integration, then verify that it really works."""
-    _workflow_command("install", integration, param, target, config, output, yes, verbose)
+    _workflow_command("install", integration, param, target, config, output, yes, verbose,
+                      rehearse=rehearse)
 
 
 @app.command()
@@ -231,9 +241,11 @@ def plan(
     target: TargetOpt = None,
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
+    rehearse: RehearseOpt = None,
 ) -> None:
     """Show facts, the chosen method, the scripts and every finding; change nothing."""
-    _workflow_command("plan", integration, param, target, config, output, True, False)
+    _workflow_command("plan", integration, param, target, config, output, True, False,
+                      rehearse=rehearse)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from workflow_agent.agents.coordinator import StageEvent
     from workflow_agent.agents.execution import OutputLine
+    from workflow_agent.execution.changes import ChangeSet
     from workflow_agent.integrations.registry import Integration
     from workflow_agent.state import WorkflowState
     from workflow_agent.storage.history import WorkflowRecord, WorkflowSummary
@@ -75,6 +76,8 @@ def _stage_summary(name: str, detail: dict[str, Any]) -> str:
         return str(detail.get("reason", ""))
     if name == "script-validation":
         return f"{detail.get('errors', 0)} errors, {detail.get('warnings', 0)} warnings"
+    if name == "rehearsal":
+        return f"{detail.get('changes')} changes on a copy; the target is untouched"
     if name == "execute":
         return f"exit {detail.get('exit_code')}"
     if name == "verify":
@@ -119,6 +122,18 @@ def show_result(state: WorkflowState) -> None:
         error(state.error.message, state.error.hint)
 
 
+def show_changes(changes: ChangeSet, console: Console = err) -> None:
+    """A rehearsal's change set, diffs included."""
+    console.rule("what the install changes (rehearsed on a copy)")
+    for line in changes.lines():
+        console.print(f"  {escape(line)}")
+    for change in changes.files:
+        if change.diff:
+            console.print(f"[dim]{escape(change.diff.rstrip())}[/]")
+    if changes.is_empty:
+        console.print("  nothing")
+
+
 def show_plan(state: WorkflowState) -> None:
     """Facts, strategy, scripts and findings of a plan."""
     from rich.syntax import Syntax  # pygments: only plans show highlighted scripts
@@ -150,6 +165,8 @@ def show_plan(state: WorkflowState) -> None:
             style = {"error": "red", "warning": "yellow"}.get(finding.severity, "dim")
             out.print(f"  [{style}]{finding.severity}[/] line {finding.line} "
                       f"[{finding.layer}] {finding.code}: {escape(finding.message)}")
+    if state.rehearsal is not None:
+        show_changes(state.rehearsal, out)
     show_result(state)
 
 

@@ -1,8 +1,7 @@
 """What a script changed, read from the upper directory of the overlay it ran on.
 
-An overlay's upper directory holds exactly what was written on top of the lower layers,
-so walking it (a few thousand entries after a package install) is far cheaper than
-snapshotting a whole system twice. The rules:
+The upper directory holds exactly what was written on top of the lower layers: walking it
+(a few thousand entries after a package install) beats snapshotting a system twice.
 
 * an entry with nothing at its path below (the *before* view) was **created**;
 * an entry that exists below was **modified** when its type, bytes or link target differ,
@@ -21,12 +20,13 @@ command line and apt source line passes ``Redactor.redact``.
 from __future__ import annotations
 
 import difflib
+import filecmp
 import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,13 +54,11 @@ EntryType = Literal["file", "dir", "link", "other"]
 _BOOKKEEPING = re.compile(ignore_regex(BOOKKEEPING) or "", re.DOTALL)
 _REPOSITORIES = re.compile(ignore_regex(REPOSITORIES) or "", re.DOTALL)
 _SYSTEMD_LINK = re.compile(r"/etc/systemd/system/([^/]+)\.(?:wants|requires)/([^/]+)")
-_SYSTEMD_UNIT = re.compile(
-    r"(?:/usr)?/lib/systemd/system/([^/]+\.(?:service|socket|timer))|/etc/systemd/system/"
-    r"([^/]+\.(?:service|socket|timer))"
-)
+_UNIT = re.compile(r"(?:/usr/lib|/lib|/etc)/systemd/system/([^/]+\.(?:service|socket|timer))")
 _RC_LINK = re.compile(r"/etc/rc([0-6S])\.d/S\d\d(.+)")
 _URL_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]+@")
 _MARKS = {"created": "+", "deleted": "-", "modified": "~", "metadata": "~"}
+_TYPES: dict[int, EntryType] = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link"}
 
 
 class FileChange(BaseModel):
@@ -119,34 +117,21 @@ class ChangeSet(BaseModel):
         return out
 
 
-@dataclass(frozen=True)
-class Process:
-    """A process still running when the script ended (PID as seen inside its namespace)."""
-
-    pid: int
-    argv: tuple[str, ...]
-    name: str
-
-
 def read_changes(
-    upper: str,
-    lower: str,
-    *,
-    processes: Sequence[Process] = (),
-    redactor: Redactor | None = None,
+    upper: str, lower: str, *, running: Sequence[str] = (), redactor: Redactor | None = None
 ) -> ChangeSet:
     """The changes recorded in the overlay upper directory ``upper``.
 
     ``lower`` is a host path prefix under which the *before* state can be read: ``""``
     for this host's root, ``/proc/PID/root/...merged`` for a sandbox's view. Symlinks
     there are never followed (an absolute one would resolve against the host's root).
+    ``running`` describes the processes the script left running; they lead ``services``.
     """
     reader = _Reader(upper.rstrip("/"), lower.rstrip("/"), redactor or Redactor())
     reader.walk("", lower_is_dir=True, hidden=False)
     before_pkgs, after_pkgs = (_packages(data) for data in reader.both("/var/lib/dpkg/status"))
     before_users, after_users = (_names(data) for data in reader.both("/etc/passwd"))
     before_groups, after_groups = (_names(data) for data in reader.both("/etc/group"))
-    running = [_describe(process, reader.redactor) for process in processes]
     return ChangeSet(
         files=sorted(reader.changes, key=lambda change: change.path),
         packages_added={k: v for k, v in after_pkgs.items() if k not in before_pkgs},
@@ -157,47 +142,24 @@ def read_changes(
         users_removed=sorted(before_users - after_users),
         groups_added=sorted(after_groups - before_groups),
         groups_removed=sorted(before_groups - after_groups),
-        services=running + reader.service_lines(),
+        services=[*running, *reader.service_lines()],
         repositories=sorted(reader.repositories),
         bookkeeping=reader.bookkeeping,
     )
 
 
-def disk_usage(path: str) -> int:
-    """Bytes allocated to the files under ``path`` (like ``du -s``)."""
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except FileNotFoundError:
-                continue  # removed while we walked
-    return total
-
-
 def _type(mode: int) -> EntryType:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    return "link" if stat.S_ISLNK(mode) else "other"
+    return _TYPES.get(stat.S_IFMT(mode), "other")
 
 
 def _size(size: int) -> str:
-    if size < 1000:
-        return f"{size} B"
-    scaled = float(size)
-    for unit in ("kB", "MB", "GB"):
-        scaled /= 1000
-        if scaled < 1000 or unit == "GB":
-            break
-    return f"{scaled:.1f} {unit}"
+    units = ((10**9, "GB"), (10**6, "MB"), (10**3, "kB"))
+    return next((f"{size / scale:.1f} {unit}" for scale, unit in units if size >= scale),
+                f"{size} B")
 
 
-def _is_binary(path: str) -> bool:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        return b"\0" in handle.read(8192)
+def _created_detail(after: os.stat_result) -> str:
+    return f"mode {stat.S_IMODE(after.st_mode):04o}, owner {after.st_uid}:{after.st_gid}"
 
 
 def _metadata(before: os.stat_result, after: os.stat_result) -> list[str]:
@@ -216,21 +178,14 @@ def _xattr(path: str, name: str) -> bytes | None:
         return None
 
 
-def _read(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
+def _open(path: str) -> BinaryIO:
+    # Never through a symlink: the before view is a prefix of host paths.
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
 
 
-def _same_bytes(one: str, two: str) -> bool:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    with os.fdopen(os.open(one, flags), "rb") as a, os.fdopen(os.open(two, flags), "rb") as b:
-        while True:
-            chunk = a.read(1 << 20)
-            if chunk != b.read(1 << 20):
-                return False
-            if not chunk:
-                return True
+def _read(path: str, size: int = -1) -> bytes:
+    with _open(path) as handle:
+        return handle.read(size)
 
 
 @dataclass
@@ -255,17 +210,14 @@ class _Reader:
 
     def both(self, path: str) -> tuple[bytes, bytes]:
         """A regular file's bytes before and after (empty when absent)."""
-        before = after = b""
-        with_before = self.lstat_before(path)
-        if with_before is not None and stat.S_ISREG(with_before.st_mode):
-            before = after = _read(self.lower + path)
+        old = self.lstat_before(path)
+        before = _read(self.lower + path) if old and stat.S_ISREG(old.st_mode) else b""
         try:
-            upper = os.lstat(self.upper + path)
+            new = os.lstat(self.upper + path)
         except (FileNotFoundError, NotADirectoryError):
-            return before, after
-        if stat.S_ISREG(upper.st_mode):
-            return before, _read(self.upper + path)
-        return before, b""  # a whiteout, or replaced by something that is not a file
+            return before, before  # not in the upper directory: unchanged
+        # A whiteout, or replaced by something that is not a file: no content.
+        return before, _read(self.upper + path) if stat.S_ISREG(new.st_mode) else b""
 
     def walk(self, rel: str, *, lower_is_dir: bool, hidden: bool) -> None:
         """Compare the upper directory ``rel`` (``""`` is ``/``) with the before view.
@@ -275,7 +227,7 @@ class _Reader:
         ``hidden``: ``rel`` is opaque or under an opaque directory, so whatever was below
         it before and is not in the upper directory is gone.
         """
-        with os.scandir(self.upper + rel or "/") as scan:
+        with os.scandir(self.upper + rel) as scan:
             entries = sorted(scan, key=lambda entry: entry.name)
         for entry in entries:
             path = f"{rel}/{entry.name}"
@@ -304,21 +256,22 @@ class _Reader:
             for item in gone:
                 self.deleted(f"{rel}/{item.name}", item.stat(follow_symlinks=False))
 
-    def directory(
-        self, path: str, upper: str, before: os.stat_result | None, after: os.stat_result
-    ) -> None:
+    def directory(self, path: str, upper: str, before: os.stat_result | None,
+                  after: os.stat_result) -> None:
+        # Only with redirect_dir=on (not the default): the files it kept are not listed.
         redirect = _xattr(upper, "trusted.overlay.redirect")
-        moved = f", renamed from {redirect.decode(errors='replace')}" if redirect else ""
+        moved = [f"renamed from {redirect.decode(errors='replace')}"] if redirect else []
         if before is None:
-            self.record(path, "created", "dir", _created_detail(after) + moved)
+            self.record(path, "created", "dir", ", ".join([_created_detail(after), *moved]))
         elif not stat.S_ISDIR(before.st_mode):
-            self.record(path, "modified", "dir", f"{_type(before.st_mode)} -> dir{moved}")
-        elif metadata := _metadata(before, after):
+            self.record(path, "modified", "dir", ", ".join([f"{_type(before.st_mode)} -> dir",
+                                                            *moved]))
+        elif (metadata := _metadata(before, after) + moved):
             self.record(path, "metadata", "dir", ", ".join(metadata))
 
-    def entry(
-        self, path: str, upper: str, before: os.stat_result | None, after: os.stat_result
-    ) -> None:
+    def entry(self, path: str, upper: str, before: os.stat_result | None,
+              after: os.stat_result) -> None:
+        """A file, link or other non-directory entry of the upper directory."""
         kind = _type(after.st_mode)
         link = os.readlink(upper) if kind == "link" else None
         if before is None:
@@ -343,7 +296,9 @@ class _Reader:
             if before.st_rdev != after.st_rdev:
                 parts.append("device number")
         elif _xattr(upper, "trusted.overlay.metacopy") is None and (
-            before.st_size != after.st_size or not _same_bytes(self.lower + path, upper)
+            # Both are regular files (lstat said so): following a link cannot happen here.
+            before.st_size != after.st_size
+            or not filecmp.cmp(self.lower + path, upper, shallow=False)
         ):  # a metacopy upper file has no data of its own: its bytes are the lower's
             diff = self.diff(path, self.lower + path, upper, after, before)
             size = _size(after.st_size)
@@ -356,30 +311,27 @@ class _Reader:
         elif metadata:
             self.record(path, "metadata", kind, ", ".join(metadata))
 
-    def deleted(self, path: str, before: os.stat_result) -> None:
+    def deleted(self, path: str, before: os.stat_result, *, below: bool = True) -> None:
         kind = _type(before.st_mode)
-        detail, diff = "", None
+        detail, diff, link = "", None, None
         if kind == "file":
             detail = f"was {_size(before.st_size)}"
-            diff = None if _BOOKKEEPING.fullmatch(path) else self.diff(path, self.lower + path,
-                                                                        None, before)
+            if not _BOOKKEEPING.fullmatch(path):
+                diff = self.diff(path, self.lower + path, None, before)
         elif kind == "link":
-            detail = f"was -> {os.readlink(self.lower + path)}"
-        self.record(path, "deleted", kind, detail, diff)
-        if kind == "dir":
+            link = os.readlink(self.lower + path)
+            detail = f"was -> {link}"
+        self.record(path, "deleted", kind, detail, diff, link)
+        if kind == "dir" and below:
             self.deleted_below(path)
 
     def deleted_below(self, path: str) -> None:
         """Everything under the before directory ``path``, which is gone."""
-        for rel, before in _tree(self.lower, path):  # already recursive: no deleted() here
-            if stat.S_ISDIR(before.st_mode):
-                self.record(rel, "deleted", "dir", "")
-            else:
-                self.deleted(rel, before)
+        for rel, before in _tree(self.lower, path):  # already recursive: not deleted()
+            self.deleted(rel, before, below=False)
 
-    def diff(
-        self, path: str, old: str | None, new: str | None, *stats: os.stat_result
-    ) -> str | None:
+    def diff(self, path: str, old: str | None, new: str | None,
+             *stats: os.stat_result) -> str | None:
         """A unified diff between two files (None: /dev/null), or None if not text."""
         if any(st.st_size > DIFF_LIMIT for st in stats) or self.budget <= 0:
             return None
@@ -397,15 +349,9 @@ class _Reader:
         self.budget -= len(text)
         return text
 
-    def record(
-        self,
-        path: str,
-        kind: ChangeKind,
-        type_: EntryType,
-        detail: str,
-        diff: str | None = None,
-        link: str | None = None,
-    ) -> None:
+    def record(self, path: str, kind: ChangeKind, type_: EntryType, detail: str,
+               diff: str | None = None, link: str | None = None) -> None:
+        """List one change (or count it, for bookkeeping) and note what it means."""
         if _BOOKKEEPING.fullmatch(path):
             self.bookkeeping += 1
             return
@@ -434,9 +380,8 @@ class _Reader:
         if match := _SYSTEMD_LINK.fullmatch(path):
             verb = "enabled" if added else "disabled"
             self.services[path] = f"{verb} {match[2]} (systemd, {match[1]})"
-        elif (match := _SYSTEMD_UNIT.fullmatch(path)) and type_ == "link" and link == "/dev/null":
-            unit = match[1] or match[2]
-            self.services[path] = f"{'masked' if added else 'unmasked'} {unit} (systemd)"
+        elif (match := _UNIT.fullmatch(path)) and type_ == "link" and link == "/dev/null":
+            self.services[path] = f"{'masked' if added else 'unmasked'} {match[1]} (systemd)"
         elif match and type_ == "file":
             self.services[path] = f"{'installed' if added else 'removed'} systemd unit {path}"
         elif path.startswith("/etc/init.d/") and path.count("/") == 3 and type_ == "file":
@@ -450,16 +395,12 @@ class _Reader:
                         for name, levels in sorted(self.runlevels.items())]
 
 
-def _created_detail(after: os.stat_result) -> str:
-    return f"mode {stat.S_IMODE(after.st_mode):04o}, owner {after.st_uid}:{after.st_gid}"
-
-
 def _file_detail(path: str, size: int | str, diff: str | None) -> str:
     """``"text, 1.2 kB"``, ``"binary, 13.8 MB"`` or ``"text, 300.0 kB, no diff"``."""
     shown = _size(size) if isinstance(size, int) else size
     if diff is not None:
         return f"text, {shown}"
-    return f"binary, {shown}" if _is_binary(path) else f"text, {shown}, no diff"
+    return f"binary, {shown}" if b"\0" in _read(path, 8192) else f"text, {shown}, no diff"
 
 
 def _tree(root: str, path: str) -> Iterator[tuple[str, os.stat_result]]:
@@ -475,30 +416,16 @@ def _tree(root: str, path: str) -> Iterator[tuple[str, os.stat_result]]:
             yield from _tree(root, f"{path}/{entry.name}")
 
 
-def _describe(process: Process, redactor: Redactor) -> str:
-    command = " ".join(process.argv) or f"[{process.name}]"
-    if len(command) > 160:
-        command = command[:157] + "..."
-    name = os.path.basename(process.argv[0]) if process.argv else process.name
-    return f"started {name} (pid {process.pid}, {redactor.redact(command)})"
-
-
 def _names(data: bytes) -> set[str]:
     text = data.decode(errors="replace")
     return {line.split(":", 1)[0] for line in text.splitlines() if line.strip()}
 
 
-_WANT = {"unknown": "u", "install": "i", "hold": "h", "deinstall": "r", "purge": "p"}
-_STATE = {"not-installed": "n", "config-files": "c", "half-installed": "H", "unpacked": "U",
-          "half-configured": "F", "triggers-awaited": "W", "triggers-pending": "t",
-          "installed": "i"}
-
-
 def _packages(data: bytes) -> dict[str, str]:
     """Installed packages from a dpkg status file, named like ``${binary:Package}``.
 
-    Like the snapshot's ``dpkg-query``: not-installed and config-files entries are absent,
-    other unfinished states keep their version plus the status abbreviation.
+    Not-installed and config-files entries are absent; packages in other unfinished
+    states are present, their state after the version: ``1.0-1 [half-configured]``.
     """
     stanzas = []
     for block in re.split(r"\n\s*\n", data.decode(errors="replace")):
@@ -510,7 +437,7 @@ def _packages(data: bytes) -> dict[str, str]:
     native = next((f.get("Architecture") for f in stanzas if f["Package"] == "dpkg"), None)
     out: dict[str, str] = {}
     for fields in stanzas:
-        want, error, state = ([*fields.get("Status", "").split(), "", "", ""])[:3]
+        state = ([*fields.get("Status", "").split(), "", "", ""])[2]
         if state in ("not-installed", "config-files", ""):
             continue
         arch = fields.get("Architecture", "")
@@ -519,9 +446,5 @@ def _packages(data: bytes) -> dict[str, str]:
         )
         name = f"{fields['Package']}:{arch}" if qualified else fields["Package"]
         version = fields.get("Version", "")
-        if state != "installed":
-            abbrev = _WANT.get(want, "?") + _STATE.get(state, "?")
-            abbrev += "R" if error == "reinstreq" else ""
-            version = f"{version} [{abbrev}]"
-        out[name] = version
+        out[name] = version if state == "installed" else f"{version} [{state}]"
     return out

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from workflow_agent.errors import TargetError
-from workflow_agent.execution.changes import ChangeSet, Process, disk_usage, read_changes
+from workflow_agent.execution.changes import ChangeSet, read_changes
 from workflow_agent.execution.local import LocalTarget
 from workflow_agent.execution.rootfs import fs_type
 from workflow_agent.execution.sandbox import SandboxTarget
@@ -68,8 +69,12 @@ for p in /proc/sys /proc/sysrq-trigger; do
 done
 """
 
-# kill -1 in a PID namespace signals every process in it except PID 1 and the caller.
-_KILL_ALL = "kill -KILL -1 2>/dev/null; exit 0"
+# kill -1 in a PID namespace signals every process in it except PID 1 and the caller;
+# outside one it would signal every process on the host, hence the check first.
+_KILL_ALL = """[ "$(readlink /proc/self/ns/pid)" = {namespace} ] || exit 90
+kill -KILL -1 2>/dev/null
+exit 0
+"""
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,35 @@ class Rehearsal:
     """Disk (or, for this host, RAM) the copy's upper directory used."""
     duration: float = 0.0
     """Wall time of the whole rehearsal: setting up, the script, reading the changes."""
+
+
+@dataclass(frozen=True)
+class Process:
+    """A process still running when the script ended (PID as seen inside the copy)."""
+
+    pid: int
+    argv: tuple[str, ...]
+    name: str
+
+    def describe(self, redactor: Redactor) -> str:
+        """``started NAME (pid N, COMMAND LINE)``, the command line masked and shortened."""
+        command = " ".join(self.argv) or f"[{self.name}]"
+        if len(command) > 160:
+            command = command[:157] + "..."
+        name = os.path.basename(self.argv[0]) if self.argv else self.name
+        return f"started {name} (pid {self.pid}, {redactor.redact(command)})"
+
+
+def disk_usage(path: str) -> int:
+    """Bytes allocated to the files under ``path`` (like ``du -s``)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue  # removed while we walked
+    return total
 
 
 def supports_rehearsal(target: Target) -> bool:
@@ -115,10 +149,11 @@ async def rehearse(
         inside = f"/proc/{holder}/root{scratch}/merged/proc"
         processes = await asyncio.to_thread(_processes, inside)
         if processes:
-            await _stop_all(copy, inside)
+            await _stop_all(copy, inside, holder)
         upper = str(scratch / "upper")
+        running = [process.describe(redactor or Redactor()) for process in processes]
         changes = await asyncio.to_thread(
-            read_changes, upper, lower, processes=processes, redactor=redactor
+            read_changes, upper, lower, running=running, redactor=redactor
         )
         used = await asyncio.to_thread(disk_usage, upper)
     finally:
@@ -207,9 +242,17 @@ def _processes(proc: str) -> list[Process]:
     return found
 
 
-async def _stop_all(copy: SandboxTarget, proc: str) -> None:
+async def _stop_all(copy: SandboxTarget, proc: str, holder: int) -> None:
     """Kill every process of the copy but its holder, so the upper directory holds still."""
-    await copy.run(_KILL_ALL, timeout=60)
+    namespace = os.readlink(f"/proc/{holder}/ns/pid")
+    if namespace == os.readlink("/proc/self/ns/pid"):
+        raise TargetError("the rehearsal copy has no PID namespace of its own")
+    killed = await copy.run(_KILL_ALL.format(namespace=shlex.quote(namespace)), timeout=60)
+    if killed.exit_code == 90:
+        raise TargetError("refusing to kill processes outside the rehearsal copy")
     deadline = time.monotonic() + _SETTLE_TIMEOUT
-    while time.monotonic() < deadline and await asyncio.to_thread(_processes, proc):
+    while time.monotonic() < deadline:
+        remaining = await asyncio.to_thread(_processes, proc)
+        if not remaining:
+            return
         await asyncio.sleep(0.02)
