@@ -54,3 +54,13 @@ def test_put_and_get(tmp_path: Path) -> None:
     asyncio.run(target.put(str(path), b"data\x00\xff", mode=0o600))
     assert asyncio.run(target.get(str(path))) == b"data\x00\xff"
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_background_child_holding_the_output_does_not_hold_the_run() -> None:
+    """A daemon started without redirecting its output keeps the pipes open for good."""
+    result = asyncio.run(LocalTarget().run(
+        "sleep 30 & echo started; echo $! > /dev/null", timeout=20))
+    assert result.ok and not result.timed_out
+    assert result.duration < 5
+    assert result.stdout == "started\n"
+    assert asyncio.run(LocalTarget().run("pkill -f '^sleep 30$' || true")).ok

@@ -1,4 +1,9 @@
-"""Run a host process with streamed output and a timeout that kills its process group."""
+"""Run a host process with streamed output and a timeout that kills its process group.
+
+The run ends when the process exits, not when its output pipes close: a daemon the
+script starts in the background may keep them open for hours. The process is watched
+through a pidfd; the pipes get a short grace period for what is still buffered in them.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,38 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Mapping, Sequence
 
 from workflow_agent.execution.target import OutputCallback, OutputCollector, RunResult
 
 #: A line longer than this is delivered in pieces rather than buffered without bound.
 MAX_LINE = 1024 * 1024
+#: After the process exits, how long its pipes may take to deliver the rest.
+DRAIN_GRACE = 0.5
 
 
-async def _pump(stream: asyncio.StreamReader, name: str, sink: OutputCollector) -> None:
-    pending = b""
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            break
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        while len(pending) > MAX_LINE:
-            lines.append(pending[:MAX_LINE])
-            pending = pending[MAX_LINE:]
+class _Lines:
+    """Splits a byte stream into lines for one output stream."""
+
+    def __init__(self, name: str, sink: OutputCollector) -> None:
+        self.name = name
+        self.sink = sink
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        while len(self.pending) > MAX_LINE:
+            lines.append(self.pending[:MAX_LINE])
+            self.pending = self.pending[MAX_LINE:]
         for raw in lines:
-            sink(name, raw.decode("utf-8", errors="replace"))
-    if pending:
-        sink(name, pending.decode("utf-8", errors="replace"))
+            self.sink(self.name, raw.decode("utf-8", errors="replace"))
+
+    def flush(self) -> None:
+        if self.pending:
+            self.sink(self.name, self.pending.decode("utf-8", errors="replace"))
+            self.pending = b""
 
 
 def _kill_group(pid: int) -> None:
@@ -42,47 +56,89 @@ async def run_process(
     env: Mapping[str, str],
     timeout: float,
     on_output: OutputCallback | None = None,
-    stdin: bytes | None = None,
 ) -> RunResult:
-    """Run ``argv`` in its own session; on timeout SIGKILL the whole process group.
-
-    Output is streamed line by line to ``on_output`` and also collected in the result.
-    ``stdin`` is fed to the process (then closed); without it stdin is ``/dev/null``.
-    """
+    """Run ``argv`` in its own session, stdin ``/dev/null``; on timeout (or cancellation)
+    SIGKILL the whole process group. Output is streamed line by line to ``on_output`` and
+    also collected in the result."""
     sink = OutputCollector(on_output)
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(env),
-        start_new_session=True,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    if stdin is not None:
-        assert proc.stdin is not None
-        proc.stdin.write(stdin)
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await proc.stdin.drain()
-        proc.stdin.close()
-    pumps = asyncio.gather(_pump(proc.stdout, "stdout", sink), _pump(proc.stderr, "stderr", sink))
+    loop = asyncio.get_running_loop()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            env=dict(env), start_new_session=True,
+        )
+    except BaseException:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    streams = {out_r: _Lines("stdout", sink), err_r: _Lines("stderr", sink)}
+    drained = {fd: loop.create_future() for fd in streams}
+
+    def readable(fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if chunk:
+            streams[fd].feed(chunk)
+        else:
+            loop.remove_reader(fd)
+            if not drained[fd].done():
+                drained[fd].set_result(None)
+
+    for fd in streams:
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, readable, fd)
     timed_out = False
     try:
-        await asyncio.wait_for(proc.wait(), timeout)
-    except TimeoutError:
-        timed_out = True
-        _kill_group(proc.pid)
-        await proc.wait()
-    except asyncio.CancelledError:
-        _kill_group(proc.pid)
-        await proc.wait()
-        raise
-    # Daemons started by the script may keep the pipes open; don't wait on them forever.
-    try:
-        await asyncio.wait_for(asyncio.shield(pumps), 2.0)
-    except TimeoutError:
-        pumps.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pumps
-    code = proc.returncode if proc.returncode is not None else -1
+        try:
+            await asyncio.wait_for(_exited(proc.pid), timeout)
+        except TimeoutError:
+            timed_out = True
+            _kill_group(proc.pid)
+            await _exited(proc.pid)
+        except asyncio.CancelledError:
+            _kill_group(proc.pid)
+            await asyncio.shield(_exited(proc.pid))
+            raise
+        code = proc.wait()  # it has exited: this only reaps it
+        # What the script printed last may still sit in the pipes; a daemon it left
+        # running may hold them open for good, so wait only briefly for their end.
+        await asyncio.wait(list(drained.values()), timeout=DRAIN_GRACE)
+    finally:
+        for fd, lines in streams.items():
+            loop.remove_reader(fd)
+            with contextlib.suppress(BlockingIOError, OSError):
+                while chunk := os.read(fd, 65536):
+                    lines.feed(chunk)
+            lines.flush()
+            os.close(fd)
+        for future in drained.values():
+            future.cancel()
     return sink.result(124 if timed_out else code, timed_out=timed_out)
+
+
+async def _exited(pid: int) -> None:
+    """Return once process ``pid`` (our child) has exited."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, ready)
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
