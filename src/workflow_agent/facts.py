@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 InitSystem = Literal["systemd", "sysv", "none"]
 
-# Read-only. Prints "key=value" lines, then "--packages--" and "name<TAB>version" lines.
+# Read-only. Prints "key=value" lines, then "--packages--" and "name<TAB>version" lines
+# (a version "-" marks a package removed with only its configuration files left).
 FACTS_SCRIPT = r"""
 . /etc/os-release 2>/dev/null || true
 echo "distro=${ID:-unknown}"
@@ -39,7 +40,7 @@ echo "pid1=$(tr '\0' ' ' < /proc/1/cmdline 2>/dev/null | cut -d' ' -f1)"
 echo "--packages--"
 if command -v dpkg-query >/dev/null 2>&1; then
   dpkg-query -W -f '${db:Status-Abbrev}\t${Package}\t${Version}\n' 2>/dev/null \
-    | awk -F'\t' '$1 ~ /^ii/ {print $2 "\t" $3}'
+    | awk -F'\t' '$1 ~ /^ii/ {print $2 "\t" $3} $1 ~ /^rc/ {print $2 "\t-"}'
 elif command -v rpm >/dev/null 2>&1; then
   rpm -qa --qf '%{NAME}\t%{VERSION}-%{RELEASE}\n'
 fi
@@ -82,10 +83,12 @@ class Facts(BaseModel):
     init_system: InitSystem = "none"
     is_root: bool = False
     installed_packages: dict[str, str] = {}
+    #: Removed packages whose configuration files are still there (dpkg state "rc").
+    config_only_packages: list[str] = []
 
     def summary(self) -> dict[str, object]:
         """The facts without the package list, for display and templates."""
-        return self.model_dump(exclude={"installed_packages"})
+        return self.model_dump(exclude={"installed_packages", "config_only_packages"})
 
 
 def parse_facts(output: str) -> Facts:
@@ -97,9 +100,12 @@ def parse_facts(output: str) -> Facts:
         if sep and key not in values:
             values[key] = value.strip()
     packages: dict[str, str] = {}
+    config_only: list[str] = []
     for line in packages_text.splitlines():
         name, sep, version = line.partition("\t")
-        if sep:
+        if sep and version == "-":
+            config_only.append(name)
+        elif sep:
             packages[name] = version
     distro = values.get("distro", "unknown")
     family = _FAMILIES.get(distro)
@@ -120,6 +126,7 @@ def parse_facts(output: str) -> Facts:
         init_system=init if init in ("systemd", "sysv", "none") else "none",
         is_root=values.get("uid") == "0",
         installed_packages=packages,
+        config_only_packages=config_only,
     )
 
 

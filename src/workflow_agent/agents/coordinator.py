@@ -443,8 +443,12 @@ class Coordinator:
             return _Outcome(detail={"skipped": "already installed; the first install's "
                                     "baseline stays the reference"})
         # Not (fully) installed, but an earlier install's baseline may still be in force:
-        # after an uninstall that kept configuration, the target is not back at it.
-        stored = self._stored_baseline(state)
+        # after an uninstall that kept configuration, the target is not back at it. With
+        # no trace of the declared packages, there is none to look up (and the history
+        # database need not even be opened).
+        traces = set(state.facts.installed_packages) | set(state.facts.config_only_packages)
+        fresh = bool(spec.packages) and not traces & set(spec.packages)
+        stored = None if fresh else self._stored_baseline(state)
         if stored is not None:
             run.baseline = stored
             return _Outcome(detail={"skipped": "the baseline from before the first install "
