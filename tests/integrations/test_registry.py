@@ -177,3 +177,23 @@ def test_list_min_items(tmp_path: Path) -> None:
     with pytest.raises(ParameterError) as caught:
         resolve_params(definition, {"servers": ""}, {})
     assert "needs at least 1 item(s), got 0" in caught.value.message
+
+
+def test_a_broken_plugin_stops_only_the_commands_that_need_it(tmp_path: Path) -> None:
+    broken = _plugin(tmp_path, "broken-one")
+    (broken / "definition.yaml").write_text("name: broken-one\nversion: [\n")
+    registry = Registry.discover([tmp_path / "plugins"], entry_points=False)
+    assert registry.get("prometheus-node-exporter").name == "prometheus-node-exporter"
+    assert "broken-one" in registry.names()
+    with pytest.raises(DefinitionError):
+        registry.get("broken-one")
+
+
+def test_plugin_overrides_builtin_and_folder_must_match_name(tmp_path: Path) -> None:
+    folder = _plugin(tmp_path, "prometheus-node-exporter", {"version": "9.9.9"})
+    registry = Registry.discover([tmp_path / "plugins"], entry_points=False)
+    assert registry.get("prometheus-node-exporter").definition.version == "9.9.9"
+    folder.rename(folder.with_name("renamed"))
+    with pytest.raises(DefinitionError) as caught:
+        Registry.discover([tmp_path / "plugins"], entry_points=False).get("renamed")
+    assert caught.value.field == "name" and "name the folder after" in caught.value.message

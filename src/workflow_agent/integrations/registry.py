@@ -143,47 +143,85 @@ def _entry_point_integrations() -> Iterable[Integration]:
 
 
 class Registry:
-    """All integrations visible to this run, by name. Later sources override earlier ones."""
+    """All integrations visible to this run, by name. Later sources override earlier ones:
+    built-ins < entry points < plugin folders (in the order given).
 
-    def __init__(self, integrations: Iterable[Integration]) -> None:
-        self._by_name: dict[str, Integration] = {}
-        for integration in integrations:
-            self._by_name[integration.name] = integration
+    Folder integrations are loaded when asked for by name (a folder is named after its
+    integration), so one command reads one definition, and a broken definition stops
+    only the commands that need it. Entry points are loaded on first use.
+    """
+
+    def __init__(
+        self,
+        folders: Sequence[tuple[Path, str]] = (),
+        *,
+        entry_points: bool = True,
+    ) -> None:
+        # (folder, source), lowest precedence first.
+        self._folders = list(folders)
+        self._entry_points = entry_points
+        self._loaded: dict[Path, Integration] = {}
+        self._from_entry_points: dict[str, Integration] | None = None
 
     @classmethod
     def discover(
         cls, plugin_dirs: Sequence[Path] = (), *, entry_points: bool = True
     ) -> Registry:
         """Built-ins, then entry points, then each plugin folder's sub-folders."""
-        found: list[Integration] = [
-            load_integration(folder, source="builtin")
-            for folder in sorted(BUILTIN_DIR.iterdir())
-            if (folder / "definition.yaml").is_file()
-        ]
-        if entry_points:
-            found.extend(_entry_point_integrations())
+        folders = [(f, "builtin") for f in sorted(BUILTIN_DIR.iterdir())
+                   if (f / "definition.yaml").is_file()]
+        plugin_folders: list[tuple[Path, str]] = []
         for plugin_dir in plugin_dirs:
             if not plugin_dir.is_dir():
                 raise DefinitionError(str(plugin_dir), "(plugin folder)", "is not a directory")
-            found.extend(
-                load_integration(folder, source=f"plugin folder {plugin_dir}")
-                for folder in sorted(plugin_dir.iterdir())
-                if (folder / "definition.yaml").is_file()
-            )
-        return cls(found)
+            plugin_folders += [(f, f"plugin folder {plugin_dir}")
+                               for f in sorted(plugin_dir.iterdir())
+                               if (f / "definition.yaml").is_file()]
+        return cls([*folders, *plugin_folders], entry_points=entry_points)
+
+    def _load(self, folder: Path, source: str) -> Integration:
+        if folder not in self._loaded:
+            integration = load_integration(folder, source=source)
+            if integration.name != folder.name:
+                raise DefinitionError(
+                    str(folder / "definition.yaml"), "name",
+                    f"is {integration.name!r} but the folder is {folder.name!r}; "
+                    "name the folder after the integration",
+                )
+            self._loaded[folder] = integration
+        return self._loaded[folder]
+
+    def _entry_point_map(self) -> dict[str, Integration]:
+        if self._from_entry_points is None:
+            found = _entry_point_integrations() if self._entry_points else ()
+            self._from_entry_points = {i.name: i for i in found}
+        return self._from_entry_points
+
+    def _lookup(self, name: str) -> Integration | None:
+        for folder, source in reversed(self._folders):
+            if folder.name == name and source != "builtin":
+                return self._load(folder, source)
+        if name in self._entry_point_map():
+            return self._entry_point_map()[name]
+        for folder, source in self._folders:
+            if folder.name == name:
+                return self._load(folder, source)
+        return None
 
     def names(self) -> list[str]:
         """Every integration name, sorted."""
-        return sorted(self._by_name)
+        return sorted({*(f.name for f, _ in self._folders), *self._entry_point_map()})
 
     def get(self, name: str) -> Integration:
         """The named integration, or ``UnknownIntegrationError`` with close names."""
-        try:
-            return self._by_name[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, self._by_name, n=3, cutoff=0.5)
-            close += [n for n in self._by_name if name in n and n not in close]
-            raise UnknownIntegrationError(name, close[:3], self.names()) from None
+        found = self._lookup(name)
+        if found is not None:
+            return found
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        close += [n for n in names if name in n and n not in close]
+        raise UnknownIntegrationError(name, close[:3], names)
 
     def __iter__(self) -> Iterator[Integration]:
-        return iter(self._by_name[name] for name in self.names())
+        """Every integration, loaded, sorted by name."""
+        return iter([self.get(name) for name in self.names()])
