@@ -546,7 +546,8 @@ class Coordinator:
             raise _Failed(VerificationFailedError(
                 f"{state.integration} does not work on {state.target}: "
                 + "; ".join(problems),
-                hint="`workflow-agent show WORKFLOW_ID` has the install output.",
+                hint=f"`workflow-agent show {state.workflow_id[:8]}` has every check and "
+                "the scripts' output.",
             ), _Outcome(changes={"checks": reply.checks, "runs": runs},
                         detail={"failed": problems}, artifacts=outputs))
         return _Outcome(
