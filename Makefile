@@ -11,6 +11,8 @@ $(BIN)/workflow-agent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	# Bytecode now: where PYTHONDONTWRITEBYTECODE is set, every run would recompile.
+	$(BIN)/python -m compileall -q src
 	touch $@
 
 demo: $(BIN)/workflow-agent
