@@ -147,7 +147,7 @@ async def rehearse(
         await _prepare(copy, target)
         result = await copy.run(script, env=env, timeout=timeout, on_output=on_output)
         inside = f"/proc/{holder}/root{scratch}/merged/proc"
-        processes = await asyncio.to_thread(_processes, inside)
+        processes = await _settled_processes(inside)
         if processes:
             await _stop_all(copy, inside, holder)
         upper = str(scratch / "upper")
@@ -219,6 +219,19 @@ async def _prepare(copy: SandboxTarget, target: Target) -> None:
         real = os.path.realpath(resolv)
         if real.startswith("/run/") and os.path.isfile(real):
             await copy.put(real, Path(real).read_bytes())
+
+
+async def _settled_processes(proc: str) -> list[Process]:
+    """The copy's processes once they stop changing: a daemon launcher the script ran
+    (start-stop-daemon --background, setsid ...) may still be between fork and exec."""
+    found = await asyncio.to_thread(_processes, proc)
+    for _ in range(10):
+        await asyncio.sleep(0.1)
+        again = await asyncio.to_thread(_processes, proc)
+        if again == found:
+            break
+        found = again
+    return found
 
 
 def _processes(proc: str) -> list[Process]:
