@@ -6,7 +6,8 @@ set -euo pipefail
 
 packages=(mmdebstrap util-linux iproute2)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(procps postgresql)
+  # systemd-container: systemd-nspawn, which boots the systemd sandbox target.
+  packages+=(procps postgresql systemd-container)
 fi
 
 missing=()

@@ -23,7 +23,9 @@ from workflow_agent.storage.spool import HistorySpool, HistoryWriter
 if TYPE_CHECKING:
     from workflow_agent.storage.history import HistoryStore
 
-TARGET_KINDS = ("local", "sandbox")
+TARGET_KINDS = ("local", "sandbox", "systemd-sandbox")
+#: Throwaway targets: changing them needs no confirmation.
+DISPOSABLE_KINDS = ("sandbox", "systemd-sandbox")
 
 
 class Container:
@@ -108,6 +110,13 @@ class Container:
                 mirror=settings.mirror,
             )
             return SandboxTarget(cache.ensure(), network=settings.network)
+        if kind == "systemd-sandbox":
+            from workflow_agent.execution.nspawn import NspawnTarget, systemd_rootfs_cache
+
+            settings = self.config.sandbox
+            cache = systemd_rootfs_cache(self.config.cache_dir, suite=settings.suite,
+                                         variant=settings.variant, mirror=settings.mirror)
+            return NspawnTarget(cache.ensure())
         raise InvalidInputError(
             f"unknown target {spec!r}",
             hint=f"Use one of: {', '.join(TARGET_KINDS)}.",

@@ -53,8 +53,9 @@ ParamOpt = Annotated[
                  help="A parameter; repeat for more. Secrets: prefer their environment variable."),
 ]
 TargetOpt = Annotated[
-    str | None, typer.Option("--target", "-t", help="local (this host) or sandbox (a disposable "
-                             "Debian root file system).")]
+    str | None, typer.Option("--target", "-t", help="local (this host), sandbox (a disposable "
+                             "Debian root file system) or systemd-sandbox (the same, booted "
+                             "with systemd in systemd-nspawn).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file.")]
 OutputOpt = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Change the target without asking.")]
@@ -96,7 +97,9 @@ def _container(config: Path | None, **overrides: Any) -> Container:
 
 def _confirmer(yes: bool, output: OutputFormat) -> Confirm:
     async def confirm(state: WorkflowState) -> bool:
-        if yes or (state.target_identity or "").startswith("sandbox:"):
+        from workflow_agent.container import DISPOSABLE_KINDS
+
+        if yes or (state.target_identity or "").split(":", 1)[0] in DISPOSABLE_KINDS:
             return True
         if not sys.stdin.isatty() or output is OutputFormat.json:
             return False

@@ -8,11 +8,15 @@ under ``<cache_dir>/rootfs/``:
 * ``<suite>-<variant>/``: the extracted tree, which sandboxes use as the read-only lower
   layer of an overlay. Nothing ever writes into it after it is renamed into place.
 
+A cache built with extra packages (``include``, e.g. systemd for the systemd sandbox) is
+a separate entry, ``<suite>-<variant>-<flavor>``, so the plain tree stays as it is.
+
 Builds are serialised with an ``fcntl`` lock, so two processes asking at once build once:
 the second waits for the lock and then finds the finished tree.
 
 Each open sandbox also gets a private *scratch* directory (``make_scratch``) holding its
 overlay upper layer; it must be on a file system overlayfs accepts as an upper layer.
+Each systemd sandbox (``nspawn.py``) also gets cgroups of its own, swept the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +52,9 @@ SCRATCH_PREFIX = "workflow-agent-sandbox-"
 #: File systems that cannot hold an overlay upper directory (no xattrs / d_type, or
 #: overlay-on-overlay, which the kernel refuses).
 _BAD_UPPER_FS = {"overlay", "aufs", "nfs", "nfs4", "cifs", "smb3", "9p", "ecryptfs"}
+
+#: A leftover cgroup younger than this may belong to a systemd sandbox being started.
+_STALE_CGROUP_AGE = 60.0
 
 #: Overlay mount options are comma separated and lowerdir is colon separated.
 _BAD_PATH_CHARS = set(",:\\\n")
@@ -87,16 +95,30 @@ class RootfsCache:
         suite: str = "bookworm",
         variant: str = "minbase",
         mirror: str = "http://deb.debian.org/debian",
+        include: Sequence[str] = (),
+        flavor: str = "",
     ) -> None:
+        """``include``: packages added to the variant's (mmdebstrap ``--include``).
+        ``flavor`` names that set in the cache entry; it defaults to the package names
+        joined by ``+``. A flavor must change whenever its package list does: an existing
+        tree is never rebuilt."""
         self.cache_dir = Path(cache_dir)
         self.suite = suite
         self.variant = variant
         self.mirror = mirror
+        self.include = tuple(include)
+        bad = [p for p in self.include if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]*", p)]
+        if bad:
+            raise ValueError(f"not Debian package names: {bad}")
+        self.flavor = flavor or "+".join(sorted(set(self.include)))
+        if self.flavor and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9+._-]*", self.flavor):
+            raise ValueError(f"flavor must be a plain file name part, not {self.flavor!r}")
 
     @property
     def name(self) -> str:
-        """``<suite>-<variant>``: the stem of the tarball and the tree."""
-        return f"{self.suite}-{self.variant}"
+        """``<suite>-<variant>[-<flavor>]``: the stem of the tarball and the tree."""
+        base = f"{self.suite}-{self.variant}"
+        return f"{base}-{self.flavor}" if self.flavor else base
 
     @property
     def root_dir(self) -> Path:
@@ -154,6 +176,7 @@ class RootfsCache:
         argv = [
             mmdebstrap,
             f"--variant={self.variant}",
+            *([f"--include={','.join(self.include)}"] if self.include else []),
             "--format=tar",
             # Keep the package lists: apt-get install then works without apt-get update.
             "--skip=cleanup/apt/lists",
@@ -339,3 +362,74 @@ def _sweep_stale(base: Path) -> None:
                     shutil.rmtree(entry, ignore_errors=True)
             finally:
                 os.close(fd)
+
+
+# -- cgroups (the systemd sandbox's) ------------------------------------------------
+
+
+def cgroup_parents() -> list[Path]:
+    """Our own cgroup in each hierarchy systemd uses: name=systemd (v1) and/or v2."""
+    mounts: dict[str, tuple[str, str]] = {}  # "0" (v2) / "name=systemd" -> (root, point)
+    with open("/proc/self/mountinfo", encoding="utf-8") as info:
+        for line in info:
+            fields = line.split()
+            fstype, options = fields[fields.index("-") + 1], fields[fields.index("-") + 3]
+            if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in options):
+                mounts.setdefault("0" if fstype == "cgroup2" else "name=systemd",
+                                  (fields[3], fields[4]))
+    parents = []
+    with open("/proc/self/cgroup", encoding="utf-8") as own:
+        for line in own:
+            hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+            root, point = mounts.get(controllers or hierarchy, ("", ""))
+            if point:  # paths are relative to the cgroup namespace, mounted at its root
+                inside = path[len(root):] if root != "/" and path.startswith(root) else path
+                parents.append(Path(point) / inside.lstrip("/"))
+    return parents
+
+
+def clear_cgroups(cgroups: list[str], reap: bool = False) -> bool:
+    """Kill whatever runs in ``cgroups`` and remove them, deepest first. False if some
+    are still there after ~10 s. ``reap``: also reap our children (the holder only).
+
+    Part of the holder's source too, so stdlib only, imported here.
+    """
+    import contextlib
+    import os
+    import signal
+    import time
+
+    for _ in range(200):
+        trees = [top for cgroup in cgroups for top, _, _ in os.walk(cgroup, topdown=False)]
+        for top in trees:
+            try:  # cgroup v2 kills a whole subtree at once, without racing PID reuse
+                with open(os.path.join(top, "cgroup.kill"), "w", encoding="ascii") as kill:
+                    kill.write("1")
+            except OSError:
+                with contextlib.suppress(OSError, ValueError), \
+                        open(os.path.join(top, "cgroup.procs"), "rb") as procs:
+                    for pid in procs.read().split():
+                        os.kill(int(pid), signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            while reap and os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        for top in trees:
+            with contextlib.suppress(OSError):
+                os.rmdir(top)
+        if not any(os.path.exists(cgroup) for cgroup in cgroups):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def sweep_stale_cgroups(parents: list[Path], prefix: str) -> None:
+    """Remove our cgroups whose systemd-nspawn is gone (its owner was SIGKILLed, say):
+    a live one has nspawn in the cgroup itself (starting) or in ``supervisor/``. Young
+    ones are left alone: their holder may not have moved nspawn in yet."""
+    for entry in (entry for parent in parents for entry in parent.glob(prefix + "*")):
+        with contextlib.suppress(OSError):
+            if time.time() - entry.stat().st_mtime < _STALE_CGROUP_AGE:
+                continue
+            nspawn = [entry, *(Path(top) for top, _, _ in os.walk(entry / "supervisor"))]
+            if not any((cgroup / "cgroup.procs").read_text().split() for cgroup in nspawn):
+                clear_cgroups([str(entry)])
