@@ -6,6 +6,7 @@ Sandbox fixtures
                     machine by ``RootfsCache(default_cache_dir()).ensure()`` (~15 s, needs
                     the Debian archive) and reused by later runs. Skips when not root.
 ``sandbox``         an opened ``SandboxTarget`` (network "host"), closed after the test.
+``systemd_rootfs``  the cached root file system with systemd, for ``NspawnTarget``.
 ``sandbox_factory`` ``sandbox_factory(**kwargs)`` opens another ``SandboxTarget`` with
                     those keyword arguments (e.g. ``network="none"``); all are closed
                     after the test.
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from workflow_agent.execution.nspawn import systemd_rootfs_cache
 from workflow_agent.execution.rootfs import RootfsCache, default_cache_dir
 from workflow_agent.execution.sandbox import SandboxTarget
 
@@ -36,6 +38,14 @@ def sandbox_rootfs() -> Path:
     if os.geteuid() != 0:
         pytest.skip("sandbox tests need root (namespaces, overlay mounts)")
     return RootfsCache(default_cache_dir()).ensure()
+
+
+@pytest.fixture(scope="session")
+def systemd_rootfs() -> Path:
+    """The cached root file system with systemd, for ``NspawnTarget`` (built once, ~20 s)."""
+    if os.geteuid() != 0:
+        pytest.skip("the systemd sandbox needs root (namespaces, overlay mounts)")
+    return systemd_rootfs_cache(default_cache_dir()).ensure()
 
 
 @pytest.fixture

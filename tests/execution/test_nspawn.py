@@ -28,21 +28,12 @@ from workflow_agent.execution.rootfs import (
     SANDBOX_HOSTNAME,
     RootfsCache,
     cgroup_parents,
-    default_cache_dir,
 )
 from workflow_agent.execution.target import RunResult
 
 pytestmark = pytest.mark.sandbox
 
 Factory = Callable[..., NspawnTarget]
-
-
-@pytest.fixture(scope="module")
-def systemd_rootfs() -> Path:
-    """The cached root file system with systemd (built once per machine, ~20 s)."""
-    if os.geteuid() != 0:
-        pytest.skip("the systemd sandbox needs root (namespaces, overlay mounts)")
-    return systemd_rootfs_cache(default_cache_dir()).ensure()
 
 
 @pytest.fixture

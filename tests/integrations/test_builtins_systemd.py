@@ -17,7 +17,6 @@ a machine builds the systemd root file system (~20 s).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import socket
 import time
@@ -31,8 +30,7 @@ from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import WorkflowRequest
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
-from workflow_agent.execution.nspawn import NspawnTarget, systemd_rootfs_cache
-from workflow_agent.execution.rootfs import default_cache_dir
+from workflow_agent.execution.nspawn import NspawnTarget
 from workflow_agent.state import WorkflowState
 
 pytestmark = pytest.mark.sandbox
@@ -51,14 +49,6 @@ BUILTINS = {
     "munin-node": Builtin("/etc/munin/munin-node.conf", "munin-node.service"),
     "collectd": Builtin("/etc/collectd/collectd.conf", "collectd.service"),
 }
-
-
-@pytest.fixture(scope="module")
-def systemd_rootfs() -> Path:
-    """The cached root file system with systemd (built once per machine, ~20 s)."""
-    if os.geteuid() != 0:
-        pytest.skip("the systemd sandbox needs root (namespaces, overlay mounts)")
-    return systemd_rootfs_cache(default_cache_dir()).ensure()
 
 
 @pytest.fixture
