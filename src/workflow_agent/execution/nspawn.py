@@ -40,21 +40,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import inspect
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
 import uuid
-import weakref
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow_agent.errors import SandboxToolingMissingError, TargetError, TargetUnreachableError
+from workflow_agent.errors import TargetError, TargetUnreachableError
+from workflow_agent.execution.entered import EXCHANGE_INSIDE as EXCHANGE_INSIDE
+from workflow_agent.execution.entered import EnteredTarget, which
 from workflow_agent.execution.process import run_process
 from workflow_agent.execution.rootfs import (
     SCRATCH_PREFIX,
@@ -66,14 +64,11 @@ from workflow_agent.execution.rootfs import (
     make_scratch,
     sweep_stale_cgroups,
 )
-from workflow_agent.execution.target import BASE_ENV, OutputCallback, RunResult, Target, script_env
+from workflow_agent.execution.target import BASE_ENV, script_env
 
 #: What the systemd root file system adds to minbase: systemd as /sbin/init, and D-Bus
 #: (what most hosts have; logind and e.g. ``hostnamectl`` need it).
 SYSTEMD_PACKAGES = ("systemd", "systemd-sysv", "dbus")
-
-#: Where the host exchange directory appears inside the container.
-EXCHANGE_INSIDE = "/run/workflow-agent"
 
 #: Names scratch directories and cgroups; starting with the sandbox's scratch prefix, its
 #: sweep removes our stale scratch directories too.
@@ -190,13 +185,6 @@ def _holder_source() -> str:
     return functions + "import sys\n_holder_main(sys.argv[1:])\n"
 
 
-def _which(tool: str, package: str) -> str:
-    found = shutil.which(tool)
-    if found is None:
-        raise SandboxToolingMissingError(tool, package)
-    return found
-
-
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace").strip()
@@ -257,7 +245,7 @@ def _teardown(state: _Running) -> None:
         raise TargetError(f"processes remain in the cgroups {state.cgroups} after close")
 
 
-class NspawnTarget(Target):
+class NspawnTarget(EnteredTarget[_Running]):
     """A disposable Debian system booted with systemd as PID 1, on this host.
 
     Needs root, ``systemd-nspawn`` (systemd-container), ``unshare`` and ``nsenter``
@@ -267,33 +255,21 @@ class NspawnTarget(Target):
     """
 
     kind = "systemd-sandbox"
+    path_noun = "container"
+    stopped_reason = "its container exited"
+    stopped_hint = "Something powered the container off or killed it; open a new one."
 
     def __init__(self, rootfs: Path, *, scratch_dir: Path | None = None,
                  name: str | None = None, boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
-        super().__init__()
+        super().__init__(name, f"{NSPAWN_PREFIX}{uuid.uuid4().hex[:12]}")
         self.rootfs = Path(rootfs)
         self.scratch_dir = scratch_dir
-        self.name = name
         self.boot_timeout = boot_timeout
-        # Chosen now so identity is stable before open() and across re-opens.
-        self._dir_name = f"{NSPAWN_PREFIX}{uuid.uuid4().hex[:12]}"
-        self._state: _Running | None = None
-        self._finalizer: weakref.finalize[[_Running], NspawnTarget] | None = None
-        self._tools: dict[str, str] = {}
-
-    @property
-    def identity(self) -> str:
-        return f"systemd-sandbox:{self.name or self._dir_name}"
 
     @property
     def leader_pid(self) -> int | None:
         """Host PID of the container's systemd while open."""
         return self._state.leader if self._state else None
-
-    @property
-    def scratch_path(self) -> Path | None:
-        """The host scratch directory while open."""
-        return self._state.scratch.path if self._state else None
 
     @property
     def cgroups(self) -> list[Path]:
@@ -318,7 +294,7 @@ class NspawnTarget(Target):
             )
         needs = {"systemd-nspawn": "systemd-container", "unshare": "util-linux",
                  "nsenter": "util-linux"}
-        self._tools = {tool: _which(tool, package) for tool, package in needs.items()}
+        self._tools = {tool: which(tool, package) for tool, package in needs.items()}
         if not (self.rootfs / "usr/lib/systemd/systemd").is_file():
             raise TargetError(
                 f"{self.rootfs} is not a root file system with systemd",
@@ -344,8 +320,7 @@ class NspawnTarget(Target):
         finally:
             with contextlib.suppress(OSError):
                 os.close(read_end)
-        self._state = state
-        self._finalizer = weakref.finalize(self, _teardown, state)
+        self._opened(state, _teardown)
 
     async def _boot(self, state: _Running, read_end: int) -> None:
         starting = asyncio.ensure_future(asyncio.to_thread(self._start_holder, state, read_end))
@@ -419,25 +394,7 @@ class NspawnTarget(Target):
             "kernel must allow namespaces and overlay mounts.",
         )
 
-    async def close(self) -> None:
-        """Kill the container and remove everything it had on the host. Idempotent."""
-        finalizer, self._finalizer, self._state = self._finalizer, None, None
-        if finalizer is not None:
-            await asyncio.to_thread(finalizer)
-
     # -- running and files -----------------------------------------------------------
-
-    def _running(self) -> _Running:
-        state = self._state
-        if state is None:
-            raise TargetError(f"{self.identity} is not open",
-                              hint="Use it as `async with target:`.")
-        if state.proc is None or state.proc.poll() is not None:
-            raise TargetUnreachableError(
-                f"{self.identity} has stopped (its container exited)",
-                hint="Something powered the container off or killed it; open a new one.",
-            )
-        return state
 
     def _enter_argv(self, state: _Running, *inside: str, all_ns: bool = True) -> list[str]:
         # Entering the mount namespace also moves to its root (nspawn pivoted there), so no
@@ -445,65 +402,3 @@ class NspawnTarget(Target):
         flags = ["--all"] if all_ns else ["--mount"]
         nsenter = self._tools["nsenter"]
         return [nsenter, f"--target={state.leader}", *flags, "--root", "--wd", "--", *inside]
-
-    def _exchange_file(self, state: _Running, prefix: str, data: bytes | None) -> str:
-        """Create a private file in the exchange directory; return its name."""
-        name = f"{prefix}-{uuid.uuid4().hex}"
-        if data is not None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            with os.fdopen(os.open(state.exchange / name, flags, 0o600), "wb") as handle:
-                handle.write(data)
-        return name
-
-    async def run(self, script: str, *, env: Mapping[str, str] | None = None,
-                  timeout: float = 600.0, on_output: OutputCallback | None = None) -> RunResult:
-        state = self._running()
-        name = self._exchange_file(state, "run", script.encode("utf-8"))
-        try:
-            # env travels in the process environment: nsenter passes it on to bash.
-            return await run_process(
-                self._enter_argv(state, "/bin/bash", f"{EXCHANGE_INSIDE}/{name}"),
-                env=script_env(env), timeout=timeout, on_output=on_output,
-            )
-        finally:
-            (state.exchange / name).unlink(missing_ok=True)
-
-    async def _helper(self, state: _Running, shell: str, *args: str) -> RunResult:
-        # Only the mount namespace is needed to touch files; skipping --pid saves a fork.
-        argv = self._enter_argv(state, "/bin/sh", "-c", shell, "sh", *args, all_ns=False)
-        return await run_process(argv, env=script_env(None), timeout=120.0)
-
-    async def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        if not path.startswith("/"):
-            raise ValueError(f"container paths must be absolute: {path!r}")
-        state = self._running()
-        name = self._exchange_file(state, "put", data)
-        shell = ('set -e; d=$(dirname -- "$1"); mkdir -p -- "$d"; t="$d/.wa-put-$$"; '
-                 'cat -- "$2" > "$t"; chmod "$3" "$t"; mv -f -- "$t" "$1"')
-        try:
-            result = await self._helper(
-                state, shell, path, f"{EXCHANGE_INSIDE}/{name}", format(mode, "o"))
-        finally:
-            (state.exchange / name).unlink(missing_ok=True)
-        if not result.ok:
-            raise TargetError(f"writing {path} in {self.identity} failed: {result.stderr}")
-
-    async def get(self, path: str) -> bytes:
-        if not path.startswith("/"):
-            raise ValueError(f"container paths must be absolute: {path!r}")
-        state = self._running()
-        name = self._exchange_file(state, "get", None)
-        shell = '[ -e "$1" ] || exit 3; [ -d "$1" ] && exit 4; cat -- "$1" > "$2"'
-        host_copy = state.exchange / name
-        try:
-            result = await self._helper(state, shell, path, f"{EXCHANGE_INSIDE}/{name}")
-            if result.exit_code in (3, 4):
-                code = errno.ENOENT if result.exit_code == 3 else errno.EISDIR
-                kind = FileNotFoundError if code == errno.ENOENT else IsADirectoryError
-                raise kind(code, os.strerror(code), path)
-            if not result.ok:
-                raise TargetError(f"reading {path} in {self.identity} failed: {result.stderr}")
-            with os.fdopen(os.open(host_copy, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:
-                return handle.read()
-        finally:
-            host_copy.unlink(missing_ok=True)

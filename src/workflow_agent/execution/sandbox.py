@@ -27,23 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import inspect
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
 import uuid
-import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from workflow_agent.errors import SandboxToolingMissingError, TargetError, TargetUnreachableError
-from workflow_agent.execution.process import run_process
+from workflow_agent.errors import TargetError, TargetUnreachableError
+from workflow_agent.execution.entered import EXCHANGE_INSIDE as EXCHANGE_INSIDE
+from workflow_agent.execution.entered import EnteredTarget, which
 from workflow_agent.execution.rootfs import (
     SANDBOX_HOSTNAME,
     SCRATCH_PREFIX,
@@ -51,16 +49,7 @@ from workflow_agent.execution.rootfs import (
     check_overlay_path,
     make_scratch,
 )
-from workflow_agent.execution.target import (
-    BASE_ENV,
-    OutputCallback,
-    RunResult,
-    Target,
-    script_env,
-)
-
-#: Where the host exchange directory appears inside the sandbox.
-EXCHANGE_INSIDE = "/run/workflow-agent"
+from workflow_agent.execution.target import BASE_ENV
 
 #: How long the holder may take to mount everything (measured: ~30 ms).
 _READY_TIMEOUT = 15.0
@@ -162,13 +151,6 @@ def _holder_source() -> str:
     return inspect.getsource(_holder_main) + "import sys\n_holder_main(sys.argv[1:])\n"
 
 
-def _which(tool: str, package: str) -> str:
-    found = shutil.which(tool)
-    if found is None:
-        raise SandboxToolingMissingError(tool, package)
-    return found
-
-
 @dataclass
 class _Running:
     """Everything one open sandbox owns; torn down by ``_teardown`` exactly once."""
@@ -212,7 +194,7 @@ def _teardown(state: _Running) -> None:
     state.scratch.remove()
 
 
-class SandboxTarget(Target):
+class SandboxTarget(EnteredTarget[_Running]):
     """A disposable Debian system on this host, built on a cached root file system.
 
     Needs root, ``unshare`` and ``nsenter`` (util-linux). Changes land in an overlay that
@@ -220,6 +202,9 @@ class SandboxTarget(Target):
     """
 
     kind = "sandbox"
+    path_noun = "sandbox"
+    stopped_reason = "its holder process exited"
+    stopped_hint = "Something killed the sandbox; open a new one."
 
     def __init__(
         self,
@@ -235,35 +220,20 @@ class SandboxTarget(Target):
         """``layers``: read-only directories stacked above ``rootfs``, topmost first (a
         rehearsal stacks a sandbox's upper dir). ``hostname`` None keeps the host's;
         ``bind_resolv_conf`` False keeps the root file system's resolv.conf."""
-        super().__init__()
+        super().__init__(name, f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}")
         if network not in ("host", "none"):
             raise ValueError(f"network must be 'host' or 'none', not {network!r}")
         self.rootfs = Path(rootfs)
         self.network = network
         self.scratch_dir = scratch_dir
-        self.name = name
         self.layers = tuple(Path(layer) for layer in layers)
         self.hostname = hostname
         self.bind_resolv_conf = bind_resolv_conf
-        # Chosen now so identity is stable before open() and across re-opens.
-        self._dir_name = f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}"
-        self._state: _Running | None = None
-        self._finalizer: weakref.finalize[[_Running], SandboxTarget] | None = None
-        self._tools: dict[str, str] = {}
-
-    @property
-    def identity(self) -> str:
-        return f"sandbox:{self.name or self._dir_name}"
 
     @property
     def holder_pid(self) -> int | None:
         """Host PID of the namespace's PID 1 while open (for diagnostics and tests)."""
         return self._state.holder_pid if self._state else None
-
-    @property
-    def scratch_path(self) -> Path | None:
-        """The host scratch directory while open."""
-        return self._state.scratch.path if self._state else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -277,7 +247,7 @@ class SandboxTarget(Target):
                 hint="It uses mount and PID namespaces and overlay mounts: run as root.",
             )
         needs = {"unshare": "util-linux", "nsenter": "util-linux", "chroot": "coreutils"}
-        self._tools = {tool: _which(tool, package) for tool, package in needs.items()}
+        self._tools = {tool: which(tool, package) for tool, package in needs.items()}
         if not (self.rootfs / "usr" / "bin" / "bash").is_file():
             raise TargetError(
                 f"{self.rootfs} is not an extracted root file system",
@@ -297,8 +267,7 @@ class SandboxTarget(Target):
             with contextlib.suppress(TargetError):
                 await asyncio.to_thread(_teardown, await starting)
             raise
-        self._state = state
-        self._finalizer = weakref.finalize(self, _teardown, state)
+        self._opened(state, _teardown)
 
     def _start_holder(self, scratch: Scratch) -> _Running:
         read_end, write_end = os.pipe()  # both close-on-exec; read_end is passed below
@@ -372,102 +341,9 @@ class SandboxTarget(Target):
             "namespaces and overlay mounts (most unprivileged containers do not).",
         )
 
-    async def close(self) -> None:
-        """Kill everything in the sandbox and remove its scratch directory. Idempotent."""
-        finalizer, self._finalizer, self._state = self._finalizer, None, None
-        if finalizer is not None:
-            await asyncio.to_thread(finalizer)
-
     # -- running and files -----------------------------------------------------------
-
-    def _running(self) -> _Running:
-        state = self._state
-        if state is None:
-            raise TargetError(
-                f"{self.identity} is not open", hint="Use it as `async with target:`."
-            )
-        if state.proc.poll() is not None:
-            raise TargetUnreachableError(
-                f"{self.identity} has stopped (its holder process exited)",
-                hint="Something killed the sandbox; open a new one.",
-            )
-        return state
 
     def _enter_argv(self, state: _Running, *inside: str, all_ns: bool = True) -> list[str]:
         flags = state.enter_flags if all_ns else ["--mount"]
         nsenter = [self._tools["nsenter"], f"--target={state.holder_pid}", *flags, "--"]
         return [*nsenter, self._tools["chroot"], str(state.merged), *inside]
-
-    def _exchange_file(self, state: _Running, prefix: str, data: bytes | None) -> str:
-        """Create a private file in the exchange directory; return its name."""
-        name = f"{prefix}-{uuid.uuid4().hex}"
-        if data is not None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            with os.fdopen(os.open(state.exchange / name, flags, 0o600), "wb") as handle:
-                handle.write(data)
-        return name
-
-    async def run(
-        self,
-        script: str,
-        *,
-        env: Mapping[str, str] | None = None,
-        timeout: float = 600.0,
-        on_output: OutputCallback | None = None,
-    ) -> RunResult:
-        state = self._running()
-        name = self._exchange_file(state, "run", script.encode("utf-8"))
-        try:
-            # env travels in the process environment: nsenter and chroot pass it on.
-            return await run_process(
-                self._enter_argv(state, "/bin/bash", f"{EXCHANGE_INSIDE}/{name}"),
-                env=script_env(env),
-                timeout=timeout,
-                on_output=on_output,
-            )
-        finally:
-            (state.exchange / name).unlink(missing_ok=True)
-
-    async def _helper(self, state: _Running, shell: str, *args: str) -> RunResult:
-        # Only the mount namespace is needed to touch files; skipping --pid saves a fork.
-        argv = self._enter_argv(state, "/bin/sh", "-c", shell, "sh", *args, all_ns=False)
-        return await run_process(argv, env=script_env(None), timeout=120.0)
-
-    async def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        if not path.startswith("/"):
-            raise ValueError(f"sandbox paths must be absolute: {path!r}")
-        state = self._running()
-        name = self._exchange_file(state, "put", data)
-        shell = (
-            'set -e; d=$(dirname -- "$1"); mkdir -p -- "$d"; t="$d/.wa-put-$$"; '
-            'cat -- "$2" > "$t"; chmod "$3" "$t"; mv -f -- "$t" "$1"'
-        )
-        try:
-            result = await self._helper(
-                state, shell, path, f"{EXCHANGE_INSIDE}/{name}", format(mode, "o")
-            )
-        finally:
-            (state.exchange / name).unlink(missing_ok=True)
-        if not result.ok:
-            raise TargetError(f"writing {path} in {self.identity} failed: {result.stderr}")
-
-    async def get(self, path: str) -> bytes:
-        if not path.startswith("/"):
-            raise ValueError(f"sandbox paths must be absolute: {path!r}")
-        state = self._running()
-        name = self._exchange_file(state, "get", None)
-        shell = '[ -e "$1" ] || exit 3; [ -d "$1" ] && exit 4; cat -- "$1" > "$2"'
-        host_copy = state.exchange / name
-        try:
-            result = await self._helper(state, shell, path, f"{EXCHANGE_INSIDE}/{name}")
-            if result.exit_code == 3:
-                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-            if result.exit_code == 4:
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-            if not result.ok:
-                raise TargetError(f"reading {path} in {self.identity} failed: {result.stderr}")
-            fd = os.open(host_copy, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as handle:
-                return handle.read()
-        finally:
-            host_copy.unlink(missing_ok=True)
