@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, host_pids_with
 from workflow_agent.errors import TargetError
 from workflow_agent.execution.changes import BOOKKEEPING, ChangeSet, read_changes
 from workflow_agent.execution.local import LocalTarget
@@ -54,12 +55,6 @@ echo 'ARGS="--web.listen-address=127.0.0.1:{port}"' > /etc/default/prometheus-no
 UNLISTED = re.compile(ignore_regex((*DEFAULT_IGNORE, *BOOKKEEPING)) or "", re.DOTALL)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def snapshot(target: Target) -> Snapshot:
     return asyncio.run(take_snapshot(target, paths=["/"]))
 
@@ -70,19 +65,6 @@ def run_rehearsal(target: Target, script: str, **kwargs: object) -> Rehearsal:
 
 def by_path(changes: ChangeSet) -> dict[str, str]:
     return {change.path: change.kind for change in changes.files}
-
-
-def host_pids_with(needle: bytes) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in Path(entry.path, "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:  # exited while we looked
-            continue
-    return found
 
 
 Copies = list[tuple[Path, int]]

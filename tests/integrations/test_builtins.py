@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
-import socket
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
+from helpers import free_low_port
 from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import WorkflowRequest
 from workflow_agent.config import WorkflowConfiguration
@@ -47,19 +46,6 @@ BUILTINS = {
     "prometheus-node-exporter": Builtin("/etc/default/prometheus-node-exporter",
                                         "/run/prometheus/prometheus-node-exporter.pid"),
 }
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the sandbox shares this host's network), in
-    1024-32767: zabbix_agentd refuses any other ListenPort."""
-    for port in random.sample(range(20000, 32768), 200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port in 20000-32767")
 
 
 def make_agent(tmp_path: Path) -> WorkflowAgent:
@@ -103,7 +89,7 @@ def test_scripts_validate_without_findings(name: str, init: str) -> None:
 def test_install_reinstall_uninstall(tmp_path: Path, sandbox: SandboxTarget, name: str) -> None:
     builtin = BUILTINS[name]
     agent = make_agent(tmp_path)
-    port = str(free_port())
+    port = str(free_low_port())
 
     installed = run(agent, "install", sandbox, name, listen_port=port)
     assert installed.status == "succeeded", installed.error
@@ -145,7 +131,7 @@ def test_uninstall_keeps_the_dependencies_another_package_needs(
     behind is exactly libcurl4 with what would go along with it. libcurl3-gnutls, which
     only zabbix-agent needed, goes."""
     agent = make_agent(tmp_path)
-    port = str(free_port())
+    port = str(free_low_port())
     done = run(agent, "install", sandbox, "zabbix-agent", listen_port=port)
     assert done.status == "succeeded", done.error
     assert installed(sandbox, "libssl3", "libcurl3-gnutls", "libcurl4") == {

@@ -17,8 +17,6 @@ a machine builds the systemd root file system (~20 s).
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import NamedTuple
 
 import pytest
 
+from helpers import free_low_port
 from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import WorkflowRequest
 from workflow_agent.config import WorkflowConfiguration
@@ -60,19 +59,6 @@ def booted(systemd_rootfs: Path) -> Iterator[NspawnTarget]:
         yield target
     finally:
         asyncio.run(target.close())
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, in 20000-32767 (zabbix_agentd's ListenPort
-    must be below 32768)."""
-    for port in random.sample(range(20000, 32768), 200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port in 20000-32767")
 
 
 def make_agent(tmp_path: Path) -> WorkflowAgent:
@@ -112,7 +98,7 @@ def test_install_verify_reinstall_uninstall_on_systemd(
 ) -> None:
     builtin = BUILTINS[name]
     agent = make_agent(tmp_path)
-    port = str(free_port())
+    port = str(free_low_port())
 
     began = time.monotonic()
     installed = run(agent, "install", booted, name, listen_port=port)

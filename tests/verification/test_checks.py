@@ -20,6 +20,7 @@ from typing import ClassVar
 import pytest
 from pydantic import TypeAdapter
 
+from helpers import free_port
 from workflow_agent.execution.local import LocalTarget
 from workflow_agent.execution.sandbox import SandboxTarget
 from workflow_agent.verification.checks import (
@@ -88,13 +89,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         """Keep the test output clean."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager

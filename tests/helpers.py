@@ -1,0 +1,71 @@
+"""Small helpers several test modules share (importable: pytest's pythonpath has tests/)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from workflow_agent.execution.target import RunResult, Target
+
+
+def run_sh(target: Target, script: str, **kwargs: Any) -> RunResult:
+    """Run ``script`` on ``target`` from synchronous test code."""
+    return asyncio.run(target.run(script, **kwargs))
+
+
+def host_pids_with(needle: bytes, what: str = "cmdline") -> list[int]:
+    """Host PIDs whose /proc/PID/<what> (cmdline or environ) contains ``needle``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            data = Path(entry.path, what).read_bytes()
+        except OSError:  # the process exited while we looked
+            continue
+        if needle in data:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def unique_sleep() -> str:
+    """A sleep duration no other process on the host is using: our process marker."""
+    return f"9{secrets.randbelow(10**8):08d}"
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def free_low_port() -> int:
+    """A TCP port nothing listens on now (sandboxes share this host's network), in
+    20000-32767: zabbix_agentd refuses a ListenPort above 32767."""
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-32767")
