@@ -189,3 +189,13 @@ def test_one_workflow_at_a_time_per_target(tmp_path: Path, env: dict[str, str]) 
         [str(tmp_path / "plugins"), str(tmp_path / "quick" / "plugins")])
     third = cli(env, "install", "quick-local", "--target", "local", "--yes")
     assert third.returncode == 0, third.stderr
+
+
+def test_listing_with_a_broken_plugin_says_which_file(tmp_path: Path, env: dict[str, str]) -> None:
+    add_plugin(tmp_path, env, {"name": "broken", "checks": [{"type": "no_such_check"}]},
+               "true\n")
+    result = cli(env, "integrations", "list")
+    assert result.returncode == 2, result.stderr
+    assert "broken/definition.yaml" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert cli(env, "integrations", "show", "prometheus-node-exporter").returncode == 0

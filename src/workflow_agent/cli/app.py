@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from workflow_agent.container import Container
     from workflow_agent.execution.target import Target
     from workflow_agent.state import Action, WorkflowState
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="workflow-agent",
@@ -332,22 +335,35 @@ async def _demo(
     return states
 
 
+def _report(
+    config: Path | None,
+    output: OutputFormat,
+    load: Callable[[Container], T],
+    as_json: Callable[[T], object],
+    show: Callable[[T], None],
+) -> None:
+    """Load something, then print it for people or as JSON; errors become messages."""
+    from workflow_agent.cli.output import emit_json
+
+    try:
+        value = load(_container(config))
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json(as_json(value))
+    else:
+        show(value)
+
+
 @integrations_app.command("list")
 def integrations_list(
     config: ConfigOpt = None, output: OutputOpt = OutputFormat.text
 ) -> None:
     """Every integration, with its methods and where it came from."""
-    from workflow_agent.cli.output import emit_json, integration_json, show_integrations
+    from workflow_agent.cli.output import integration_json, show_integrations
 
-    try:
-        registry = _container(config).registry
-    except WorkflowAgentError as exc:
-        raise _fail(exc) from None
-    items = list(registry)
-    if output is OutputFormat.json:
-        emit_json([integration_json(i) for i in items])
-    else:
-        show_integrations(items)
+    _report(config, output, lambda c: list(c.registry),
+            lambda items: [integration_json(i) for i in items], show_integrations)
 
 
 @integrations_app.command("show")
@@ -355,16 +371,9 @@ def integrations_show(
     name: IntegrationArg, config: ConfigOpt = None, output: OutputOpt = OutputFormat.text
 ) -> None:
     """Parameters, platforms, methods, checks and uninstall of one integration."""
-    from workflow_agent.cli.output import emit_json, integration_json, show_integration
+    from workflow_agent.cli.output import integration_json, show_integration
 
-    try:
-        item = _container(config).registry.get(name)
-    except WorkflowAgentError as exc:
-        raise _fail(exc) from None
-    if output is OutputFormat.json:
-        emit_json(integration_json(item))
-    else:
-        show_integration(item)
+    _report(config, output, lambda c: c.registry.get(name), integration_json, show_integration)
 
 
 @app.command()
@@ -379,17 +388,12 @@ def history(
     """Recent workflows, newest first."""
     from dataclasses import asdict
 
-    from workflow_agent.cli.output import emit_json, show_history
+    from workflow_agent.cli.output import show_history
 
-    try:
-        rows = _container(config).history.list_workflows(
-            limit=limit, integration=integration, status=status)
-    except WorkflowAgentError as exc:
-        raise _fail(exc) from None
-    if output is OutputFormat.json:
-        emit_json([asdict(r) for r in rows])
-    else:
-        show_history(rows)
+    _report(config, output,
+            lambda c: c.history.list_workflows(limit=limit, integration=integration,
+                                               status=status),
+            lambda rows: [asdict(r) for r in rows], show_history)
 
 
 @app.command()
@@ -401,16 +405,9 @@ def show(
     """One workflow from history: stages, scripts, output, findings, checks."""
     from dataclasses import asdict
 
-    from workflow_agent.cli.output import emit_json, show_workflow
+    from workflow_agent.cli.output import show_workflow
 
-    try:
-        record = _container(config).history.get_workflow(workflow_id)
-    except WorkflowAgentError as exc:
-        raise _fail(exc) from None
-    if output is OutputFormat.json:
-        emit_json(asdict(record))
-    else:
-        show_workflow(record)
+    _report(config, output, lambda c: c.history.get_workflow(workflow_id), asdict, show_workflow)
 
 
 def main() -> None:
