@@ -230,7 +230,7 @@ class Coordinator:
             raise _Stopped(self._declined(state))
         if action == "install":
             state = await self._stage(state, "baseline", lambda s: self._baseline(s, run))
-        if action in ("install", "uninstall"):
+        if changes_target:
             state = await self._stage(state, "execute", lambda s: self._execute(s, run))
         if action in ("install", "verify"):
             state = await self._stage(state, "verify", lambda s: self._verify(s, run))
