@@ -7,6 +7,7 @@ from workflow_agent.agents.coordinator import Confirm, Coordinator, WorkflowRequ
 from workflow_agent.agents.execution import ExecutionAgent
 from workflow_agent.agents.knowledge import KnowledgeAgent
 from workflow_agent.agents.recorder import HistoryRecorder
+from workflow_agent.agents.recovery import RecoveryAgent
 from workflow_agent.agents.verification import VerificationAgent
 from workflow_agent.container import Container
 from workflow_agent.state import WorkflowState
@@ -23,6 +24,7 @@ class WorkflowAgent:
         ScriptBuilderAgent(container.config.cache_dir).attach(bus)
         ExecutionAgent(container.pool, container.redactor).attach(bus)
         VerificationAgent(container.pool).attach(bus)
+        RecoveryAgent(container.pool).attach(bus)
         self.coordinator = Coordinator(
             bus, container.pool, container.config, container.redactor, lambda: container.history
         )

@@ -42,6 +42,101 @@ class SandboxSettings(BaseModel):
     network: Literal["host", "none"] = "host"
 
 
+class DockerSettings(BaseModel):
+    """How ``docker://`` and ``docker-image://`` targets reach the engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The engine's URL (``unix:///var/run/docker.sock``, ``tcp://host:2376``,
+    #: ``ssh://user@host``); None: ``DOCKER_HOST``, else the local socket.
+    host: str | None = None
+    #: Whom scripts run as in the container; "0" (root) works without /etc/passwd.
+    user: str = "0"
+    #: Network mode of ``docker-image://`` containers ("host" shares this machine's
+    #: network); None: the engine's default.
+    network: str | None = None
+    #: ``docker-image://`` pulls the image when the engine does not have it.
+    pull: bool = True
+    #: Seconds one engine API call may take.
+    api_timeout: float = Field(default=60.0, gt=0)
+
+
+class KnowledgeSettings(BaseModel):
+    """How documentation is fetched into the knowledge base (``knowledge add``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Seconds for connecting and for each read when fetching a URL.
+    fetch_timeout: float = Field(default=20.0, gt=0)
+    #: Largest document accepted, in bytes (decoded), enforced while it streams in.
+    max_document_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
+
+
+class SshSettings(BaseModel):
+    """How ``ssh://`` targets connect (see ``execution/ssh.py``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: known_hosts file the host key is checked against; None: ~/.ssh/known_hosts.
+    known_hosts: Path | None = None
+    #: Refuse hosts whose key is not in known_hosts. Turning this off accepts any key
+    #: (a man in the middle too): only for throwaway hosts.
+    check_host_keys: bool = True
+    #: Private key files to offer; empty: ~/.ssh/id_* (and the agent, if allowed).
+    client_keys: list[Path] = []
+    #: Offer the keys of the running ssh-agent (``SSH_AUTH_SOCK``).
+    use_agent: bool = True
+    #: Reach targets through this host: ``[ssh://][user@]host[:port]``.
+    jump_host: str | None = None
+    #: Seconds to wait for the TCP connection and the SSH handshake.
+    connect_timeout: float = 10.0
+    #: Seconds between keepalives; a host silent for three of them counts as lost.
+    keepalive_interval: float = 15.0
+    #: Run scripts through ``sudo`` when the login user is not root.
+    sudo: bool = True
+    #: Name of the environment variable holding the sudo password. Unset or empty:
+    #: ask on the terminal when there is one, else try sudo without a password.
+    sudo_password_env: str | None = None
+
+
+class LLMProviderSettings(BaseModel):
+    """One LLM provider of the fallback chain (``llm.providers``), tried in list order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``openai`` covers every OpenAI-compatible server (OpenAI, Ollama, llama.cpp, vLLM).
+    kind: Literal["openai", "anthropic", "gemini"]
+    model: str = Field(min_length=1)
+    #: The API's address, e.g. ``http://127.0.0.1:11434/v1`` for Ollama; None: the
+    #: provider's official service.
+    base_url: str | None = None
+    #: NAME of the environment variable holding the API key (never the key itself).
+    #: None: OPENAI_API_KEY / ANTHROPIC_API_KEY / GEMINI_API_KEY for the official
+    #: service, and no key for a ``base_url`` (a local server is never sent a cloud key).
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    #: Seconds one attempt may take.
+    timeout: float = Field(default=120.0, gt=0)
+    #: Retries after a timeout, rate limit (429), server error (5xx) or lost connection.
+    max_retries: int = Field(default=2, ge=0, le=10)
+    #: US dollars per million prompt / completion tokens; both set: usage has a cost.
+    prompt_cost_per_mtok: float | None = Field(default=None, ge=0)
+    completion_cost_per_mtok: float | None = Field(default=None, ge=0)
+
+
+class LLMSettings(BaseModel):
+    """The optional LLM (``workflow_agent.llm``): nothing needs one unless asked to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The fallback chain; empty: no LLM configured.
+    providers: list[LLMProviderSettings] = []
+    #: Keep answers in the history store, keyed by a hash of the redacted prompt.
+    cache: bool = True
+    #: ``--approve`` may run LLM-written scripts without asking; otherwise they always
+    #: need an interactive confirmation.
+    allow_unattended: bool = False
+
+
 class WorkflowConfiguration(BaseSettings):
     """All settings of one run."""
 
@@ -63,14 +158,28 @@ class WorkflowConfiguration(BaseSettings):
     entry_points: bool = True
     target: str = "local"
     sandbox: SandboxSettings = SandboxSettings()
+    docker: DockerSettings = DockerSettings()
+    ssh: SshSettings = SshSettings()
+    knowledge: KnowledgeSettings = KnowledgeSettings()
+    llm: LLMSettings = LLMSettings()
     #: Seconds to wait for checks to pass after install (daemons take a moment).
     verify_timeout: float = 20.0
     #: Default script timeout when the definition names none.
     script_timeout: float = 600.0
-    #: Install (and plan) first run the install script on a copy-on-write copy of the
-    #: target and show what it would change. Off by default: it doubles a first
-    #: install's time (the package is installed twice), until it also feeds rollback.
-    rehearse: bool = False
+    #: Run the install script on a copy-on-write copy of the target first, show what it
+    #: would change and back up exactly that before the real run. None (the default):
+    #: install rehearses where the target supports it, plan only when asked.
+    rehearse: bool | None = None
+    #: When an install fails (script error, timeout, verification): undo what it
+    #: changed (``rollback``) or leave the target as the failure left it (``keep``).
+    on_failure: Literal["rollback", "keep"] = "rollback"
+    #: How a failed install is undone: ``staged`` undoes this workflow only (a failed
+    #: reconfiguration returns to the configuration that worked); ``full`` also undoes
+    #: the earlier installs of the integration still in force.
+    rollback_strategy: Literal["staged", "full"] = "staged"
+    #: Prove rollback: the install script fails on purpose right after its N-th
+    #: top-level command (1-based), as if that step had broken.
+    fail_after_step: int | None = Field(default=None, ge=0)
     #: Uninstall removes configuration, users and data the install created.
     purge: bool = True
     #: Validation warnings are shown; with this set they refuse execution like errors.

@@ -11,12 +11,16 @@
     ├── TargetError                     the target cannot be used            (exit 6)
     │   ├── TargetUnreachableError      cannot connect / start the target
     │   ├── SandboxToolingMissingError  a host tool the sandbox needs is missing
-    │   └── TargetBusyError             another workflow is changing the target
+    │   ├── TargetBusyError             another workflow is changing the target
+    │   └── RecoveryNeededError         a crashed workflow left changes not undone
     ├── ExecutionFailedError            a script on the target failed / timed out (exit 4)
     ├── VerificationFailedError         the integration does not work after install (exit 5)
     ├── LeftoversError                  uninstall left things behind           (exit 5)
     ├── NotConfirmedError               the user declined (or could not be asked) (exit 7)
-    └── HistoryError                    the history store cannot be read or written
+    ├── RollbackFailedError             changes could not all be undone        (exit 8)
+    ├── HistoryError                    the history store cannot be read or written
+    └── KnowledgeError                  documentation cannot be fetched, read or parsed, or
+                                        the knowledge base cannot be used
 
 Third-party errors are converted at the boundary (``raise ... from exc``). Only the CLI
 turns these into messages for people; everything below it raises.
@@ -132,6 +136,19 @@ class TargetBusyError(TargetError):
         self.holder = dict(holder)
 
 
+class RecoveryNeededError(TargetError):
+    """A workflow killed mid-change left its journal unfinished on this target."""
+
+    def __init__(self, target: str, workflows: Sequence[str]) -> None:
+        super().__init__(
+            f"{target} holds changes of interrupted workflow(s) "
+            f"{', '.join(w[:8] for w in workflows)} that were never rolled back",
+            hint="Run `workflow-agent recover` to finish their rollback first "
+            "(`workflow-agent changes ID` lists what they changed).",
+        )
+        self.workflows = list(workflows)
+
+
 class ExecutionFailedError(WorkflowAgentError):
     """A script on the target exited non-zero or timed out."""
 
@@ -156,5 +173,19 @@ class NotConfirmedError(WorkflowAgentError):
     exit_code = 7
 
 
+class RollbackFailedError(WorkflowAgentError):
+    """A rollback could not undo (or could not verify) every change; the journal and
+    its backups are kept, so it can be retried."""
+
+    exit_code = 8
+
+
 class HistoryError(WorkflowAgentError):
     """The history store cannot be read or written."""
+
+
+class KnowledgeError(WorkflowAgentError):
+    """Documentation cannot be fetched, read or parsed, or the knowledge base cannot be used.
+
+    Raised by ``knowledge/``; the hint says what to do (a proxy, a timeout, a file path).
+    """

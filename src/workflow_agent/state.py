@@ -14,12 +14,13 @@ from pydantic import BaseModel, ConfigDict
 
 from workflow_agent.execution.changes import ChangeSet
 from workflow_agent.facts import Facts
+from workflow_agent.recovery.rollback import RollbackReport
 from workflow_agent.scripting.render import RenderedScript
 from workflow_agent.scripting.validate import ValidationReport
 from workflow_agent.strategy import StrategyDecision
 from workflow_agent.verification.checks import CheckResult
 
-Action = Literal["install", "verify", "uninstall", "plan"]
+Action = Literal["install", "verify", "uninstall", "plan", "rollback"]
 Status = Literal["running", "succeeded", "failed", "refused"]
 
 
@@ -84,6 +85,10 @@ class WorkflowState(_Frozen):
     validation: dict[str, ValidationReport] = {}
     #: What the install script changed on a copy-on-write copy of the target.
     rehearsal: ChangeSet | None = None
+    #: What the run changed on the target, as its change journal recorded it.
+    changes: list[str] = []
+    #: What undoing those changes did (after a failure, or for a rollback workflow).
+    rollback: RollbackReport | None = None
     runs: dict[str, RunSummary] = {}
     checks: list[CheckResult] = []
     #: Uninstall proof: what is still different from the pre-install snapshot.

@@ -1,14 +1,18 @@
 """The coordinator: drives one workflow through its stages over the bus.
 
 install:   validate > facts > knowledge > strategy > generate > script-validation >
-           [rehearsal] > (confirm) > baseline > execute > verify
+           [rehearsal] > (confirm) > baseline > journal > execute > verify [> rollback]
 verify:    validate > facts > knowledge > strategy > generate > script-validation > verify
 uninstall: validate > facts > knowledge > strategy > generate > script-validation >
            (confirm) > execute > proof
 plan:      validate > facts > knowledge > strategy > generate > script-validation >
            [rehearsal]
+rollback:  validate > (confirm) > rollback
 
-[rehearsal] runs when the configuration asks for it (``rehearse``, ``--rehearse``).
+[rehearsal] runs for install where the target supports it, for plan when asked
+(``rehearse``, ``--rehearse/--no-rehearse``). The journal stage saves, durably, what the
+install is about to change (the rehearsal says what) before execute starts; when execute
+or verify fails, the rollback stage undoes it (``on_failure``) and verifies the undo.
 
 Each stage returns a new ``WorkflowState``; after each, a ``workflow.stage`` event carries
 the state and the stage's artifacts (history and progress subscribe). Only the
@@ -19,33 +23,40 @@ confirmed.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workflow_agent.agents import builder, execution, knowledge, verification
+from workflow_agent.agents import builder, execution, knowledge, recovery, verification
 from workflow_agent.bus import MessageBus
 from workflow_agent.config import WorkflowConfiguration
+from workflow_agent.container import DISPOSABLE_KINDS
 from workflow_agent.errors import (
     ExecutionFailedError,
+    InvalidInputError,
     LeftoversError,
     NotConfirmedError,
+    RecoveryNeededError,
+    RollbackFailedError,
     UnsupportedPlatformError,
     ValidationRefusedError,
     VerificationFailedError,
     WorkflowAgentError,
 )
+from workflow_agent.execution.journal import Entry, Header, Journal, JournalStore
 from workflow_agent.execution.lock import TargetLock
 from workflow_agent.execution.pool import TargetPool
-from workflow_agent.execution.rehearsal import Rehearsal
+from workflow_agent.execution.rehearsal import Rehearsal, supports_rehearsal
 from workflow_agent.execution.target import Target
 from workflow_agent.integrations.params import ResolvedParams, resolve_params
 from workflow_agent.integrations.registry import Integration
-from workflow_agent.scripting.render import render_checks
+from workflow_agent.recovery.rollback import RollbackReport
+from workflow_agent.scripting.render import fail_after_step, render_checks
 from workflow_agent.secrets import Redactor
 from workflow_agent.state import Action, ErrorInfo, StageRecord, WorkflowState, now
-from workflow_agent.verification.snapshot import Snapshot
+from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot
 
 if TYPE_CHECKING:
     from workflow_agent.storage.history import HistoryStore
@@ -69,6 +80,10 @@ class WorkflowRequest:
     environ: Mapping[str, str] = field(default_factory=dict)
     #: An already open target to use instead of opening ``target``; the caller closes it.
     target_object: Target | None = None
+    #: For ``rollback``: the workflow whose journal to undo, how, and which changes.
+    rollback_of: str | None = None
+    strategy: str = "staged"
+    changes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,7 @@ class _Run:
     integration: Integration | None = None
     params: ResolvedParams | None = None
     baseline: execution.Baseline | None = None
+    journal: Journal | None = None
 
 
 class Coordinator:
@@ -215,13 +231,15 @@ class Coordinator:
         self, state: WorkflowState, run: _Run, confirm: Confirm | None
     ) -> WorkflowState:
         action = run.request.action
+        if action == "rollback":
+            return await self._rollback_stages(state, run, confirm)
         state = await self._stage(state, "validate", lambda s: self._validate(s, run))
         state = await self._stage(state, "facts", self._facts)
         state = await self._stage(state, "knowledge", lambda s: self._knowledge(s, run))
         state = await self._stage(state, "strategy", lambda s: self._strategy(s, run))
         state = await self._stage(state, "generate", lambda s: self._generate(s, run))
         state = await self._stage(state, "script-validation", lambda s: self._check(s, run))
-        if action in ("install", "plan") and self.config.rehearse:
+        if self._rehearses(state):
             state = await self._stage(state, "rehearsal", lambda s: self._rehearse(s, run))
         if action == "plan":
             return state
@@ -230,14 +248,72 @@ class Coordinator:
             raise _Stopped(self._declined(state))
         if action == "install":
             state = await self._stage(state, "baseline", lambda s: self._baseline(s, run))
+            state = await self._stage(state, "journal", lambda s: self._journal(s, run))
+            try:
+                state = await self._stage(state, "execute", lambda s: self._execute(s, run))
+                state = await self._stage(state, "verify", lambda s: self._verify(s, run))
+            except _Stopped as stopped:
+                raise _Stopped(await self._after_failure(stopped.state, run)) from None
+            assert run.journal is not None
+            run.journal.set_phase("committed")
+            return state
         if changes_target:
             state = await self._stage(state, "execute", lambda s: self._execute(s, run))
-        if action in ("install", "verify"):
+        if action == "verify":
             state = await self._stage(state, "verify", lambda s: self._verify(s, run))
         if action == "uninstall":
             state = await self._stage(state, "proof", lambda s: self._proof(s, run))
         return state
 
+    def _rehearses(self, state: WorkflowState) -> bool:
+        """Whether this run rehearses: when asked; by default, installs where possible."""
+        if state.action not in ("install", "plan") or self.config.rehearse is False:
+            return False
+        if self.config.rehearse:
+            return True
+        return state.action == "install" and supports_rehearsal(
+            self.pool.get(state.workflow_id))
+
+    @property
+    def journals(self) -> JournalStore:
+        """Every change journal on this machine."""
+        return JournalStore(self.config.data_dir / "journal")
+
+    async def _rollback_stages(
+        self, state: WorkflowState, run: _Run, confirm: Confirm | None
+    ) -> WorkflowState:
+        state = await self._stage(state, "validate", lambda s: self._validate_rollback(s, run))
+        if confirm is not None and not await confirm(state):
+            raise _Stopped(self._declined(state))
+        return await self._stage(state, "rollback", lambda s: self._rollback(s, run))
+
+    async def _after_failure(self, failed: WorkflowState, run: _Run) -> WorkflowState:
+        """After execute or verify failed: undo the install's changes, or keep them."""
+        journal = run.journal
+        if journal is None or journal.read().phase not in ("executing", "executed"):
+            return failed
+        assert failed.error is not None
+        if self.config.on_failure == "keep":
+            journal.set_phase("kept", "on_failure: keep")
+            return failed.model_copy(update={"notes": [*failed.notes, (
+                "the failed install's changes were kept (on_failure: keep); undo them with "
+                f"`workflow-agent rollback {failed.workflow_id[:8]}`")]})
+        try:
+            rolled = await self._stage(failed, "rollback", lambda s: self._rollback(s, run))
+        except _Stopped as stopped:
+            # Both failures matter: the install's (first) and the rollback's.
+            assert stopped.state.error is not None
+            error = stopped.state.error.model_copy(update={
+                "message": f"{failed.error.message}; then {stopped.state.error.message}"})
+            return stopped.state.model_copy(update={"error": error})
+        report = rolled.rollback
+        assert report is not None
+        message = (f"{failed.error.message}; rolled back ({report.strategy}): "
+                   f"{len(report.undone)} change(s) undone and verified")
+        return rolled.model_copy(update={
+            "status": failed.status, "finished_at": now(),
+            "error": failed.error.model_copy(update={"message": message}),
+        })
     def _declined(self, state: WorkflowState) -> WorkflowState:
         error = NotConfirmedError(
             f"{state.action} of {state.integration} on {state.target} was not confirmed; "
@@ -273,6 +349,10 @@ class Coordinator:
                         "integration": state.integration},
             )
             run.lock.acquire(wait=self.config.lock_wait)
+            unfinished = self.journals.unfinished(target.identity)
+            if unfinished:
+                raise RecoveryNeededError(target.identity,
+                                          [j.header.workflow_id for j in unfinished])
         return _Outcome(
             changes={"params": run.params.masked(), "target_identity": target.identity},
             detail={"params": run.params.masked(), "target": target.identity},
@@ -436,6 +516,102 @@ class Coordinator:
             ), outcome)
         return outcome
 
+    async def _validate_rollback(self, state: WorkflowState, run: _Run) -> _Outcome:
+        request = run.request
+        assert request.rollback_of is not None
+        journal = self.journals.get(request.rollback_of)
+        if journal is None:
+            raise InvalidInputError(
+                f"no change journal for workflow {request.rollback_of!r} on this machine",
+                hint="Only installs leave a journal; list them with: workflow-agent history "
+                "--action install",
+            )
+        header = journal.read().header
+        run.journal = journal
+        if request.target_object is not None:
+            target = request.target_object
+            self.pool.adopt(state.workflow_id, target)
+        elif header.target.split(":", 1)[0] in DISPOSABLE_KINDS:
+            raise InvalidInputError(
+                f"workflow {header.workflow_id[:8]} ran on a disposable {header.target} "
+                "that is gone, with everything it changed",
+                hint="Nothing to roll back.",
+            )
+        else:
+            target = await self.pool.open(state.workflow_id, header.target)
+        if target.identity != header.target_identity:
+            raise InvalidInputError(
+                f"workflow {header.workflow_id[:8]} changed {header.target_identity}, but "
+                f"{header.target} is now {target.identity}",
+                hint="Roll back from where the target is reachable under the same identity.",
+            )
+        run.lock = TargetLock(
+            self.config.data_dir / "locks", target.identity,
+            holder={"workflow": state.workflow_id, "action": "rollback",
+                    "integration": header.integration},
+        )
+        run.lock.acquire(wait=self.config.lock_wait)
+        return _Outcome(
+            changes={"target_identity": target.identity,
+                     "params": {"workflow": header.workflow_id,
+                                "strategy": request.strategy,
+                                "changes": list(request.changes)}},
+            detail={"workflow": header.workflow_id, "strategy": request.strategy,
+                    "target": target.identity},
+        )
+
+    async def _rollback(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.journal is not None
+        strategy = (run.request.strategy if state.action == "rollback"
+                    else self.config.rollback_strategy)
+        report: RollbackReport = await self.bus.request(
+            recovery.ROLLBACK,
+            recovery.RollbackRequest(state.workflow_id, run.journal.directory, strategy,
+                                     run.request.changes if state.action == "rollback" else ()),
+            timeout=self.config.bus_timeout,
+        )
+        outcome = _Outcome(
+            changes={"rollback": report},
+            detail={"strategy": report.strategy, "workflows": report.workflows,
+                    "undone": len(report.undone), "problems": report.problems,
+                    "unrecorded": report.unrecorded, "duration": round(report.duration, 3)},
+            artifacts=[Artifact("rollback", report.strategy, report.model_dump_json())],
+        )
+        if not report.ok:
+            raise _Failed(RollbackFailedError(
+                f"rollback could not restore {len(report.problems)} change(s): "
+                + "; ".join(report.problems[:5]),
+                hint="The journal and its backups are kept: fix the cause and retry with "
+                f"`workflow-agent rollback {report.workflows[-1][:8]}`.",
+            ), outcome)
+        return outcome
+
+    async def _journal(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert run.integration is not None and state.target_identity is not None
+        spec = run.integration.definition.uninstall
+        predicted = [] if state.rehearsal is None else [
+            change.path for change in state.rehearsal.files if change.kind != "created"]
+        touched = [] if state.rehearsal is None else [c.path for c in state.rehearsal.files]
+        journal = run.journal = self.journals.create(Header(
+            workflow_id=state.workflow_id, action=state.action,
+            integration=state.integration, target=state.target,
+            target_identity=state.target_identity,
+            paths=sorted({*spec.watch, *spec.paths, *touched}),
+            ignore=[*DEFAULT_IGNORE, *spec.ignore], predicted=state.rehearsal is not None,
+            pid=os.getpid(), created=now(),
+        ))
+        saved: list[Entry] = await self.bus.request(
+            execution.JOURNAL,
+            execution.JournalRequest(state.workflow_id, journal.directory, predicted),
+            timeout=self.config.bus_timeout,
+        )
+        return _Outcome(
+            detail={"saved": len(saved), "predicted": state.rehearsal is not None,
+                    "journal": str(journal.directory)},
+            artifacts=[Artifact("journal", "before",
+                                json.dumps([e.model_dump(mode="json") for e in saved]))],
+        )
+
     async def _baseline(self, state: WorkflowState, run: _Run) -> _Outcome:
         assert run.integration is not None and state.facts is not None
         spec = run.integration.definition.uninstall
@@ -474,10 +650,13 @@ class Coordinator:
         assert run.params is not None
         action = state.action
         script = state.scripts[action]
+        if action == "install" and self.config.fail_after_step is not None:
+            script = fail_after_step(script, self.config.fail_after_step)
         result = await self.bus.request(
             execution.RUN,
             execution.RunRequest(state.workflow_id, "execute", script,
-                                 self._timeout(run, action), run.params.secret_env),
+                                 self._timeout(run, action), run.params.secret_env,
+                                 run.journal.directory if run.journal else None),
             timeout=self.config.bus_timeout,
         )
         summary = execution.summarize(result, self.redactor)
@@ -485,6 +664,12 @@ class Coordinator:
         output = Artifact("output", action,
                           self.redactor.redact(result.stdout + result.stderr))
         recorded = await self._record_added_packages(state, run)
+        journaled: dict[str, Any] = {}
+        if run.journal is not None:
+            made = run.journal.read().changes
+            journaled = {"changes": [e.describe() for e in made]}
+            recorded.append(Artifact("journal", "changes",
+                                     json.dumps([e.model_dump(mode="json") for e in made])))
         if not result.ok:
             if summary.timed_out:
                 why = f"timed out after {self._timeout(run, action):g} s"
@@ -496,9 +681,9 @@ class Coordinator:
             raise _Failed(ExecutionFailedError(
                 f"the {action} script {why}",
                 hint=f"Last output:\n{summary.output_tail}" if summary.output_tail else None,
-            ), _Outcome(changes={"runs": runs}, detail=summary.model_dump(),
+            ), _Outcome(changes={"runs": runs, **journaled}, detail=summary.model_dump(),
                         artifacts=[output, *recorded]))
-        return _Outcome(changes={"runs": runs}, detail=summary.model_dump(),
+        return _Outcome(changes={"runs": runs, **journaled}, detail=summary.model_dump(),
                         artifacts=[output, *recorded])
 
     async def _record_added_packages(self, state: WorkflowState, run: _Run) -> list[Artifact]:

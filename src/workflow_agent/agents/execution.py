@@ -11,11 +11,13 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from workflow_agent.bus import Message, MessageBus
 from workflow_agent.errors import InvalidInputError
+from workflow_agent.execution import journal
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.rehearsal import Rehearsal, rehearse, supports_rehearsal
 from workflow_agent.execution.target import OutputCallback, RunResult
@@ -28,6 +30,7 @@ from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot, take_
 FACTS = "target.facts"
 SNAPSHOT = "target.snapshot"
 REHEARSE = "target.rehearse"
+JOURNAL = "execute.journal"
 RUN = "execute.run"
 OUTPUT_EVENT = "workflow.output"
 
@@ -88,13 +91,25 @@ class RehearseRequest:
 
 @dataclass(frozen=True)
 class RunRequest:
-    """Run ``script`` on the workflow's target."""
+    """Run ``script`` on the workflow's target; with ``journal``, record what it changed
+    there (its ``executing`` phase must already be on disk)."""
 
     workflow_id: str
     stage: str
     script: RenderedScript
     timeout: float
     env: Mapping[str, str] = field(default_factory=dict)
+    journal: Path | None = None
+
+
+@dataclass(frozen=True)
+class JournalRequest:
+    """Save what the workflow's target holds before ``journal``'s workflow changes it:
+    the snapshot, the backups (``predicted`` paths and configuration), the processes."""
+
+    workflow_id: str
+    journal: Path
+    predicted: Sequence[str] = ()
 
 
 def summarize(result: RunResult, redactor: Redactor) -> RunSummary:
@@ -130,6 +145,7 @@ class ExecutionAgent:
         bus.serve(FACTS, self._facts)
         bus.serve(SNAPSHOT, self._snapshot)
         bus.serve(REHEARSE, self._rehearse)
+        bus.serve(JOURNAL, self._journal)
         bus.serve(RUN, self._run)
 
     async def _facts(self, message: Message) -> Facts:
@@ -167,16 +183,42 @@ class ExecutionAgent:
             await asyncio.gather(*pending)
         return rehearsal
 
+    async def _journal(self, message: Message) -> list[journal.Entry]:
+        request: JournalRequest = message.payload
+        target = self.pool.get(request.workflow_id)
+        book = journal.Journal(request.journal)
+        header = book.read().header
+        pre = await journal.snapshot(target, header)
+        saved = await journal.backup(target, journal.backup_paths(pre, request.predicted), book)
+        before = await journal.processes(target)
+        book.write_file("pre.json", pre.model_dump_json().encode())
+        book.add_entries(saved)
+        book.append({"type": "processes",
+                     "processes": [self._masked(p).model_dump() for p in before]})
+        book.set_phase("executing")
+        return saved
+
     async def _run(self, message: Message) -> RunResult:
         request: RunRequest = message.payload
         target = self.pool.get(request.workflow_id)
         forward, pending = self._forwarder(request.workflow_id, request.stage)
+        env = dict(request.env)
+        if request.journal is not None:
+            env[journal.RUN_MARKER] = request.workflow_id
         result = await target.run(
-            request.script.text, env=request.env, timeout=request.timeout, on_output=forward
+            request.script.text, env=env, timeout=request.timeout, on_output=forward
         )
         if pending:
             await asyncio.gather(*pending)
+        if request.journal is not None:
+            await journal.observe(target, journal.Journal(request.journal),
+                                  request.workflow_id, self._masked)
         return result
+
+    def _masked(self, process: journal.ProcessInfo) -> journal.ProcessInfo:
+        """A process with secrets masked in its command line, fit for the journal."""
+        return process.model_copy(update={"argv": [self.redactor.redact(a)
+                                                   for a in process.argv]})
 
     def _forwarder(
         self, workflow_id: str, stage: str

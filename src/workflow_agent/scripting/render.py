@@ -19,7 +19,7 @@ import jinja2
 from pydantic import BaseModel, ConfigDict
 
 from workflow_agent import __version__
-from workflow_agent.errors import DefinitionError
+from workflow_agent.errors import DefinitionError, InvalidInputError
 
 if TYPE_CHECKING:
     from workflow_agent.facts import Facts
@@ -269,3 +269,40 @@ def render_checks(specs: Sequence[Mapping[str, Any]], params: Mapping[str, Any])
         except (jinja2.TemplateError, ValueError) as exc:
             raise ValueError(f"check {index} ({spec.get('type', '?')}): {exc}") from exc
     return checks
+
+
+#: Exit status of a script made to fail on purpose (``fail_after_step``).
+INJECTED_FAILURE_EXIT = 86
+
+
+def script_steps(text: str) -> list[tuple[int, int]]:
+    """The steps of a rendered script: its top-level commands after the prologue, as
+    ``(start, end)`` byte offsets of the UTF-8 text."""
+    from workflow_agent.scripting.shellwords import parser
+
+    data = text.encode()
+    tree = parser().parse(data)
+    statements = [child for child in tree.root_node.named_children if child.type != "comment"]
+    # The prologue's own commands (set, trap) are not steps of the integration.
+    prologue_commands = sum(1 for line in PROLOGUE.splitlines()
+                            if line and not line.startswith("#"))
+    return [(node.start_byte, node.end_byte) for node in statements[prologue_commands:]]
+
+
+def fail_after_step(script: RenderedScript, step: int) -> RenderedScript:
+    """``script`` made to fail right after its ``step``-th step (0: before the first),
+    to prove that what it did up to there is rolled back."""
+    steps = script_steps(script.text)
+    if not 0 <= step <= len(steps):
+        raise InvalidInputError(
+            f"the {script.action} script has {len(steps)} steps; cannot fail after step "
+            f"{step}",
+            hint=f"Use a step from 0 to {len(steps)} (`workflow-agent plan` shows the script).",
+        )
+    data = script.text.encode()
+    at = steps[step - 1][1] if step else steps[0][0] if steps else len(data)
+    failure = (f"\nprintf 'workflow-agent: failing on purpose after step %s\\n' {step} >&2\n"
+               f"exit {INJECTED_FAILURE_EXIT}\n").encode()
+    text = (data[:at] + failure + data[at:]).decode()
+    return script.model_copy(update={"text": text,
+                                     "sha256": hashlib.sha256(text.encode()).hexdigest()})

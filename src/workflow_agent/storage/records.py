@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from workflow_agent.errors import HistoryError
 
-ACTIONS = frozenset({"install", "verify", "uninstall", "plan"})
+ACTIONS = frozenset({"install", "verify", "uninstall", "plan", "rollback"})
 RUNNING = "running"
 #: Derived on read for a ``running`` row whose process is gone; never stored.
 INCOMPLETE = "incomplete"
@@ -88,6 +88,44 @@ class WorkflowRecord(WorkflowSummary):
     checkpoints: list[CheckpointEntry] = field(default_factory=list)
     artifacts: list[ArtifactEntry] = field(default_factory=list)
 
+
+
+#: How an LLM call ended, in ``llm_usage.status``.
+LLM_USAGE_STATUSES = frozenset({"ok", "cached", "failed"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMUsageEntry:
+    """One LLM call: who answered, what it cost, and for which workflow (if any).
+
+    ``latency`` is what the caller waited, retries and fallbacks included; ``cost`` is
+    in US dollars, ``None`` where the provider's prices are not configured.
+    """
+
+    workflow_id: str | None
+    purpose: str
+    provider: str
+    model: str
+    status: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float
+    cost: float | None
+    error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMCacheEntry:
+    """A cached LLM answer (already redacted) and the tokens it cost when it was asked."""
+
+    key: str
+    provider: str
+    model: str
+    content: str
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: datetime
 
 def summary_from_row(row: Any, hostname: str) -> WorkflowSummary:
     """A ``workflows`` row as a summary; ``hostname`` is this host's, for the liveness check."""

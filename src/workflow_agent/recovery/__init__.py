@@ -1,0 +1,1 @@
+"""The recovery manager: rollback strategies, their verification, and crash recovery."""
