@@ -133,19 +133,19 @@ def test_killed_run_shows_as_incomplete_and_loses_nothing(
 ) -> None:
     add_plugin(tmp_path, env, {"name": "slow"}, "mkdir -p /opt/slow\nsleep 60\n")
     proc = subprocess.Popen([sys.executable, "-m", "workflow_agent", "install", "slow",
-                             "--target", "sandbox", "-o", "json"],
+                             "--target", "sandbox", "--no-rehearse", "-o", "json"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         stages: list[str] = []
         data = tmp_path / "data"
-        while "baseline" not in stages and time.monotonic() < deadline:
+        while "journal" not in stages and time.monotonic() < deadline:
             time.sleep(0.2)
             with HistoryStore.for_path(data / "history.db", spool_dir=data / "spool") as store:
                 listed = store.list_workflows(limit=1)
                 if listed:
                     stages = [s.name for s in store.get_workflow(listed[0].id).stages]
-        assert "baseline" in stages, "the run never reached its execute stage"
+        assert "journal" in stages, "the run never reached its execute stage"
         time.sleep(0.5)  # inside the install script now
     finally:
         proc.kill()
@@ -153,7 +153,7 @@ def test_killed_run_shows_as_incomplete_and_loses_nothing(
     listed = json.loads(cli(env, "history", "-o", "json").stdout)
     assert listed[0]["status"] == "incomplete"
     shown = json.loads(cli(env, "show", listed[0]["id"], "-o", "json").stdout)
-    assert [s["name"] for s in shown["stages"]][-1] == "baseline"
+    assert [s["name"] for s in shown["stages"]][-1] == "journal"
     assert any(a["kind"] == "script" for a in shown["artifacts"])
     # The sandbox died with the agent: no process still runs the script.
     time.sleep(0.5)
@@ -162,13 +162,13 @@ def test_killed_run_shows_as_incomplete_and_loses_nothing(
 
 
 def test_one_workflow_at_a_time_per_target(tmp_path: Path, env: dict[str, str]) -> None:
-    """A second install on a busy target is refused naming the holder; a dead holder's
-    lock is no obstacle."""
+    """A second install on a busy target is refused naming the holder; once the holder is
+    killed, its half-done install must be recovered before the next one may start."""
     marker = tmp_path / "started"
     add_plugin(tmp_path, env, {"name": "slow-local", "uninstall": {"packages": ["bash"]}},
                f"touch {marker}\nsleep 30\n")
     first = subprocess.Popen([sys.executable, "-m", "workflow_agent", "install", "slow-local",
-                              "--target", "local", "--yes"], env=env,
+                              "--target", "local", "--no-rehearse", "--yes"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
@@ -187,6 +187,16 @@ def test_one_workflow_at_a_time_per_target(tmp_path: Path, env: dict[str, str]) 
                                          "uninstall": {"packages": ["bash"]}}, "true\n")
     env["WORKFLOW_AGENT_PLUGIN_DIRS"] = json.dumps(
         [str(tmp_path / "plugins"), str(tmp_path / "quick" / "plugins")])
+    blocked = cli(env, "install", "quick-local", "--target", "local", "--yes")
+    assert blocked.returncode == 6, blocked.stderr
+    assert "workflow-agent recover" in " ".join(blocked.stderr.split())
+    # The killed install's script still sleeps (its process group outlived the agent);
+    # recover stops it, as a process the install started.
+    recovered = cli(env, "recover", "--yes", "-o", "json")
+    assert recovered.returncode == 0, recovered.stderr
+    [item] = json.loads(recovered.stdout)
+    assert item["result"] == "rolled back"
+    assert subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True).returncode == 1
     third = cli(env, "install", "quick-local", "--target", "local", "--yes")
     assert third.returncode == 0, third.stderr
 

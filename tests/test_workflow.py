@@ -91,9 +91,10 @@ def test_install_verify_uninstall_leaves_nothing(
     record = history.get_workflow(installed.workflow_id)
     assert [s.name for s in record.stages] == [
         "validate", "facts", "knowledge", "strategy", "generate", "script-validation",
-        "baseline", "execute", "verify"]
+        "rehearsal", "baseline", "journal", "execute", "verify"]
     kinds = {a.kind for a in record.artifacts}
-    assert {"facts", "script", "findings", "baseline", "output", "verification"} <= kinds
+    assert {"facts", "script", "findings", "rehearsal", "baseline", "journal", "output",
+            "verification"} <= kinds
 
 
 def test_uninstall_reports_what_is_left_behind(tmp_path: Path, sandbox: SandboxTarget) -> None:

@@ -7,6 +7,9 @@ else reads the configuration to build services.
 from __future__ import annotations
 
 import functools
+import getpass
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,11 +24,13 @@ from workflow_agent.secrets import Redactor
 from workflow_agent.storage.spool import HistorySpool, HistoryWriter
 
 if TYPE_CHECKING:
+    from workflow_agent.execution.journal import JournalStore
     from workflow_agent.storage.history import HistoryStore
 
-TARGET_KINDS = ("local", "sandbox", "systemd-sandbox")
+TARGET_KINDS = ("local", "sandbox", "systemd-sandbox", "docker://CONTAINER",
+                "docker-image://IMAGE", "ssh://USER@HOST:PORT")
 #: Throwaway targets: changing them needs no confirmation.
-DISPOSABLE_KINDS = ("sandbox", "systemd-sandbox")
+DISPOSABLE_KINDS = ("sandbox", "systemd-sandbox", "docker-image")
 
 
 class Container:
@@ -46,6 +51,10 @@ class Container:
         self._history = history
         self._registry = registry
         self._target_factory = target_factory
+        # Guards the sudo password prompt: several SSH targets may open at once.
+        self._sudo_lock = threading.Lock()
+        self._sudo_asked = False
+        self._sudo_secret: str | None = None
 
     @functools.cached_property
     def bus(self) -> MessageBus:
@@ -80,6 +89,13 @@ class Container:
         """Bring a shared history database up to date now, rather than at its next read."""
         if self._history is not None or self.config.history_url:
             self.history.ingest()
+
+    @property
+    def journals(self) -> JournalStore:
+        """The change journals of the installs run from this machine."""
+        from workflow_agent.execution.journal import JournalStore
+
+        return JournalStore(self.config.data_dir / "journal")
 
     @functools.cached_property
     def registry(self) -> Registry:
@@ -117,7 +133,51 @@ class Container:
             cache = systemd_rootfs_cache(self.config.cache_dir, suite=settings.suite,
                                          variant=settings.variant, mirror=settings.mirror)
             return NspawnTarget(cache.ensure())
+        if kind in ("docker", "docker-image"):
+            return self._docker_target(spec)
+        if kind == "ssh":
+            return self._ssh_target(spec)
         raise InvalidInputError(
             f"unknown target {spec!r}",
             hint=f"Use one of: {', '.join(TARGET_KINDS)}.",
         )
+
+    def _ssh_target(self, spec: str) -> Target:
+        """``ssh://user@host:port``, with the ssh settings; sudo's password on demand."""
+        from workflow_agent.execution.ssh import SshTarget, parse_ssh_spec
+
+        return SshTarget(parse_ssh_spec(spec), self.config.ssh,
+                         sudo_password=self._sudo_password)
+
+    def _sudo_password(self) -> str | None:
+        """The sudo password for ssh targets: from ``ssh.sudo_password_env``, else asked
+        once on the terminal (if any). Registered with the redactor; never stored."""
+        with self._sudo_lock:
+            if self._sudo_asked:
+                return self._sudo_secret
+            value = self.config.ssh.sudo_password()
+            if value is None and sys.stdin.isatty():
+                value = getpass.getpass("sudo password for the SSH targets: ") or None
+            if value is not None:
+                self.redactor.add([value])
+            self._sudo_asked, self._sudo_secret = True, value
+            return value
+
+    def _docker_target(self, spec: str) -> Target:
+        """``docker://CONTAINER`` or ``docker-image://IMAGE``, with the docker settings."""
+        from workflow_agent.execution.docker import DockerImageTarget, DockerTarget
+
+        kind, _, rest = spec.partition("://")
+        if not rest:
+            raise InvalidInputError(
+                f"target {spec!r} names no {'image' if kind == 'docker-image' else 'container'}",
+                hint="Use docker://CONTAINER (a running container's name or id) or "
+                "docker-image://IMAGE (a fresh container from an image).",
+            )
+        settings = self.config.docker
+        if kind == "docker":
+            return DockerTarget(rest, host=settings.host, user=settings.user,
+                                api_timeout=settings.api_timeout)
+        return DockerImageTarget(rest, host=settings.host, user=settings.user,
+                                 network=settings.network, pull=settings.pull,
+                                 api_timeout=settings.api_timeout)

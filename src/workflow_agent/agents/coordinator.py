@@ -53,7 +53,7 @@ from workflow_agent.execution.target import Target
 from workflow_agent.integrations.params import ResolvedParams, resolve_params
 from workflow_agent.integrations.registry import Integration
 from workflow_agent.recovery.rollback import RollbackReport
-from workflow_agent.scripting.render import fail_after_step, render_checks
+from workflow_agent.scripting.render import RenderedScript, fail_after_step, render_checks
 from workflow_agent.secrets import Redactor
 from workflow_agent.state import Action, ErrorInfo, StageRecord, WorkflowState, now
 from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot
@@ -84,6 +84,8 @@ class WorkflowRequest:
     rollback_of: str | None = None
     strategy: str = "staged"
     changes: tuple[int, ...] = ()
+    #: The interrupted or failed workflow this one runs again (``resume``).
+    resumed_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,23 @@ class Coordinator:
         """Every change journal on this machine."""
         return JournalStore(self.config.data_dir / "journal")
 
+    def _resumed_note(self, run: _Run, scripts: Mapping[str, RenderedScript]) -> list[str]:
+        """Say which workflow this one resumes, from which checkpoint, and whether the
+        scripts are still the ones that workflow had validated."""
+        previous = run.request.resumed_from
+        if previous is None:
+            return []
+        checkpoint = self.history().last_checkpoint(previous)
+        if checkpoint is None:
+            return [f"resumes workflow {previous[:8]}, which reached no checkpoint"]
+        stage, state_json = checkpoint
+        before = WorkflowState.model_validate_json(state_json).scripts
+        same = all(before.get(a) is not None and before[a].sha256 == s.sha256
+                   for a, s in scripts.items() if a in before) and bool(before)
+        verdict = ("with the same scripts" if same else
+                   "with different scripts (the integration or its parameters changed)")
+        return [f"resumes workflow {previous[:8]} from its checkpoint after {stage}, {verdict}"]
+
     async def _rollback_stages(
         self, state: WorkflowState, run: _Run, confirm: Confirm | None
     ) -> WorkflowState:
@@ -445,7 +464,7 @@ class Coordinator:
                 f"{state.action} template",
                 hint=f"Add templates.{state.action} to that method in the definition.",
             )
-        notes = list(state.notes)
+        notes = [*state.notes, *self._resumed_note(run, scripts)]
         if state.action == "uninstall" and run.baseline is None:
             notes.append(
                 "no pre-install baseline for this target: uninstall removes the package "

@@ -3,7 +3,7 @@
 Turns arguments into a ``WorkflowRequest``, runs it, shows the result. Heavy modules are
 imported inside the commands so ``--help`` stays fast. Exit codes: 0 success, 2 invalid
 input, 3 validation refused, 4 execution failed, 5 verification failed (or uninstall left
-things behind), 6 target unusable, 7 not confirmed.
+things behind), 6 target unusable, 7 not confirmed, 8 rollback could not restore everything.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from workflow_agent.cli.knowledge import knowledge_app
 from workflow_agent.errors import WorkflowAgentError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ app = typer.Typer(
 integrations_app = typer.Typer(help="List and inspect the integrations this run can see.",
                                no_args_is_help=True)
 app.add_typer(integrations_app, name="integrations")
+app.add_typer(knowledge_app, name="knowledge")
 
 
 class OutputFormat(StrEnum):
@@ -66,7 +68,35 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show script o
 RehearseOpt = Annotated[bool | None, typer.Option(
     "--rehearse/--no-rehearse",
     help="First run the install script on a copy-on-write copy of the target and show "
-    "exactly what it changes (files with diffs, packages, users, services).")]
+    "exactly what it changes (files with diffs, packages, users, services); install does "
+    "this by default where the target supports it, and backs up exactly that.")]
+
+
+class OnFailure(StrEnum):
+    """What a failed install does with its changes."""
+
+    rollback = "rollback"
+    keep = "keep"
+
+
+class Strategy(StrEnum):
+    """How a rollback chooses what to undo."""
+
+    staged = "staged"
+    full = "full"
+    change = "change"
+
+
+OnFailureOpt = Annotated[OnFailure | None, typer.Option(
+    "--on-failure", help="rollback (default): undo what a failed install changed; keep: "
+    "leave it for inspection (undo later with `rollback`).")]
+WorkflowArg = Annotated[str, typer.Argument(help="A workflow id or a unique prefix of it.")]
+
+
+def _invalid(message: str, hint: str) -> WorkflowAgentError:
+    from workflow_agent.errors import InvalidInputError
+
+    return InvalidInputError(message, hint=hint)
 
 
 def _fail(exc: WorkflowAgentError) -> typer.Exit:
@@ -152,12 +182,13 @@ async def _run_workflow(
     target: str,
     confirm: Confirm | None,
     target_object: Target | None = None,
+    resumed_from: str | None = None,
 ) -> WorkflowState:
     from workflow_agent.agents.coordinator import WorkflowRequest
 
     request = WorkflowRequest(
         action=action, integration=integration, target=target, params=params,
-        environ=dict(os.environ), target_object=target_object,
+        environ=dict(os.environ), target_object=target_object, resumed_from=resumed_from,
     )
     return await agent.run(request, confirm)
 
@@ -204,10 +235,22 @@ def install(
     yes: YesOpt = False,
     verbose: VerboseOpt = False,
     rehearse: RehearseOpt = None,
+    on_failure: OnFailureOpt = None,
+    rollback_strategy: Annotated[Strategy | None, typer.Option(
+        "--rollback-strategy", help="staged (default): undo this install only; full: also "
+        "earlier installs of the integration on this target.")] = None,
+    fail_after_step: Annotated[int | None, typer.Option(
+        "--fail-after-step", min=0, metavar="N",
+        help="Prove rollback: make the install script fail right after its N-th step.")] = None,
 ) -> None:
-    """Install an integration, then verify that it really works."""
+    """Install an integration, verify that it really works; undo it all if not."""
+    if rollback_strategy is Strategy.change:
+        raise _fail(_invalid("--rollback-strategy change needs changes chosen by hand",
+                             "Use `workflow-agent rollback ID --change N` after the install."))
     _workflow_command("install", integration, param, target, config, output, yes, verbose,
-                      rehearse=rehearse)
+                      rehearse=rehearse, on_failure=on_failure and on_failure.value,
+                      rollback_strategy=rollback_strategy and rollback_strategy.value,
+                      fail_after_step=fail_after_step)
 
 
 @app.command()
@@ -408,6 +451,178 @@ def show(
     from workflow_agent.cli.output import show_workflow
 
     _report(config, output, lambda c: c.history.get_workflow(workflow_id), asdict, show_workflow)
+
+
+@app.command()
+def changes(
+    workflow_id: WorkflowArg, config: ConfigOpt = None, output: OutputOpt = OutputFormat.text
+) -> None:
+    """The change journal of an install: what it saved, changed, and what was undone."""
+    from workflow_agent.cli.output import show_journal
+
+    _report(config, output, lambda c: _journal(c, workflow_id).read(),
+            lambda state: state.model_dump(mode="json"), show_journal)
+
+
+@app.command()
+def rollback(
+    workflow_id: WorkflowArg,
+    strategy: Annotated[Strategy, typer.Option(
+        "--strategy", help="staged: this workflow's changes; full: also the earlier installs "
+        "of the integration on the target; change: only those given with --change.")
+    ] = Strategy.staged,
+    change: Annotated[list[int] | None, typer.Option(
+        "--change", metavar="N", help="A change to undo (see `changes`); repeatable.")] = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+    yes: YesOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Undo what an install changed (even long after it succeeded), and verify the undo."""
+    from workflow_agent.cli.output import emit_json, show_result, state_json
+
+    try:
+        container = _container(config)
+        state = asyncio.run(_rollback(container, workflow_id, strategy.value,
+                                      tuple(change or ()), _confirmer(yes, output),
+                                      _agent(container, output, verbose)))
+        container.sync_history()
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json(state_json(state))
+    else:
+        show_result(state)
+    raise typer.Exit(state.exit_code)
+
+
+@app.command()
+def recover(
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+    yes: YesOpt = False,
+) -> None:
+    """Finish what crashed workflows left: roll back their changes, list what can resume."""
+    from workflow_agent.cli.output import emit_json, show_recovery
+
+    try:
+        container = _container(config)
+        found = asyncio.run(_recover(container, _confirmer(yes, output),
+                                     _agent(container, output, False)))
+        container.sync_history()
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json(found)
+    else:
+        show_recovery(found)
+    raise typer.Exit(max((item.get("exit_code", 0) for item in found), default=0))
+
+
+@app.command()
+def resume(
+    workflow_id: WorkflowArg,
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = OutputFormat.text,
+    yes: YesOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run an interrupted or failed install/uninstall again, from its recorded request."""
+    from workflow_agent.cli.output import emit_json, show_result, state_json
+
+    try:
+        container = _container(config)
+        record = container.history.get_workflow(workflow_id)
+        if record.action not in ("install", "uninstall") or record.status == "succeeded":
+            raise _invalid(f"workflow {record.id[:8]} ({record.action}, {record.status}) has "
+                           "nothing to resume",
+                           "Resume an install or uninstall that failed or was interrupted.")
+        journal = container.journals.get(record.id)
+        if journal is not None and journal.read().unfinished:
+            raise _invalid(f"workflow {record.id[:8]} left changes on {record.target} that "
+                           "were never rolled back",
+                           "Run `workflow-agent recover` first; then resume it.")
+        # Secrets were never stored: they come from the environment (or --param) again.
+        params = {k: str(v) for k, v in record.params.items()
+                  if not (isinstance(v, str) and v.startswith("***"))}
+        params.update(_parse_params(param))
+        state = asyncio.run(_run_workflow(
+            _agent(container, output, verbose), record.action, record.integration,  # type: ignore[arg-type]
+            params, target=record.target, confirm=_confirmer(yes, output),
+            resumed_from=record.id,
+        ))
+        container.sync_history()
+    except WorkflowAgentError as exc:
+        raise _fail(exc) from None
+    if output is OutputFormat.json:
+        emit_json(state_json(state))
+    else:
+        show_result(state)
+    raise typer.Exit(state.exit_code)
+
+
+def _journal(container: Container, workflow_id: str) -> Any:
+    journal = container.journals.get(workflow_id)
+    if journal is None:
+        raise _invalid(f"no change journal for workflow {workflow_id!r} on this machine",
+                       "Installs leave one; list them with: workflow-agent history")
+    return journal
+
+
+async def _rollback(
+    container: Container, workflow_id: str, strategy: str, changes: tuple[int, ...],
+    confirm: Confirm | None, agent: WorkflowAgent,
+) -> WorkflowState:
+    from workflow_agent.agents.coordinator import WorkflowRequest
+
+    header = _journal(container, workflow_id).read().header
+    request = WorkflowRequest(
+        action="rollback", integration=header.integration, target=header.target,
+        rollback_of=header.workflow_id, strategy=strategy, changes=changes,
+    )
+    return await agent.run(request, confirm)
+
+
+async def _recover(
+    container: Container, confirm: Confirm | None, agent: WorkflowAgent
+) -> list[dict[str, Any]]:
+    """Roll back every journal a crash left unfinished; list interrupted workflows."""
+    from workflow_agent.container import DISPOSABLE_KINDS
+    from workflow_agent.execution.lock import TargetLock
+
+    found: list[dict[str, Any]] = []
+    for journal, state in container.journals.all():
+        if not state.unfinished:
+            continue
+        header = state.header
+        item: dict[str, Any] = {"workflow": header.workflow_id, "target": header.target_identity,
+                                "integration": header.integration, "phase": state.phase}
+        probe = TargetLock(container.config.data_dir / "locks", header.target_identity,
+                           holder={"action": "recover"})
+        try:
+            probe.acquire()
+            probe.release()
+        except WorkflowAgentError:
+            found.append({**item, "result": "still running (its process holds the target)"})
+            continue
+        if header.target.split(":", 1)[0] in DISPOSABLE_KINDS:
+            journal.set_phase("rolled-back", "its disposable target is gone with its changes")
+            found.append({**item, "result": "nothing to undo: the disposable target is gone"})
+            continue
+        done = await _rollback(container, header.workflow_id, "staged", (), confirm, agent)
+        item.update(result="rolled back" if done.exit_code == 0 else "rollback failed",
+                    rollback=done.workflow_id, exit_code=done.exit_code,
+                    problems=done.rollback.problems if done.rollback else [],
+                    error=done.error.message if done.error else None)
+        found.append(item)
+    for summary in container.history.list_workflows(limit=200, status="incomplete"):
+        if summary.action in ("install", "uninstall") and not any(
+                f["workflow"] == summary.id for f in found):
+            found.append({"workflow": summary.id, "target": summary.target,
+                          "integration": summary.integration, "phase": "interrupted",
+                          "result": f"resumable: workflow-agent resume {summary.id[:8]}"})
+    return found
 
 
 def main() -> None:

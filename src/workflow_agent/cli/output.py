@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from workflow_agent.agents.coordinator import StageEvent
     from workflow_agent.agents.execution import OutputLine
     from workflow_agent.execution.changes import ChangeSet
+    from workflow_agent.execution.journal import JournalState
     from workflow_agent.integrations.registry import Integration
     from workflow_agent.state import WorkflowState
     from workflow_agent.storage.history import WorkflowRecord, WorkflowSummary
@@ -116,6 +117,15 @@ def show_result(state: WorkflowState) -> None:
         out.print(f"  {mark} {escape(check.name)}: [dim]{escape(check.detail)}[/]")
     for line in state.leftovers:
         out.print(f"  [yellow]left behind:[/] {escape(line)}")
+    if state.rollback is not None:
+        report = state.rollback
+        style = "green" if report.ok else "red"
+        out.print(f"  [{style}]rollback ({report.strategy}):[/] {len(report.undone)} change(s) "
+                  f"undone and verified in {report.duration:.1f}s")
+        for problem in report.problems:
+            out.print(f"  [red]not restored:[/] {escape(problem)}")
+        for line in report.unrecorded:
+            out.print(f"  [yellow]differs from before, not by this workflow:[/] {escape(line)}")
     for note in state.notes:
         out.print(f"  [yellow]note:[/] {escape(note)}")
     if state.error is not None:
@@ -246,3 +256,34 @@ def show_workflow(record: WorkflowRecord) -> None:
         if artifact.kind in ("script", "output"):
             out.rule(f"{artifact.kind}: {artifact.name} ({artifact.stage})")
             out.print(escape(artifact.content.rstrip()))
+
+
+def show_journal(state: JournalState) -> None:
+    """A change journal: what was saved, what changed, what was undone."""
+    header = state.header
+    out.print(f"[bold]{header.action} {escape(header.integration)}[/] on "
+              f"{escape(header.target_identity)}  [dim]({header.workflow_id})[/]")
+    out.print(f"  phase: [bold]{state.phase}[/]  "
+              + "  ".join(f"{phase} {str(at)[:19]}" for phase, at, _ in state.phases))
+    out.print(f"  saved before the change: {state.saved} path(s)"
+              + ("" if header.predicted else " (no rehearsal: configuration under /etc only)"))
+    undone = {record.entry: record for record in state.undone}
+    for entry in state.changes:
+        record = undone.get(entry.id)
+        mark = "" if record is None else (" [green]undone[/]" if record.ok else
+                                          f" [red]not undone: {escape(record.detail)}[/]")
+        out.print(f"  {entry.id:>4}  {escape(entry.describe())}{mark}")
+    if not state.changes:
+        out.print("  no changes observed" if state.observed else
+                  "  changes not observed yet (interrupted): `workflow-agent recover` finds them")
+
+
+def show_recovery(found: list[dict[str, Any]]) -> None:
+    """What ``recover`` found and did."""
+    if not found:
+        out.print("nothing to recover: no interrupted workflow, no change left un-undone")
+    for item in found:
+        out.print(f"{item['workflow'][:8]} {escape(item['integration'])} on "
+                  f"{escape(item['target'])} ({item['phase']}): {escape(item['result'])}")
+        for problem in item.get("problems", []):
+            out.print(f"  [red]{escape(problem)}[/]")
