@@ -3,6 +3,8 @@
 set -Eeuo pipefail
 trap 'printf "workflow-agent: failed at line %s with exit %s: %s\n" "$LINENO" "$?" "$BASH_COMMAND" >&2' ERR
 PACKAGE=collectd-core
+# A configuration file the user already has stays theirs: dpkg must not stop to ask.
+KEEP_USER_CONFIG=(-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 # What the write_prometheus plugin links against: collectd-core only suggests them.
 LIBRARIES=(libmicrohttpd12 libprotobuf-c1)
 CONF=/etc/collectd/collectd.conf
@@ -23,9 +25,9 @@ if [ "$missing" = 1 ]; then
     apt-get update
   fi
   # Stale package lists (old versions gone from the mirror): refresh and try again.
-  if ! apt-get install -y --no-install-recommends "$PACKAGE" "${LIBRARIES[@]}"; then
+  if ! apt-get install -y --no-install-recommends "${KEEP_USER_CONFIG[@]}" "$PACKAGE" "${LIBRARIES[@]}"; then
     apt-get update
-    apt-get install -y --no-install-recommends "$PACKAGE" "${LIBRARIES[@]}"
+    apt-get install -y --no-install-recommends "${KEEP_USER_CONFIG[@]}" "$PACKAGE" "${LIBRARIES[@]}"
   fi
 fi
 

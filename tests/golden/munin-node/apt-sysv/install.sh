@@ -3,6 +3,8 @@
 set -Eeuo pipefail
 trap 'printf "workflow-agent: failed at line %s with exit %s: %s\n" "$LINENO" "$?" "$BASH_COMMAND" >&2' ERR
 PACKAGE=munin-node
+# A configuration file the user already has stays theirs: dpkg must not stop to ask.
+KEEP_USER_CONFIG=(-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 CONF=/etc/munin/munin-node.conf
 PORT=4949
 ALLOW=('^127\.0\.0\.1$' '^::1$')
@@ -22,9 +24,9 @@ if ! dpkg-query -W -f '${Status}' "$PACKAGE" 2>/dev/null | grep -q 'install ok i
     apt-get update
   fi
   # Stale package lists (old versions gone from the mirror): refresh and try again.
-  if ! apt-get install -y --no-install-recommends "$PACKAGE"; then
+  if ! apt-get install -y --no-install-recommends "${KEEP_USER_CONFIG[@]}" "$PACKAGE"; then
     apt-get update
-    apt-get install -y --no-install-recommends "$PACKAGE"
+    apt-get install -y --no-install-recommends "${KEEP_USER_CONFIG[@]}" "$PACKAGE"
   fi
 fi
 

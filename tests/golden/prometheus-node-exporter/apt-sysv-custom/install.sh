@@ -3,6 +3,8 @@
 set -Eeuo pipefail
 trap 'printf "workflow-agent: failed at line %s with exit %s: %s\n" "$LINENO" "$?" "$BASH_COMMAND" >&2' ERR
 PACKAGE=prometheus-node-exporter
+# A configuration file the user already has stays theirs: dpkg must not stop to ask.
+KEEP_USER_CONFIG=(-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 DEFAULTS=/etc/default/prometheus-node-exporter
 LISTEN=127.0.0.1:9999
 DISABLED=(wifi hwmon)
@@ -12,7 +14,7 @@ if ! dpkg-query -W -f '${Status}' "$PACKAGE" 2>/dev/null | grep -q 'install ok i
   if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
     apt-get update
   fi
-  apt-get install -y --no-install-recommends "$PACKAGE"
+  apt-get install -y --no-install-recommends "${KEEP_USER_CONFIG[@]}" "$PACKAGE"
 fi
 
 args="--web.listen-address=$LISTEN"
