@@ -7,7 +7,13 @@ set -euo pipefail
 packages=(mmdebstrap util-linux iproute2)
 if [[ "${1:-}" == "--test" ]]; then
   # systemd-container: systemd-nspawn, which boots the systemd sandbox target.
-  packages+=(procps postgresql systemd-container)
+  # docker.io: the Docker engine the docker target tests start by hand.
+  packages+=(procps postgresql systemd-container docker.io)
+  # socat: the SSH lab's forwarder to Debian's archive (tests/lab.py).
+  packages+=(socat)
+  # groff: renders Debian's man pages as HTML and text for the knowledge parser tests;
+  # apt-get download fetches those packages (tests/doc_server.py).
+  packages+=(groff)
 fi
 
 missing=()

@@ -98,6 +98,11 @@ class SshSettings(BaseModel):
     #: ask on the terminal when there is one, else try sudo without a password.
     sudo_password_env: str | None = None
 
+    def sudo_password(self) -> str | None:
+        """The value of ``sudo_password_env``, if set and not empty (read here because
+        environment variables are read in this module only)."""
+        return os.environ.get(self.sudo_password_env) or None if self.sudo_password_env else None
+
 
 class LLMProviderSettings(BaseModel):
     """One LLM provider of the fallback chain (``llm.providers``), tried in list order."""
@@ -193,6 +198,11 @@ class WorkflowConfiguration(BaseSettings):
     def history_database(self) -> str:
         """The history store URL actually used."""
         return self.history_url or f"sqlite:///{self.data_dir / 'history.db'}"
+
+    @property
+    def knowledge_database(self) -> Path:
+        """The knowledge base file (SQLite with FTS5, apart from history)."""
+        return self.data_dir / "knowledge.db"
 
     @classmethod
     def settings_customise_sources(

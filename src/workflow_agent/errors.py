@@ -19,6 +19,7 @@
     ├── NotConfirmedError               the user declined (or could not be asked) (exit 7)
     ├── RollbackFailedError             changes could not all be undone        (exit 8)
     ├── HistoryError                    the history store cannot be read or written
+    ├── LLMError                        an LLM call failed; its branch is drawn in llm/errors.py
     └── KnowledgeError                  documentation cannot be fetched, read or parsed, or
                                         the knowledge base cannot be used
 

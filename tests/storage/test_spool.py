@@ -104,7 +104,7 @@ def test_a_run_records_history_without_importing_sqlalchemy(tmp_path: Path) -> N
     marker = tmp_path / "marker"
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "workflow_agent", "install", "touch-file",
-         "-p", f"path={marker}", "--target", "local", "--yes"],
+         "-p", f"path={marker}", "--target", "local", "--no-rehearse", "--yes"],
         env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert marker.exists()

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from workflow_agent.errors import ExecutionFailedError, HistoryError
 from workflow_agent.execution.target import Target
+from workflow_agent.storage.spool import append_durably
 from workflow_agent.verification.snapshot import (
     DEFAULT_HASH_LIMIT,
     FileEntry,
@@ -213,13 +214,7 @@ class Journal:
         """Append one line and make it durable before returning."""
         line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
         try:
-            fd = os.open(self.directory / "journal.jsonl",
-                         os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_durably(self.directory / "journal.jsonl", line)
         except OSError as exc:
             raise HistoryError(
                 f"cannot write the change journal {self.directory}: {exc.strerror}",

@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, Connection, Engine, insert, make_url, select, update
+from sqlalchemy import URL, Connection, Engine, delete, insert, make_url, select, update
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from workflow_agent.errors import HistoryError, InvalidInputError
@@ -38,11 +38,14 @@ from workflow_agent.storage.records import (
     ACTIONS,
     FINAL_STATUSES,
     INCOMPLETE,
+    LLM_USAGE_STATUSES,
     RUNNING,
     STAGE_STATUSES,
     WORKFLOW_STATUSES,
     ArtifactEntry,
     CheckpointEntry,
+    LLMCacheEntry,
+    LLMUsageEntry,
     StageEntry,
     WorkflowRecord,
     WorkflowSummary,
@@ -50,7 +53,15 @@ from workflow_agent.storage.records import (
     summary_from_row,
 )
 from workflow_agent.storage.spool import Origin, ingest
-from workflow_agent.storage.tables import artifacts, checkpoints, snapshots, stages, workflows
+from workflow_agent.storage.tables import (
+    artifacts,
+    checkpoints,
+    llm_cache,
+    llm_usage,
+    snapshots,
+    stages,
+    workflows,
+)
 
 __all__ = [
     "ACTIONS",
@@ -424,6 +435,90 @@ class HistoryStore:
         with self._read(f"read the last checkpoint of workflow {workflow_id}") as conn:
             row = conn.execute(query).first()
         return None if row is None else (row.stage, row.state_json)
+
+    # -- LLM usage and response cache (see workflow_agent.llm.service) ----------------
+
+    def record_llm_usage(
+        self,
+        *,
+        workflow_id: str | None,
+        purpose: str,
+        provider: str,
+        model: str,
+        status: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency: float,
+        cost: float | None,
+        error: str | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        """Record one LLM call (``status``: ok, cached or failed)."""
+        _check_choice("LLM usage status", status, LLM_USAGE_STATUSES)
+        redact = self.redactor.redact
+        values = {
+            "workflow_id": workflow_id, "purpose": redact(purpose), "provider": provider,
+            "model": redact(model), "status": status, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "latency": latency, "cost": cost,
+            "error": None if error is None else redact(error),
+            "created_at": _aware(at) if at else _now(),
+        }
+        with self._write("record an LLM call") as conn:
+            conn.execute(insert(llm_usage).values(values))
+
+    def list_llm_usage(self, *, workflow_id: str | None = None) -> list[LLMUsageEntry]:
+        """LLM calls, oldest first; only ``workflow_id``'s when given."""
+        query = select(llm_usage).order_by(llm_usage.c.created_at, llm_usage.c.id)
+        if workflow_id is not None:
+            query = query.where(llm_usage.c.workflow_id == workflow_id)
+        with self._read("read the LLM usage") as conn:
+            rows = conn.execute(query).all()
+        names = [c.name for c in llm_usage.columns if c.name != "id"]
+        return [LLMUsageEntry(**{name: getattr(row, name) for name in names}) for row in rows]
+
+    def cached_llm_response(self, keys: Sequence[str]) -> LLMCacheEntry | None:
+        """The cached answer under the first of ``keys`` that has one."""
+        if not keys:
+            return None
+        # The cache is read by every LLM call; ingesting the spool first is not needed.
+        with self._errors("read the LLM cache"), self._require_engine().connect() as conn:
+            rows = {row.key: row for row in conn.execute(
+                select(llm_cache).where(llm_cache.c.key.in_(list(keys)))
+            )}
+        for key in keys:
+            if key in rows:
+                names = [c.name for c in llm_cache.columns]
+                return LLMCacheEntry(**{name: getattr(rows[key], name) for name in names})
+        return None
+
+    def cache_llm_response(
+        self, *, key: str, provider: str, model: str, content: str, prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None:
+        """Keep ``content`` (redacted here too) as the answer under ``key``."""
+        values = {
+            "key": key, "provider": provider, "model": self.redactor.redact(model),
+            "content": self.redactor.redact(content), "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "created_at": _now(),
+        }
+        with self._write("store an LLM answer in the cache") as conn:
+            # Two runs may ask the same question at once: the later answer wins.
+            changed = {k: v for k, v in values.items() if k != "key"}
+            if conn.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                pg = pg_insert(llm_cache).values(values)
+                conn.execute(pg.on_conflict_do_update(index_elements=["key"], set_=changed))
+            else:
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+                lite = sqlite_insert(llm_cache).values(values)
+                conn.execute(lite.on_conflict_do_update(index_elements=["key"], set_=changed))
+
+    def forget_llm_response(self, key: str) -> None:
+        """Drop the cached answer under ``key`` (e.g. it turned out to be invalid)."""
+        with self._write("drop an LLM answer from the cache") as conn:
+            conn.execute(delete(llm_cache).where(llm_cache.c.key == key))
 
     # -- connections and errors ------------------------------------------------------
 

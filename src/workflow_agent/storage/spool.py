@@ -9,7 +9,10 @@ run killed outright leaves its file, whose events are ingested like any other an
 dead process marks it incomplete. Secrets are masked before anything reaches the disk.
 
 Each file has a sibling ``.applied`` holding how many of its lines the store already
-took; a file is deleted once its ``finish_workflow`` line is in.
+took; a file is deleted once its ``finish_workflow`` line is in. LLM usage events are the
+exception: each is a whole file of its own (``llm-usage-*.jsonl``, renamed into place
+complete), since a call may serve no workflow or come after its end; such a file is
+deleted as soon as it is in.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import fcntl
 import json
 import os
 import socket
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +34,9 @@ from workflow_agent.secrets import Redactor
 
 if TYPE_CHECKING:
     from workflow_agent.storage.history import HistoryStore
+
+#: Name prefix of the one-event files that hold LLM usage.
+LLM_USAGE_PREFIX = "llm-usage-"
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,35 @@ class HistorySpool:
         self._append(workflow_id, "finish_workflow", workflow_id=workflow_id, status=status,
                      error=error, exit_code=exit_code)
 
-    def _append(self, file_id: str, op: str, /, **args: object) -> None:
+    def record_llm_usage(
+        self, *, workflow_id: str | None, purpose: str, provider: str, model: str,
+        status: str, prompt_tokens: int, completion_tokens: int, latency: float,
+        cost: float | None, error: str | None = None,
+    ) -> None:
+        """Spool one LLM call's usage, as a file of its own (see the module docstring)."""
+        event = self._event("record_llm_usage", dict(
+            workflow_id=workflow_id, purpose=purpose, provider=provider, model=model,
+            status=status, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            latency=latency, cost=cost, error=error))
+        name = f"{LLM_USAGE_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            partial = self.directory / f".{name}.partial"
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, event)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # Renamed only once complete: ingest never sees half an event.
+            partial.replace(self.directory / f"{name}.jsonl")
+        except OSError as exc:
+            raise HistoryError(
+                f"cannot write the history spool {self.directory}: {exc.strerror}",
+                hint="Check that the data directory is writable and not full.",
+            ) from exc
+
+    def _event(self, op: str, args: Mapping[str, object]) -> bytes:
         event = {
             "op": op,
             "pid": os.getpid(),
@@ -136,22 +172,31 @@ class HistorySpool:
             "at": datetime.now(UTC).isoformat(),
             "args": self.redactor.redact_value(args),
         }
-        line = (json.dumps(event, ensure_ascii=False) + "\n").encode()
+        return (json.dumps(event, ensure_ascii=False) + "\n").encode()
+
+    def _append(self, file_id: str, op: str, /, **args: object) -> None:
+        line = self._event(op, args)
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.directory / f"{file_id}.jsonl",
-                         os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                # One write of one line: appends never interleave inside a line.
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_durably(self.directory / f"{file_id}.jsonl", line)
         except OSError as exc:
             raise HistoryError(
                 f"cannot write the history spool {self.directory}: {exc.strerror}",
                 hint="Check that the data directory is writable and not full.",
             ) from exc
+
+
+def append_durably(path: Path, line: bytes) -> None:
+    """Append ``line`` to ``path`` (created 0600) and fsync it before returning.
+
+    One write of one line: concurrent appends never interleave inside a line.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replay(store: HistoryStore, event: Mapping[str, Any]) -> None:
@@ -178,6 +223,8 @@ def _replay(store: HistoryStore, event: Mapping[str, Any]) -> None:
         store.save_snapshot(**args, at=at)
     elif op == "finish_workflow":
         store.finish_workflow(args.pop("workflow_id"), **args, at=at)
+    elif op == "record_llm_usage":
+        store.record_llm_usage(**args, at=at)
     else:
         raise ValueError(f"unknown spooled operation {op!r}")
 
@@ -221,7 +268,9 @@ def _ingest_file(store: HistoryStore, path: Path) -> int:
                     raise
             _write_count(applied_path, number)
         # finish_workflow is always a run's last write: once it is in, the file is done.
-        if lines and json.loads(lines[-1])["op"] == "finish_workflow":
+        # A usage file is complete from the moment it exists.
+        done = path.name.startswith(LLM_USAGE_PREFIX)
+        if lines and (done or json.loads(lines[-1])["op"] == "finish_workflow"):
             path.unlink()
             applied_path.unlink(missing_ok=True)
         return max(len(lines) - applied, 0)

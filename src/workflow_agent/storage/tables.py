@@ -158,3 +158,38 @@ snapshots = Table(
     Index("ix_snapshots_target_integration", "target", "integration", "created_at"),
     Index("ix_snapshots_workflow_id", "workflow_id"),
 )
+
+llm_cache = Table(
+    "llm_cache",
+    metadata,
+    # Hex SHA-256 of (provider, model, redacted messages, settings): the prompt itself is
+    # never stored, only this hash of its redacted form.
+    Column("key", String(64), primary_key=True),
+    Column("provider", String(64), nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+llm_usage = Table(
+    "llm_usage",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    # No foreign key: calls outside any workflow have none, and a spooled usage event may
+    # be ingested before its workflow's start (they come from different spool files).
+    Column("workflow_id", String(36), nullable=True),
+    Column("purpose", String(64), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("latency", Float, nullable=False),
+    Column("cost", Float, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_llm_usage_workflow_id", "workflow_id"),
+    Index("ix_llm_usage_created_at", "created_at"),
+)
