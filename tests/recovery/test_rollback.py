@@ -149,8 +149,8 @@ def test_a_failed_rollback_names_what_it_could_not_restore_and_keeps_the_journal
     assert broken.rollback is not None
     not_restored = {line.split(": ", 1)[1].split(" (")[0] for line in broken.rollback.problems
                     if "backup" in line}
-    assert {"file /etc/passwd", "file /etc/group", "file /etc/shadow",
-            "file /etc/gshadow"} <= not_restored
+    assert {"~ file /etc/passwd", "~ file /etc/group", "~ file /etc/shadow",
+            "~ file /etc/gshadow"} <= not_restored
     state = journal.read()
     assert state.phase == "rollback-failed" and state.changes  # the journal is intact
 

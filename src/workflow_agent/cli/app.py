@@ -479,8 +479,6 @@ def rollback(
     verbose: VerboseOpt = False,
 ) -> None:
     """Undo what an install changed (even long after it succeeded), and verify the undo."""
-    from workflow_agent.cli.output import emit_json, show_result, state_json
-
     try:
         container = _container(config)
         state = asyncio.run(_rollback(container, workflow_id, strategy.value,
@@ -489,11 +487,7 @@ def rollback(
         container.sync_history()
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
-    if output is OutputFormat.json:
-        emit_json(state_json(state))
-    else:
-        show_result(state)
-    raise typer.Exit(state.exit_code)
+    raise _show_state(state, output)
 
 
 @app.command()
@@ -529,8 +523,6 @@ def resume(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run an interrupted or failed install/uninstall again, from its recorded request."""
-    from workflow_agent.cli.output import emit_json, show_result, state_json
-
     try:
         container = _container(config)
         record = container.history.get_workflow(workflow_id)
@@ -555,11 +547,18 @@ def resume(
         container.sync_history()
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
+    raise _show_state(state, output)
+
+
+def _show_state(state: WorkflowState, output: OutputFormat) -> typer.Exit:
+    """Print a finished workflow; the exit to raise with its code."""
+    from workflow_agent.cli.output import emit_json, show_result, state_json
+
     if output is OutputFormat.json:
         emit_json(state_json(state))
     else:
         show_result(state)
-    raise typer.Exit(state.exit_code)
+    return typer.Exit(state.exit_code)
 
 
 def _journal(container: Container, workflow_id: str) -> Any:
