@@ -121,20 +121,27 @@ def test_policy_violation_is_refused_before_anything_runs(
     assert stages[-1].name == "script-validation" and stages[-1].status == "failed"
 
 
+@pytest.mark.parametrize("rehearse", [True, False], ids=["rehearsed", "not-rehearsed"])
 def test_failing_install_reports_line_and_history_is_complete(
-    tmp_path: Path, sandbox: SandboxTarget
+    tmp_path: Path, sandbox: SandboxTarget, rehearse: bool
 ) -> None:
     plugins = plugin(tmp_path, "broken", "echo starting\nmkdir -p /opt/demo\nfalse\necho never\n")
-    agent = make_agent(tmp_path, plugin_dirs=[plugins])
+    agent = make_agent(tmp_path, plugin_dirs=[plugins], rehearse=rehearse)
     state = run(agent, "install", sandbox, integration="broken")
     assert state.status == "failed" and state.exit_code == 4
     script_lines = state.scripts["install"].text.splitlines()
     line = script_lines.index("false") + 1
-    assert state.error is not None and f"failed at line {line} with exit 1: false" in (
-        state.error.message)
+    assert state.error is not None and f"line {line} with exit 1" in state.error.message
     record = agent.container.history.get_workflow(state.workflow_id)
     assert record.status == "failed"
-    assert record.stages[-1].name == "execute" and record.stages[-1].status == "failed"
+    # Rehearsed, the failure stops everything before the target; not rehearsed, the
+    # install runs, fails, and what it did (/opt/demo) is rolled back.
+    failed = "rehearsal" if rehearse else "execute"
+    assert [(s.name, s.status) for s in record.stages if s.status == "failed"] == [
+        (failed, "failed")]
+    if not rehearse:
+        assert record.stages[-1].name == "rollback" and record.stages[-1].status == "succeeded"
+    assert "/opt/demo" not in sh(sandbox, "ls -d /opt/*/ 2>/dev/null || true")
     output = next(a for a in record.artifacts if a.kind == "output")
     assert "starting" in output.content and "never" not in output.content
 

@@ -1,0 +1,545 @@
+"""The SSH target: scripts run on a remote host over one asyncssh connection.
+
+``ssh://user@host:port`` (``parse_ssh_spec``) names the host. ``open()`` connects once
+(through a jump host if configured), checks the host key against known_hosts, learns
+whether the login user is root, and for anyone else checks that ``sudo`` accepts the
+password; every ``run``, ``put`` and ``get`` then opens a channel on that connection
+(~8 ms each on a LAN, against ~100 ms for a new connection).
+
+How a script runs: see ``ssh_runner.py``.
+
+``put`` and ``get`` use SFTP. SFTP runs as the login user, so for a sudo user the bytes
+go through a private staging directory and a root helper script moves them into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import re
+import shlex
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import asyncssh
+
+from workflow_agent.errors import InvalidInputError, TargetError, TargetUnreachableError
+from workflow_agent.execution.process import DRAIN_GRACE
+from workflow_agent.execution.ssh_runner import RUNNER, RunSession, env_file
+from workflow_agent.execution.target import (
+    OutputCallback,
+    OutputCollector,
+    RunResult,
+    Target,
+    script_env,
+)
+
+if TYPE_CHECKING:
+    from workflow_agent.config import SshSettings
+
+log = logging.getLogger(__name__)
+
+#: A sudo password, or a way to get one when it is first needed (e.g. a prompt).
+PasswordSource = str | Callable[[], str | None] | None
+
+_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*\$?")
+#: How long a killed run may take to report its end before the channel is dropped.
+_KILL_WAIT = 10.0
+
+
+# -- the target spec ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshAddress:
+    """Where to connect: ``user@host:port``."""
+
+    user: str
+    host: str
+    port: int = 22
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ssh://{self.user}@{host}:{self.port}"
+
+
+def parse_ssh_spec(spec: str, *, default_user: str = "root") -> SshAddress:
+    """Parse ``ssh://[user@]host[:port]`` (the scheme is optional, for jump hosts).
+
+    ``InvalidInputError`` says what is wrong: no host, a bad port, a password or a path
+    in the spec.
+    """
+    text = spec if spec.startswith("ssh://") else f"ssh://{spec}"
+    hint = "Write it as ssh://user@host:port, e.g. ssh://root@192.0.2.10:22."
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidInputError(f"malformed SSH target {spec!r}: {exc}", hint=hint) from exc
+    if parts.password is not None:
+        raise InvalidInputError(
+            "malformed SSH target: it holds a password (not repeated here)",
+            hint="Never put passwords in a target: use keys, the agent, or "
+            "ssh.sudo_password_env for sudo.",
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidInputError(f"malformed SSH target {spec!r}: unexpected path", hint=hint)
+    host = parts.hostname or ""
+    if not host or not re.fullmatch(r"[A-Za-z0-9._:%-]+", host) or host.startswith("-"):
+        raise InvalidInputError(f"malformed SSH target {spec!r}: no valid host", hint=hint)
+    user = parts.username if parts.username is not None else default_user
+    if not _USER.fullmatch(user):
+        raise InvalidInputError(f"malformed SSH target {spec!r}: bad user {user!r}", hint=hint)
+    return SshAddress(user, host, port if port is not None else 22)
+
+
+# -- the target -----------------------------------------------------------------------
+# -- the target -----------------------------------------------------------------------
+
+
+class SshTarget(Target):
+    """A remote host reached over SSH (asyncssh), one connection per target object.
+
+    ``settings`` is the configuration's ``ssh`` section; ``sudo_password`` a password or
+    a callable asked once, only if the login user is not root and sudo is on.
+    """
+
+    kind = "ssh"
+
+    def __init__(
+        self,
+        address: SshAddress | str,
+        settings: SshSettings | None = None,
+        *,
+        sudo_password: PasswordSource = None,
+    ) -> None:
+        super().__init__()
+        from workflow_agent.config import SshSettings
+
+        self.address = parse_ssh_spec(address) if isinstance(address, str) else address
+        self.settings = settings or SshSettings()
+        self._password_source = sudo_password
+        self._password: str | None = None
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._jump: asyncssh.SSHClientConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._sftp_lock: asyncio.Lock | None = None
+        self._stage_dir = ""
+        self.sudo = False
+        self.remote_uid = -1
+
+    @property
+    def identity(self) -> str:
+        return str(self.address)
+
+    def __repr__(self) -> str:  # never the password
+        return f"SshTarget({self.identity!r}, sudo={self.sudo})"
+
+    # -- connecting -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check the host key, find out whether sudo is needed and works."""
+        if self._conn is not None:
+            return
+        settings = self.settings
+        keys = [_load_key(path) for path in settings.client_keys]
+        options: dict[str, object] = {
+            "known_hosts": self._known_hosts(),
+            "client_keys": keys or (),
+            "agent_path": () if settings.use_agent else None,
+            "connect_timeout": settings.connect_timeout,
+            "keepalive_interval": settings.keepalive_interval,
+            "keepalive_count_max": 3,
+        }
+        if not settings.check_host_keys:
+            log.warning("host key checking is off for %s (ssh.check_host_keys)", self.identity)
+        try:
+            if settings.jump_host:
+                jump = parse_ssh_spec(settings.jump_host, default_user=self.address.user)
+                self._jump = await self._connect(jump, options)
+                options = {**options, "tunnel": self._jump}
+            self._conn = await self._connect(self.address, options)
+            self._loop = asyncio.get_running_loop()
+            await self._probe()
+        except BaseException:
+            await self.close()
+            raise
+
+    def _known_hosts(self) -> object:
+        if not self.settings.check_host_keys:
+            return None
+        path = self.settings.known_hosts
+        return str(path) if path is not None else ()
+
+    async def _connect(
+        self, address: SshAddress, options: Mapping[str, object]
+    ) -> asyncssh.SSHClientConnection:
+        via = " via the jump host" if "tunnel" in options else ""
+        try:
+            return await asyncssh.connect(
+                address.host, address.port, username=address.user, **options
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise self._host_key_error(address, exc) from exc
+        except asyncssh.PermissionDenied as exc:
+            tried = (
+                ", ".join(str(p) for p in self.settings.client_keys)
+                or "the default keys (~/.ssh/id_*)"
+                + (" and the ssh-agent" if self.settings.use_agent else "")
+            )
+            raise TargetUnreachableError(
+                f"authentication failed for {address}{via}: the server accepted none of "
+                f"{tried}",
+                hint=f"Add the public key to ~{address.user}/.ssh/authorized_keys on the "
+                "host, or list the right key in ssh.client_keys.",
+            ) from exc
+        except TimeoutError as exc:
+            raise TargetUnreachableError(
+                f"{address}{via} did not answer within {self.settings.connect_timeout:g} s",
+                hint="Check the address, that the host is up and that no firewall drops "
+                f"port {address.port}; raise ssh.connect_timeout for slow links.",
+            ) from exc
+        except OSError as exc:
+            # asyncio's strerror is "Connect call failed (addr)": the errno says why.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise TargetUnreachableError(
+                f"cannot connect to {address}{via}: {reason}",
+                hint="Check the address and port, and that sshd runs on the host.",
+            ) from exc
+        except asyncssh.Error as exc:
+            raise TargetUnreachableError(
+                f"SSH connection to {address}{via} failed: {exc.reason}"
+            ) from exc
+
+    def _host_key_error(self, address: SshAddress, exc: Exception) -> TargetError:
+        path = self.settings.known_hosts or Path.home() / ".ssh" / "known_hosts"
+        name = address.host if address.port == 22 else f"[{address.host}]:{address.port}"
+        known = False
+        with contextlib.suppress(OSError, ValueError):
+            known = bool(asyncssh.read_known_hosts(str(path)).match(
+                address.host, address.host, address.port)[0])
+        if known:
+            return TargetUnreachableError(
+                f"host key mismatch for {address}: refused. The key the host presented is "
+                f"not the one {path} holds for it; the host was reinstalled, or someone is "
+                "intercepting the connection",
+                hint=f"If you know the key changed, remove the old one with `ssh-keygen -R "
+                f"'{name}' -f {path}`, check the new fingerprint and add it.",
+            )
+        return TargetUnreachableError(
+            f"the host key of {address} is not in {path}: refused",
+            hint=f"Check the fingerprint, then add it, e.g. `ssh-keyscan -p {address.port} "
+            f"{address.host} >> {path}`; or set ssh.known_hosts to the file that has it.",
+        )
+
+    async def _probe(self) -> None:
+        """Learn the login user's uid; in sudo mode check that sudo accepts us."""
+        code, out, err = await self._exec("id -u")
+        if code != 0 or not out.strip().isdigit():
+            raise TargetError(f"`id -u` failed on {self.identity}: {err.strip() or out!r}")
+        self.remote_uid = int(out)
+        self.sudo = self.remote_uid != 0 and self.settings.sudo
+        if not self.sudo:
+            return
+        source = self._password_source
+        password = await asyncio.to_thread(source) if callable(source) else source
+        if password is not None and ("\n" in password or "\r" in password):
+            raise TargetError("the sudo password must be one line")
+        self._password = password or None
+        code, _, err = await self._exec(
+            self._command(["true"]), stdin=self._password_line()
+        )
+        if code != 0:
+            raise self._sudo_error(err)
+
+    def _sudo_error(self, stderr: str) -> TargetError:
+        who = f"{self.address.user} on {self.identity}"
+        env = self.settings.sudo_password_env
+        if "incorrect password" in stderr or "Sorry, try again" in stderr:
+            return TargetError(
+                f"sudo refused the password for {who}",
+                hint=f"Check the password in ${env}." if env else "Check the password.",
+            )
+        if "password is required" in stderr:
+            return TargetError(
+                f"sudo needs a password for {who} and none was given",
+                hint="Set ssh.sudo_password_env to the name of an environment variable "
+                "holding it, or run on a terminal to be asked.",
+            )
+        if "not in the sudoers" in stderr or "not allowed" in stderr:
+            return TargetError(f"{who} may not use sudo",
+                               hint="Log in as root, or grant the user sudo rights.")
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
+        return TargetError(f"sudo failed for {who}: {detail}",
+                           hint="Set ssh.sudo to false to run as the login user.")
+
+    async def close(self) -> None:
+        """Remove the staging directory and disconnect. Idempotent."""
+        conn, jump, sftp = self._conn, self._jump, self._sftp
+        self._conn = self._jump = self._sftp = None
+        if sftp is not None:
+            if self._stage_dir:
+                with contextlib.suppress(asyncssh.Error, OSError):
+                    await sftp.rmtree(self._stage_dir)
+            sftp.exit()
+            with contextlib.suppress(asyncssh.Error, OSError):
+                await sftp.wait_closed()
+        self._stage_dir = ""
+        for connection in (conn, jump):
+            if connection is not None:
+                connection.close()
+                with contextlib.suppress(asyncssh.Error, OSError):
+                    await connection.wait_closed()
+
+    def _connection(self) -> asyncssh.SSHClientConnection:
+        conn = self._conn
+        if conn is None:
+            raise TargetError(f"{self.identity} is not open",
+                              hint="Use it as `async with target:`.")
+        if self._loop is not asyncio.get_running_loop():
+            raise TargetError(
+                f"{self.identity} was opened in another event loop",
+                hint="An SSH connection belongs to the loop that opened it: open, use and "
+                "close the target inside one asyncio.run().",
+            )
+        return conn
+
+    # -- commands ---------------------------------------------------------------------
+
+    def _command(self, argv: Sequence[str]) -> str:
+        """The SSH command line running ``argv`` (as root through sudo in sudo mode)."""
+        if self.sudo:
+            # -k: always read the password we send (a cached timestamp would leave it
+            # unread); -n when there is none, so sudo fails instead of waiting.
+            prefix = ["sudo", "-S", "-k", "-p", ""] if self._password else ["sudo", "-n"]
+            argv = [*prefix, "--", *argv]
+        return "exec " + shlex.join(argv)
+
+    def _password_line(self) -> bytes:
+        return (self._password + "\n").encode() if self.sudo and self._password else b""
+
+    async def _exec(self, command: str, stdin: bytes = b"") -> tuple[int, str, str]:
+        """Run a short helper command; its exit code, stdout and stderr."""
+        conn = self._connection()
+        try:
+            result = await conn.run(command, input=stdin, encoding=None, check=False,
+                                    timeout=120)
+        except asyncssh.Error as exc:
+            raise self._lost(exc) from exc
+        stdout = result.stdout if isinstance(result.stdout, bytes) else b""
+        stderr = result.stderr if isinstance(result.stderr, bytes) else b""
+        code = result.exit_status if result.exit_status is not None else 255
+        return code, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")
+
+    def _lost(self, exc: BaseException | None) -> TargetUnreachableError:
+        reason = getattr(exc, "reason", None) or (str(exc) if exc else "channel closed")
+        return TargetUnreachableError(
+            f"the SSH connection to {self.identity} was lost: {reason}",
+            hint="Check that the host is up and sshd runs; then run again.",
+        )
+
+    async def run(
+        self,
+        script: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600.0,
+        on_output: OutputCallback | None = None,
+    ) -> RunResult:
+        conn = self._connection()
+        env_bytes = env_file(script_env(env))
+        script_bytes = script.encode("utf-8")
+        marker = uuid.uuid4().hex
+        argv = ["setsid", "-w", "bash", "-c", RUNNER, "wa", marker,
+                str(len(env_bytes)), str(len(script_bytes))]
+        sink = OutputCollector(on_output)
+        session = RunSession(sink, handshake=True)
+        try:
+            chan, _ = await conn.create_session(lambda: session, self._command(argv),
+                                                encoding=None)
+        except asyncssh.Error as exc:
+            raise self._lost(exc) from exc
+        chan.write(self._password_line() + marker.encode() + b"\n" + env_bytes + script_bytes)
+        chan.write_eof()
+        timed_out = False
+        try:
+            ended = asyncio.ensure_future(
+                asyncio.wait(session.ends, return_when=asyncio.FIRST_COMPLETED))
+            try:
+                await asyncio.wait_for(ended, timeout)
+            except TimeoutError:
+                timed_out = True
+                await self._kill_run(session)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._kill_run(session))
+                raise
+            if session.exited.done():
+                # A daemon the script left may hold the pipes open: wait only briefly.
+                await asyncio.wait([session.closed], timeout=DRAIN_GRACE)
+        finally:
+            chan.close()
+            session.finish()
+        if timed_out:
+            return sink.result(124, timed_out=True)
+        if not session.exited.done():
+            raise self._lost(session.closed.result())
+        code = session.exited.result()
+        if session.pgid == 0:  # no handshake: the runner never started
+            stderr = "".join(line + "\n" for line in sink.stderr)
+            if self.sudo and "sudo" in stderr:
+                raise self._sudo_error(stderr)
+            raise TargetError(
+                f"could not start the script on {self.identity} (exit {code}): "
+                f"{stderr.strip() or 'no message'}",
+                hint="The host needs bash, setsid (util-linux) and a writable /tmp.",
+            )
+        return sink.result(code)
+
+    async def _kill_run(self, session: RunSession) -> None:
+        """SIGKILL the run's process group, remove its directory, wait for its end."""
+        session.killed = True
+        if session.pgid > 1:
+            kill = ["bash", "-c", 'kill -KILL -- "-$1"; rm -rf -- "$2"', "wa",
+                    str(session.pgid), session.run_dir]
+            try:
+                code, _, err = await self._exec(self._command(kill), self._password_line())
+            except TargetError as exc:
+                code, err = -1, exc.message
+            if code != 0:
+                log.warning("killing the timed-out run on %s failed: %s", self.identity, err)
+        await asyncio.wait(session.ends, timeout=_KILL_WAIT, return_when=asyncio.FIRST_COMPLETED)
+
+    # -- files ------------------------------------------------------------------------
+
+    async def _sftp_client(self) -> asyncssh.SFTPClient:
+        conn = self._connection()
+        if self._sftp_lock is None:
+            self._sftp_lock = asyncio.Lock()
+        async with self._sftp_lock:
+            if self._sftp is None:
+                try:
+                    self._sftp = await conn.start_sftp_client()
+                except asyncssh.Error as exc:
+                    raise TargetError(
+                        f"SFTP is not available on {self.identity}: {exc}",
+                        hint="Enable the sftp subsystem in the host's sshd_config.",
+                    ) from exc
+            if self.sudo and not self._stage_dir:
+                stage = f"/tmp/workflow-agent-stage.{uuid.uuid4().hex}"
+                await self._sftp_call(self._sftp.mkdir(
+                    stage, asyncssh.SFTPAttrs(permissions=0o700)), stage)
+                self._stage_dir = stage
+            return self._sftp
+
+    async def _sftp_call(self, call: Awaitable[object], path: str) -> object:
+        try:
+            return await call
+        except asyncssh.SFTPNoSuchFile as exc:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from exc
+        except asyncssh.SFTPError as exc:
+            raise TargetError(f"SFTP on {self.identity} failed for {path}: {exc.reason}") from exc
+        except asyncssh.Error as exc:
+            raise self._lost(exc) from exc
+
+    def _check_path(self, path: str) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"remote paths must be absolute: {path!r}")
+
+    async def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self._check_path(path)
+        sftp = await self._sftp_client()
+        if self.sudo:
+            staged = f"{self._stage_dir}/put-{uuid.uuid4().hex}"
+            await self._sftp_write(sftp, staged, data)
+            script = (
+                'set -e; d=$(dirname -- "$WA_DEST"); mkdir -p -- "$d"; t="$d/.wa-put-$$"\n'
+                'trap \'rm -f -- "$WA_SRC"\' EXIT\n'
+                'cat -- "$WA_SRC" > "$t"; chmod "$WA_MODE" "$t"; mv -f -- "$t" "$WA_DEST"\n'
+            )
+            result = await self.run(script, timeout=120, env={
+                "WA_SRC": staged, "WA_DEST": path, "WA_MODE": format(mode, "o")})
+            if not result.ok:
+                raise TargetError(f"writing {path} on {self.identity} failed: {result.stderr}")
+            return
+        parent = path.rsplit("/", 1)[0] or "/"
+        await self._sftp_call(sftp.makedirs(parent, exist_ok=True), parent)
+        tmp = f"{parent.rstrip('/')}/.wa-put-{uuid.uuid4().hex}"
+        await self._sftp_write(sftp, tmp, data)
+        await self._sftp_call(sftp.chmod(tmp, mode), tmp)
+        try:
+            await self._sftp_call(sftp.posix_rename(tmp, path), path)
+        except BaseException:
+            with contextlib.suppress(asyncssh.Error):
+                await sftp.remove(tmp)
+            raise
+
+    async def _sftp_write(self, sftp: asyncssh.SFTPClient, path: str, data: bytes) -> None:
+        async def write() -> None:
+            attrs = asyncssh.SFTPAttrs(permissions=0o600)
+            async with sftp.open(path, "wb", attrs) as handle:
+                await handle.write(data)
+
+        await self._sftp_call(write(), path)
+
+    async def get(self, path: str) -> bytes:
+        self._check_path(path)
+        sftp = await self._sftp_client()
+        source = path
+        if self.sudo:
+            source = f"{self._stage_dir}/get-{uuid.uuid4().hex}"
+            script = (
+                '[ -e "$WA_SRC" ] || exit 3; [ -d "$WA_SRC" ] && exit 4\n'
+                'cat -- "$WA_SRC" > "$WA_DEST" && chown "$WA_USER" "$WA_DEST"\n'
+            )
+            result = await self.run(script, timeout=120, env={
+                "WA_SRC": path, "WA_DEST": source, "WA_USER": str(self.remote_uid)})
+            if result.exit_code == 3:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            if result.exit_code == 4:
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            if not result.ok:
+                raise TargetError(f"reading {path} on {self.identity} failed: {result.stderr}")
+        else:
+            attrs = await self._sftp_call(sftp.stat(path), path)
+            directory = asyncssh.FILEXFER_TYPE_DIRECTORY
+            if isinstance(attrs, asyncssh.SFTPAttrs) and attrs.type == directory:
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+
+        async def read() -> bytes:
+            async with sftp.open(source, "rb") as handle:
+                data = await handle.read()
+            return data if isinstance(data, bytes) else data.encode()
+
+        try:
+            data = await self._sftp_call(read(), path)
+        finally:
+            if source != path:
+                with contextlib.suppress(asyncssh.Error):
+                    await sftp.remove(source)
+        assert isinstance(data, bytes)
+        return data
+
+
+def _load_key(path: Path) -> asyncssh.SSHKey:
+    """Read a private key file, converting failures into ``TargetError``s."""
+    try:
+        return asyncssh.read_private_key(str(path))
+    except OSError as exc:
+        raise TargetError(
+            f"cannot read the SSH key {path}: {exc.strerror or exc}",
+            hint="Check the path in ssh.client_keys and that this user may read it.",
+        ) from exc
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+        raise TargetError(
+            f"{path} is not a usable private key: {exc}",
+            hint="Give an OpenSSH or PEM private key; keys with a passphrase need the "
+            "ssh-agent (ssh-add) instead.",
+        ) from exc
