@@ -20,7 +20,7 @@ class WorkflowAgent:
         self.container = container
         bus = container.bus
         HistoryRecorder(container.history_writer).attach(bus)
-        KnowledgeAgent(container.registry).attach(bus)
+        KnowledgeAgent(container.registry, container.config.knowledge_database).attach(bus)
         ScriptBuilderAgent(container.config.cache_dir).attach(bus)
         ExecutionAgent(container.pool, container.redactor).attach(bus)
         VerificationAgent(container.pool).attach(bus)

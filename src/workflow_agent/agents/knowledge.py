@@ -1,16 +1,24 @@
 """The knowledge agent: what we know about an integration, for these facts.
 
-Today that is the integration's definition and templates from the registry; the
-knowledge base of parsed documentation and past failures plugs in here.
+The integration's definition and templates from the registry and, when a knowledge base
+file exists (``workflow-agent knowledge add``), the few documentation passages that
+matter for this integration on these facts, each with its citation. Without that file
+nothing is opened or imported: a plain run pays nothing for the knowledge base.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workflow_agent.bus import Message, MessageBus
+from workflow_agent.errors import KnowledgeError
 from workflow_agent.facts import Facts
 from workflow_agent.integrations.registry import Integration, Registry
+
+if TYPE_CHECKING:
+    from workflow_agent.knowledge.store import Hit
 
 TOPIC = "knowledge.retrieve"
 
@@ -20,22 +28,28 @@ class KnowledgeRequest:
     """Ask for what is known about ``integration`` on a target with ``facts``."""
 
     integration: str
+    #: With facts (the knowledge stage), documentation passages are looked up too.
     facts: Facts | None = None
 
 
 @dataclass(frozen=True)
 class Knowledge:
-    """The integration and where its knowledge came from."""
+    """The integration, the documentation passages that matter, and where all came from."""
 
     integration: Integration
     sources: tuple[str, ...]
+    #: Best first; ``hit.citation`` names source and section, ``hit.text`` is the passage.
+    passages: tuple[Hit, ...] = ()
 
 
 class KnowledgeAgent:
-    """Answers ``knowledge.retrieve`` from the integration registry."""
+    """Answers ``knowledge.retrieve`` from the registry and the knowledge base."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, knowledge_db: Path | None = None,
+                 passages: int = 5) -> None:
         self.registry = registry
+        self.knowledge_db = knowledge_db
+        self.passages = passages
 
     def attach(self, bus: MessageBus) -> None:
         """Serve this agent's topics on ``bus``."""
@@ -48,4 +62,22 @@ class KnowledgeAgent:
             f"definition {integration.root / 'definition.yaml'} ({integration.source})",
             f"templates {integration.templates_dir}",
         )
-        return Knowledge(integration, sources)
+        if request.facts is None or self.knowledge_db is None or \
+                not self.knowledge_db.is_file():
+            return Knowledge(integration, sources)
+        try:
+            hits = self._passages(self.knowledge_db, request.integration, request.facts)
+        except KnowledgeError as exc:
+            # The knowledge base is optional: a broken one is reported, not fatal.
+            return Knowledge(integration, (*sources, f"knowledge base unusable: {exc.message}"))
+        return Knowledge(integration, (*sources, *(f"passage {h.citation}" for h in hits)),
+                         tuple(hits))
+
+    def _passages(self, path: Path, integration: str, facts: Facts) -> list[Hit]:
+        from workflow_agent.knowledge.store import KnowledgeBase
+
+        base = KnowledgeBase.existing(path)
+        if base is None:
+            return []
+        with base:
+            return base.passages_for(integration, facts, self.passages)
