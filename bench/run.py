@@ -1,7 +1,8 @@
 """Run every benchmark in one go (``make bench``).
 
 rerun and first_install install and uninstall prometheus-node-exporter on THIS host (and
-restore its starting state); --no-host-changes skips them.
+restore its starting state); --no-host-changes skips them. journal installs only in
+sandboxes (root, the cached Debian root and the Debian archive needed).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from datetime import UTC, datetime
 
 import cli_help
 import first_install
+import journal
 import plan_local
 import rerun
 from _timing import BenchError, runs_default
 
-BENCHMARKS = (cli_help, plan_local, rerun, first_install)
+BENCHMARKS = (cli_help, plan_local, rerun, first_install, journal)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Fleets: many hosts at once. ``inventory`` reads Ansible-compatible inventories."""
