@@ -591,12 +591,12 @@ async def _recover(
     from workflow_agent.execution.lock import TargetLock
 
     found: list[dict[str, Any]] = []
-    for journal, state in container.journals.all():
-        if not state.unfinished:
+    for summary in container.journals.summaries():
+        if not summary.unfinished:
             continue
-        header = state.header
+        journal, header = summary.journal, summary.header
         item: dict[str, Any] = {"workflow": header.workflow_id, "target": header.target_identity,
-                                "integration": header.integration, "phase": state.phase}
+                                "integration": header.integration, "phase": summary.phase}
         probe = TargetLock(container.config.data_dir / "locks", header.target_identity,
                            holder={"action": "recover"})
         try:
@@ -615,12 +615,12 @@ async def _recover(
                     problems=done.rollback.problems if done.rollback else [],
                     error=done.error.message if done.error else None)
         found.append(item)
-    for summary in container.history.list_workflows(limit=200, status="incomplete"):
-        if summary.action in ("install", "uninstall") and not any(
-                f["workflow"] == summary.id for f in found):
-            found.append({"workflow": summary.id, "target": summary.target,
-                          "integration": summary.integration, "phase": "interrupted",
-                          "result": f"resumable: workflow-agent resume {summary.id[:8]}"})
+    for row in container.history.list_workflows(limit=200, status="incomplete"):
+        if row.action in ("install", "uninstall") and not any(
+                f["workflow"] == row.id for f in found):
+            found.append({"workflow": row.id, "target": row.target,
+                          "integration": row.integration, "phase": "interrupted",
+                          "result": f"resumable: workflow-agent resume {row.id[:8]}"})
     return found
 
 

@@ -40,10 +40,10 @@ import json
 import os
 import shlex
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -210,11 +210,13 @@ class Journal:
 
     # -- writing ------------------------------------------------------------------------
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Append one line and make it durable before returning."""
-        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
+    def append(self, *records: dict[str, Any]) -> None:
+        """Append records, one line each, and make them durable (one fsync) before
+        returning. A crash mid-write cuts at most the last line, which ``read`` drops."""
+        data = b"".join((json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
+                        for record in records)
         try:
-            append_durably(self.directory / "journal.jsonl", line)
+            append_durably(self.directory / "journal.jsonl", data)
         except OSError as exc:
             raise HistoryError(
                 f"cannot write the change journal {self.directory}: {exc.strerror}",
@@ -223,17 +225,18 @@ class Journal:
             ) from exc
 
     def set_phase(self, phase: Phase, detail: str = "") -> None:
-        """Record that the workflow reached ``phase``."""
+        """Record that the workflow reached ``phase`` (also in the ``phase`` file, which
+        lets ``JournalStore`` list journals without reading them whole)."""
         self.append({"type": "phase", "phase": phase, "at": _now(), "detail": detail})
+        self.write_file("phase", f"{phase}\n".encode())
 
     def add_entries(self, entries: Iterable[Entry]) -> None:
-        """Append entries (one durable line each)."""
-        for entry in entries:
-            self.append({"type": "entry", **entry.model_dump(mode="json")})
+        """Append entries, durably."""
+        self.append(*({"type": "entry", **entry.model_dump(mode="json")} for entry in entries))
 
-    def add_undo(self, record: UndoRecord) -> None:
-        """Record what undoing one entry did."""
-        self.append({"type": "undo", **record.model_dump()})
+    def add_undos(self, records: Iterable[UndoRecord]) -> None:
+        """Record what undoing entries did, durably."""
+        self.append(*({"type": "undo", **record.model_dump()} for record in records))
 
     def write_file(self, name: str, data: bytes) -> None:
         """Write ``name`` in the journal folder durably (file and folder fsynced)."""
@@ -322,25 +325,40 @@ class JournalStore:
                    if p.name.startswith(workflow_id) and (p / "journal.jsonl").exists()]
         return Journal(matches[0]) if len(matches) == 1 else None
 
-    def all(self) -> Iterator[tuple[Journal, JournalState]]:
-        """Every readable journal with its state, oldest first."""
+    def summaries(self) -> list[JournalSummary]:
+        """Every journal's header and phase, oldest first, without reading them whole."""
         if not self.directory.is_dir():
-            return
+            return []
         found = []
         for folder in self.directory.iterdir():
-            if not (folder / "journal.jsonl").exists():
-                continue
-            journal = Journal(folder)
             try:
-                found.append((journal, journal.read()))
-            except HistoryError:
-                continue  # reported by `changes`; never blocks other journals
-        yield from sorted(found, key=lambda pair: pair[1].header.created)
+                with open(folder / "journal.jsonl", "rb") as handle:
+                    first = json.loads(handle.readline())
+                phase = (folder / "phase").read_text().strip() if (
+                    folder / "phase").exists() else "prepared"
+            except (OSError, ValueError):
+                continue  # not a journal, or unreadable: `changes ID` reports it
+            first.pop("type", None)
+            found.append(JournalSummary(Journal(folder), Header.model_validate(first), phase))
+        return sorted(found, key=lambda summary: summary.header.created)
 
-    def unfinished(self, target_identity: str) -> list[JournalState]:
+    def unfinished(self, target_identity: str) -> list[JournalSummary]:
         """Journals of ``target_identity`` a crash left with changes not undone."""
-        return [state for _, state in self.all()
-                if state.header.target_identity == target_identity and state.unfinished]
+        return [summary for summary in self.summaries()
+                if summary.header.target_identity == target_identity and summary.unfinished]
+
+
+class JournalSummary(NamedTuple):
+    """A journal's header and last phase."""
+
+    journal: Journal
+    header: Header
+    phase: str
+
+    @property
+    def unfinished(self) -> bool:
+        """True when the target may hold changes nobody has undone nor accepted."""
+        return self.phase in UNFINISHED
 
 
 # -- on the target ------------------------------------------------------------------------

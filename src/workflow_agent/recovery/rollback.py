@@ -103,13 +103,14 @@ class Full(RollbackStrategy):
         state = journal.read()
         _refuse_if_later(store, state, self.name)
         chain = [Selection(journal, state, state.changes)]
-        for other, other_state in reversed(list(store.all())):
-            header = other_state.header
+        for other in reversed(store.summaries()):
+            header = other.header
             if (header.created < state.header.created
                     and header.target_identity == state.header.target_identity
                     and header.integration == state.header.integration
-                    and other_state.phase in ("committed", "kept", "executed")):
-                chain.append(Selection(other, other_state, other_state.changes))
+                    and other.phase in ("committed", "kept", "executed")):
+                earlier = other.journal.read()
+                chain.append(Selection(other.journal, earlier, earlier.changes))
         return chain
 
 
@@ -151,7 +152,7 @@ def strategy_named(name: str, ids: Sequence[int] = ()) -> RollbackStrategy:
 
 
 def _refuse_if_later(store: JournalStore, state: JournalState, strategy: str) -> None:
-    later = [other for _, other in store.all()
+    later = [other for other in store.summaries()
              if other.header.created > state.header.created
              and other.header.target_identity == state.header.target_identity
              and other.header.integration == state.header.integration
@@ -182,15 +183,16 @@ async def roll_back(target: Target, selections: Sequence[Selection], strategy: s
         post = await snapshot(target, selection.state.header)
         now = await processes(target)
         alive, running = {p.key for p in now}, {p.exe for p in now}
+        records = []
         for entry in sorted(selection.entries, key=lambda e: -e.id):
             failed = failures.get(entry.id) or _verify(entry, pre, post, alive, running)
-            journal.add_undo(UndoRecord(entry=entry.id, ok=failed is None,
-                                        detail=failed or ""))
+            records.append(UndoRecord(entry=entry.id, ok=failed is None, detail=failed or ""))
             line = f"{entry.id}: {entry.describe()}"
             if failed:
                 report.problems.append(f"{line}: {failed}")
             else:
                 report.undone.append(line)
+        journal.add_undos(records)
         if report.problems and output:
             report.problems.append(f"undo output: {output}")
         if whole:
