@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 import cli_help
 import first_install
 import journal
+import knowledge_base
 import plan_local
 import rerun
 from _timing import BenchError, runs_default
 
-BENCHMARKS = (cli_help, plan_local, rerun, first_install, journal)
+BENCHMARKS = (cli_help, plan_local, rerun, first_install, journal, knowledge_base)
 
 
 def main() -> None:

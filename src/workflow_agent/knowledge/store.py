@@ -7,7 +7,9 @@ Standard library only (``sqlite3``).
     documents   one row per (source, integration): where, when, content hash, title
     facts       the structured knowledge of a document (one JSON row each)
     passages    the text search returns, with the section it sits in
-    passages_fts  FTS5 index over (title, section, text), kept in step by triggers; bm25
+    passages_fts  FTS5 index over (title, section, text, tag), kept in step by triggers;
+                  bm25-ranked. ``tag`` is one token naming the integration, so that FTS
+                  itself filters by integration before it ranks.
 
 Adding a source again replaces its document (keeping its id) when the content changed and
 does nothing when it did not (same hash).
@@ -15,6 +17,7 @@ does nothing when it did not (same hash).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
@@ -32,9 +35,9 @@ if TYPE_CHECKING:
     from workflow_agent.knowledge.fetch import Document
 
 SCHEMA_VERSION = 1
-#: bm25 weights of the FTS columns (title, section, text): a word in a heading counts more.
-#: Set as the table's ``rank`` so that FTS5 ranks and cuts before any join.
-_RANK = "bm25(1.5, 2.0, 1.0)"
+#: bm25 weights of the FTS columns (title, section, text, tag): a word in a heading counts
+#: more. Set as the table's ``rank`` so that FTS5 ranks and cuts before any join.
+_RANK = "bm25(1.5, 2.0, 1.0, 0.0)"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     id INTEGER PRIMARY KEY,
@@ -58,19 +61,21 @@ CREATE TABLE IF NOT EXISTS passages (
     -- the document's title, repeated so that FTS finds passages of a page by its name
     title TEXT NOT NULL,
     section TEXT NOT NULL,
-    text TEXT NOT NULL
+    text TEXT NOT NULL,
+    tag TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS passages_document ON passages (document_id, seq);
 CREATE VIRTUAL TABLE IF NOT EXISTS passages_fts USING fts5 (
-    title, section, text, content='passages', content_rowid='id', tokenize='porter unicode61'
+    title, section, text, tag, content='passages', content_rowid='id',
+    tokenize='porter unicode61'
 );
 CREATE TRIGGER IF NOT EXISTS passages_ai AFTER INSERT ON passages BEGIN
-    INSERT INTO passages_fts (rowid, title, section, text)
-    VALUES (new.id, new.title, new.section, new.text);
+    INSERT INTO passages_fts (rowid, title, section, text, tag)
+    VALUES (new.id, new.title, new.section, new.text, new.tag);
 END;
 CREATE TRIGGER IF NOT EXISTS passages_ad AFTER DELETE ON passages BEGIN
-    INSERT INTO passages_fts (passages_fts, rowid, title, section, text)
-    VALUES ('delete', old.id, old.title, old.section, old.text);
+    INSERT INTO passages_fts (passages_fts, rowid, title, section, text, tag)
+    VALUES ('delete', old.id, old.title, old.section, old.text, old.tag);
 END;
 """
 _WORD = re.compile(r"\w+")
@@ -192,9 +197,9 @@ class KnowledgeBase:
             self._db.execute("INSERT INTO facts (document_id, data) VALUES (?, ?)",
                              (document_id, json.dumps(knowledge.facts_dict())))
             self._db.executemany(
-                "INSERT INTO passages (document_id, seq, title, section, text)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(document_id, seq, knowledge.title, p.section, p.text)
+                "INSERT INTO passages (document_id, seq, title, section, text, tag)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(document_id, seq, knowledge.title, p.section, p.text, _tag(tag))
                  for seq, p in enumerate(knowledge.passages)])
         return self.show(document_id)
 
@@ -283,20 +288,21 @@ class KnowledgeBase:
     def _match(self, expression: str, integration: str | None, limit: int) -> list[Hit]:
         # Rank and cut inside FTS5 first (ORDER BY rank LIMIT), then join only the winners:
         # joining every match before sorting was most of the time on 10,000 passages.
-        within = ""
-        params: list[Any] = [expression]
         if integration is not None:
-            within = (" AND rowid IN (SELECT p.id FROM passages p JOIN documents d"
-                      " ON d.id = p.document_id WHERE d.integration = ?)")
-            params.append(integration)
-        params.append(limit)
+            expression = f"tag : {_tag(integration)} AND ({expression})"
+        params: list[Any] = [expression, limit]
         sql = ("SELECT p.id, p.document_id, d.source, d.title, d.integration, p.section, "
                "p.text, -m.rank FROM (SELECT rowid AS id, rank FROM passages_fts "
-               f"WHERE passages_fts MATCH ?{within} ORDER BY rank LIMIT ?) m "
+               "WHERE passages_fts MATCH ? ORDER BY rank LIMIT ?) m "
                "JOIN passages p ON p.id = m.id JOIN documents d ON d.id = p.document_id "
                "ORDER BY m.rank")
         with self._errors("searching"):
             return [Hit(*row) for row in self._db.execute(sql, params)]
+
+
+def _tag(integration: str) -> str:
+    """One FTS token for an integration name (names hold '-', which FTS splits on)."""
+    return "intg" + hashlib.sha256(integration.encode()).hexdigest()[:20] if integration else ""
 
 
 def _words(text: str) -> list[str]:
