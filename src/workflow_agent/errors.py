@@ -5,7 +5,8 @@
     │   ├── UnknownIntegrationError     no such integration; close names offered
     │   ├── ParameterError              missing / unknown / mistyped / pattern mismatch
     │   ├── UnsupportedPlatformError    no platform or method fits the target's facts
-    │   └── ConfigurationError          configuration file or setting is invalid
+    │   ├── ConfigurationError          configuration file or setting is invalid
+    │   └── RollbackRefusedError        undoing would overwrite later edits (--force)
     ├── DefinitionError                 an integration definition is invalid (file + field)
     ├── ValidationRefusedError          generated scripts failed validation   (exit 3)
     ├── TargetError                     the target cannot be used            (exit 6)
@@ -172,6 +173,10 @@ class NotConfirmedError(WorkflowAgentError):
     """The user declined the change, or it needed confirmation nobody could give."""
 
     exit_code = 7
+
+
+class RollbackRefusedError(InvalidInputError):
+    """A rollback would overwrite what was changed after the workflow it undoes."""
 
 
 class RollbackFailedError(WorkflowAgentError):

@@ -26,6 +26,8 @@ class RollbackRequest:
     journal: Path
     strategy: str = "staged"
     changes: Sequence[int] = ()
+    #: Refuse to overwrite files changed since the workflow ran (a later ``rollback``).
+    check_drift: bool = False
 
 
 class RecoveryAgent:
@@ -48,4 +50,5 @@ class RecoveryAgent:
             # snapshot and process list the journal saved before it started.
             await observe(target, journal, journal.workflow_id)
         selections = strategy.select(JournalStore(request.journal.parent), journal)
-        return await roll_back(target, selections, strategy.name)
+        return await roll_back(target, selections, strategy.name,
+                               check_drift=request.check_drift)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from workflow_agent.errors import InvalidInputError
+from workflow_agent.errors import InvalidInputError, RollbackRefusedError
 from workflow_agent.execution.journal import (
     Entry,
     Journal,
@@ -168,15 +168,21 @@ def _refuse_if_later(store: JournalStore, state: JournalState, strategy: str) ->
         )
 
 
-async def roll_back(target: Target, selections: Sequence[Selection], strategy: str
-                    ) -> RollbackReport:
-    """Undo each selection (newest journal first) on ``target`` and verify it."""
+async def roll_back(target: Target, selections: Sequence[Selection], strategy: str, *,
+                    check_drift: bool = False) -> RollbackReport:
+    """Undo each selection (newest journal first) on ``target`` and verify it.
+
+    With ``check_drift``, a file the install left that has changed since (a user's edit)
+    is not overwritten: ``RollbackRefusedError`` lists them instead.
+    """
     started = time.monotonic()
     report = RollbackReport(strategy=strategy,
                             workflows=[s.state.header.workflow_id for s in selections])
     whole = strategy != "change"
     for selection in selections:
         journal = selection.journal
+        if check_drift:
+            await _refuse_drift(target, selection)
         journal.set_phase("rolling-back", f"{strategy}: {len(selection.entries)} change(s)")
         failures, output = await _undo(target, journal, selection.entries)
         pre = journal.pre_snapshot()
@@ -360,6 +366,36 @@ def _verify(entry: Entry, pre: Snapshot, post: Snapshot, alive: set[tuple[int, s
             return "still running" if entry.process.key in alive else None
         return None if entry.process.exe in running else "not running again"
     return None
+
+
+async def _refuse_drift(target: Target, selection: Selection) -> None:
+    """Refuse to undo changes whose result was changed again since the workflow ran."""
+    now = await snapshot(target, selection.state.header)
+    changed = []
+    for entry in selection.entries:
+        if entry.kind != "file" or entry.after is None:
+            continue
+        current = now.files.get(entry.name)
+        if current is None or _differs(entry.after, current):
+            changed.append(entry.name)
+    if changed:
+        workflow = selection.state.header.workflow_id[:8]
+        raise RollbackRefusedError(
+            f"{len(changed)} path(s) changed since workflow {workflow} made them; undoing it "
+            "would overwrite that: " + ", ".join(changed[:10]),
+            hint=f"Check them (`workflow-agent changes {workflow}`), then run the rollback "
+            "again with --force to restore the pre-install state anyway, or undo only "
+            "other changes with --change N.",
+        )
+
+
+def _differs(was: FileEntry, now: FileEntry) -> bool:
+    """Whether a file's type, content, link target, mode or owner changed."""
+    if was.type != now.type or (was.mode, was.uid, was.gid) != (now.mode, now.uid, now.gid):
+        return True
+    if was.type == "f":
+        return (was.sha256, was.size, was.mtime) != (now.sha256, now.size, now.mtime)
+    return was.target != now.target
 
 
 def _unrecorded(pre: Snapshot, post: Snapshot, entries: Sequence[Entry]) -> list[str]:
