@@ -2,7 +2,8 @@
 
 rerun and first_install install and uninstall prometheus-node-exporter on THIS host (and
 restore its starting state); --no-host-changes skips them. journal installs only in
-sandboxes (root, the cached Debian root and the Debian archive needed).
+sandboxes (root, the cached Debian root and the Debian archive needed); fleet runs in a
+lab of SSH hosts in namespaces (root, socat; pyinfra and ansible-core installed).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import plan_local
 import rerun
 from _timing import BenchError, runs_default
 
-BENCHMARKS = (cli_help, plan_local, rerun, first_install, journal, knowledge_base)
+# bench/fleet.py; ruff sorts it apart because tests/fleet/ exists too.
+import fleet
+
+BENCHMARKS = (cli_help, plan_local, rerun, first_install, journal, knowledge_base, fleet)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from workflow_agent.agents.builder import ScriptBuilderAgent
 from workflow_agent.agents.coordinator import Confirm, Coordinator, WorkflowRequest
 from workflow_agent.agents.execution import ExecutionAgent
+from workflow_agent.agents.generator import ScriptGeneratorAgent
+from workflow_agent.agents.improvement import ImprovementAgent
 from workflow_agent.agents.knowledge import KnowledgeAgent
 from workflow_agent.agents.recorder import HistoryRecorder
 from workflow_agent.agents.recovery import RecoveryAgent
@@ -20,11 +22,18 @@ class WorkflowAgent:
         self.container = container
         bus = container.bus
         HistoryRecorder(container.history_writer).attach(bus)
-        KnowledgeAgent(container.registry, container.config.knowledge_database).attach(bus)
+        KnowledgeAgent(container.registry, container.config.knowledge_database,
+                       settings=container.config.knowledge).attach(bus)
         ScriptBuilderAgent(container.config.cache_dir).attach(bus)
+        ScriptGeneratorAgent(container.config, lambda: container.llm,
+                             container.llm_configured).attach(bus)
         ExecutionAgent(container.pool, container.redactor).attach(bus)
         VerificationAgent(container.pool).attach(bus)
         RecoveryAgent(container.pool).attach(bus)
+        ImprovementAgent(container.pool, container.history_writer, lambda: container.history,
+                         lambda: container.llm if container.llm_configured else None,
+                         marker=None if container.config.history_url
+                         else container.config.data_dir / "failures.learned").attach(bus)
         self.coordinator = Coordinator(
             bus, container.pool, container.config, container.redactor, lambda: container.history
         )

@@ -12,10 +12,10 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from workflow_agent.bus import MemoryBus, MessageBus
-from workflow_agent.config import WorkflowConfiguration
+from workflow_agent.config import SshSettings, WorkflowConfiguration
 from workflow_agent.errors import InvalidInputError
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.target import Target
@@ -25,6 +25,7 @@ from workflow_agent.storage.spool import HistorySpool, HistoryWriter
 
 if TYPE_CHECKING:
     from workflow_agent.execution.journal import JournalStore
+    from workflow_agent.llm import LLMService, UsageRecorder
     from workflow_agent.storage.history import HistoryStore
 
 TARGET_KINDS = ("local", "sandbox", "systemd-sandbox", "docker://CONTAINER",
@@ -44,9 +45,12 @@ class Container:
         history: HistoryStore | None = None,
         registry: Registry | None = None,
         target_factory: Callable[[str], Target] | None = None,
+        llm: LLMService | None = None,
     ) -> None:
         self.config = config
-        self.redactor = Redactor()
+        # A given LLM service shares its redactor: secrets this run learns mask its prompts.
+        self.redactor = llm.redactor if llm is not None else Redactor()
+        self._llm = llm
         self._bus = bus
         self._history = history
         self._registry = registry
@@ -89,6 +93,29 @@ class Container:
         """Bring a shared history database up to date now, rather than at its next read."""
         if self._history is not None or self.config.history_url:
             self.history.ingest()
+
+    @functools.cached_property
+    def llm(self) -> LLMService:
+        """The LLM service (``llm`` in the configuration), built on first use; raises
+        ``LLMNotConfiguredError`` when no provider is configured."""
+        if self._llm is not None:
+            return self._llm
+        import os
+
+        from workflow_agent.llm import build_llm_service
+
+        return build_llm_service(
+            self.config.llm, environ=os.environ, redactor=self.redactor,
+            cache=self.history if self.config.llm.cache and self.config.llm.providers
+            else None,
+            usage=cast("UsageRecorder", self.history_writer),
+            needed_for="scripts written from documentation",
+        )
+
+    @property
+    def llm_configured(self) -> bool:
+        """Whether an LLM is available (configured, or given) without building it."""
+        return self._llm is not None or bool(self.config.llm.providers)
 
     @property
     def journals(self) -> JournalStore:
@@ -136,17 +163,18 @@ class Container:
         if kind in ("docker", "docker-image"):
             return self._docker_target(spec)
         if kind == "ssh":
-            return self._ssh_target(spec)
+            return self.ssh_target(spec)
         raise InvalidInputError(
             f"unknown target {spec!r}",
             hint=f"Use one of: {', '.join(TARGET_KINDS)}.",
         )
 
-    def _ssh_target(self, spec: str) -> Target:
-        """``ssh://user@host:port``, with the ssh settings; sudo's password on demand."""
+    def ssh_target(self, spec: str, settings: SshSettings | None = None) -> Target:
+        """``ssh://user@host:port``, with the ssh settings (or ``settings``, e.g. an
+        inventory host's own key and jump host); sudo's password on demand."""
         from workflow_agent.execution.ssh import SshTarget, parse_ssh_spec
 
-        return SshTarget(parse_ssh_spec(spec), self.config.ssh,
+        return SshTarget(parse_ssh_spec(spec), settings or self.config.ssh,
                          sudo_password=self._sudo_password)
 
     def _sudo_password(self) -> str | None:

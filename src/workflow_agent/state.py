@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from workflow_agent.execution.changes import ChangeSet
 from workflow_agent.facts import Facts
+from workflow_agent.recovery.failures import AppliedFix
 from workflow_agent.recovery.rollback import RollbackReport
 from workflow_agent.scripting.render import RenderedScript
 from workflow_agent.scripting.validate import ValidationReport
@@ -59,6 +60,15 @@ class RunSummary(_Frozen):
     output_tail: str = ""
 
 
+class Provenance(_Frozen):
+    """Where (part of) a script came from: a ``template`` file, a ``documentation``
+    passage (its citation), or an ``llm`` (provider/model)."""
+
+    kind: Literal["template", "documentation", "llm"]
+    source: str
+    detail: str = ""
+
+
 class ErrorInfo(_Frozen):
     """The error that ended a workflow, as the user sees it."""
 
@@ -76,12 +86,16 @@ class WorkflowState(_Frozen):
     integration: str
     target: str
     target_identity: str | None = None
+    #: The fleet rollout this workflow is one host of (``history --fleet``), if any.
+    fleet_id: str | None = None
     stage: str = "created"
     status: Status = "running"
     params: dict[str, Any] = {}
     facts: Facts | None = None
     strategy: StrategyDecision | None = None
     scripts: dict[str, RenderedScript] = {}
+    #: Per action: where its script came from (templates, documentation, an LLM).
+    provenance: dict[str, list[Provenance]] = {}
     validation: dict[str, ValidationReport] = {}
     #: What the install script changed on a copy-on-write copy of the target.
     rehearsal: ChangeSet | None = None
@@ -90,6 +104,8 @@ class WorkflowState(_Frozen):
     #: What undoing those changes did (after a failure, or for a rollback workflow).
     rollback: RollbackReport | None = None
     runs: dict[str, RunSummary] = {}
+    #: Fixes learned from earlier failures that this run applied (improvement agent).
+    fixes: list[AppliedFix] = []
     checks: list[CheckResult] = []
     #: Uninstall proof: what is still different from the pre-install snapshot.
     leftovers: list[str] = []

@@ -212,3 +212,24 @@ def test_per_change_rollback_undoes_only_the_chosen_change(
     with pytest.raises(FileNotFoundError):
         asyncio.run(sandbox.get(logrotate.name))
     assert "prometheus-node-exporter" in sh(sandbox, "dpkg-query -W -f '${Package}\\n'")
+
+
+def test_a_later_rollback_does_not_overwrite_edits_made_since_unless_forced(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    before = snapshot(sandbox)
+    installed = run(agent_for(tmp_path), sandbox, params={"listen_port": "19138"})
+    assert installed.status == "succeeded", installed.error
+    asyncio.run(sandbox.put(DEFAULTS, b'ARGS="--web.listen-address=:19139"\n'))
+
+    refused = run(agent_for(tmp_path), sandbox, action="rollback",
+                  rollback_of=installed.workflow_id)
+    assert refused.exit_code == 2
+    assert refused.error is not None and DEFAULTS in refused.error.message
+    assert "--force" in (refused.error.hint or "")
+    assert "prometheus-node-exporter" in sh(sandbox, "dpkg-query -W -f '${Package}\\n'")
+
+    forced = run(agent_for(tmp_path), sandbox, action="rollback",
+                 rollback_of=installed.workflow_id, force=True)
+    assert forced.exit_code == 0, forced.error
+    assert diff(before, snapshot(sandbox)).is_empty

@@ -37,8 +37,10 @@ def on_target(lab: SshLab, user: str, body: Callable[[SshTarget], Awaitable[T]],
 @pytest.mark.parametrize("user", USERS)
 def test_env_and_password_never_reach_a_command_line(ssh_lab: SshLab, user: str) -> None:
     token = f"wa-secret-{secrets.token_hex(16)}"
+    # The wait runs in a child shell: it holds the exported environment for its whole
+    # life (the script's own bash read its variables from a file after it started).
     script = ('echo "got:$WA_SECRET"; echo waiting >&2\n'
-              "while [ ! -e /tmp/go ]; do sleep 0.05; done\n")
+              "bash -c 'while [ ! -e /tmp/go ]; do sleep 0.05; done'\n")
 
     async def body(target: SshTarget) -> tuple[RunResult, list[int], list[int], list[int]]:
         started = asyncio.Event()

@@ -1,7 +1,8 @@
 """The coordinator: drives one workflow through its stages over the bus.
 
-install:   validate > facts > knowledge > strategy > generate > script-validation >
-           [rehearsal] > (confirm) > baseline > journal > execute > verify [> rollback]
+install:   validate > facts > knowledge > strategy > [known-fixes] > generate >
+           script-validation > [rehearsal] > (confirm) > baseline > journal > execute >
+           verify [> rollback]
 verify:    validate > facts > knowledge > strategy > generate > script-validation > verify
 uninstall: validate > facts > knowledge > strategy > generate > script-validation >
            (confirm) > execute > proof
@@ -29,7 +30,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workflow_agent.agents import builder, execution, knowledge, recovery, verification
+from workflow_agent.agents import (
+    builder,
+    execution,
+    generator,
+    improvement,
+    knowledge,
+    recovery,
+    verification,
+)
 from workflow_agent.bus import MessageBus
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import DISPOSABLE_KINDS
@@ -52,13 +61,22 @@ from workflow_agent.execution.rehearsal import Rehearsal, supports_rehearsal
 from workflow_agent.execution.target import Target
 from workflow_agent.integrations.params import ResolvedParams, resolve_params
 from workflow_agent.integrations.registry import Integration
+from workflow_agent.recovery.failures import insert_snippets
 from workflow_agent.recovery.rollback import RollbackReport
 from workflow_agent.scripting.render import RenderedScript, fail_after_step, render_checks
 from workflow_agent.secrets import Redactor
-from workflow_agent.state import Action, ErrorInfo, StageRecord, WorkflowState, now
+from workflow_agent.state import (
+    Action,
+    ErrorInfo,
+    Provenance,
+    StageRecord,
+    WorkflowState,
+    now,
+)
 from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot
 
 if TYPE_CHECKING:
+    from workflow_agent.knowledge.store import Hit
     from workflow_agent.storage.history import HistoryStore
 
 STARTED_EVENT = "workflow.started"
@@ -84,8 +102,18 @@ class WorkflowRequest:
     rollback_of: str | None = None
     strategy: str = "staged"
     changes: tuple[int, ...] = ()
+    #: Undo even what was changed again after that workflow (a user's later edits).
+    force: bool = False
     #: The interrupted or failed workflow this one runs again (``resume``).
     resumed_from: str | None = None
+    #: Generation without a template (``agents/generator.py``): documentation to write the
+    #: integration from, LLM-written scripts approved in advance (needs
+    #: ``llm.allow_unattended``), and where to save them as an integration folder.
+    from_docs: str | None = None
+    approve: bool = False
+    save_as: str | None = None
+    #: The fleet rollout this workflow belongs to (``fleet/rollout.py``), if any.
+    fleet_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,13 @@ class _Run:
     params: ResolvedParams | None = None
     baseline: execution.Baseline | None = None
     journal: Journal | None = None
+    #: Documentation passages the knowledge stage found (they ground generated scripts).
+    passages: tuple[Hit, ...] = ()
+    #: No template fits: an LLM writes this run's integration (then ``generation``).
+    generating: bool = False
+    generation: generator.Generation | None = None
+    #: Fixes learned from earlier failures that this run applies (improvement agent).
+    fixes: improvement.FixPlan | None = None
 
 
 class Coordinator:
@@ -167,6 +202,7 @@ class Coordinator:
             action=request.action,
             integration=request.integration,
             target=request.target,
+            fleet_id=request.fleet_id,
             started_at=now(),
         )
         await self.bus.publish(STARTED_EVENT, state)
@@ -184,6 +220,7 @@ class Coordinator:
             await self.bus.publish(FINISHED_EVENT, state)
             await self._release(state, run)
             raise
+        state = await self._learn(state, run)
         await self._release(state, run)
         await self.bus.publish(FINISHED_EVENT, state)
         return state
@@ -239,14 +276,21 @@ class Coordinator:
         state = await self._stage(state, "facts", self._facts)
         state = await self._stage(state, "knowledge", lambda s: self._knowledge(s, run))
         state = await self._stage(state, "strategy", lambda s: self._strategy(s, run))
+        state = await self._known_fixes(state, run)
         state = await self._stage(state, "generate", lambda s: self._generate(s, run))
+        state = self._with_fix_snippets(state, run)
         state = await self._stage(state, "script-validation", lambda s: self._check(s, run))
-        if self._rehearses(state):
+        if self._rehearses(state, run):
             state = await self._stage(state, "rehearsal", lambda s: self._rehearse(s, run))
         if action == "plan":
             return state
         changes_target = action in ("install", "uninstall")
-        if changes_target and confirm is not None and not await confirm(state):
+        if run.generation is not None:
+            # LLM-written scripts run only when approved: never implied by --yes or by a
+            # disposable target; --approve was checked against llm.allow_unattended.
+            if not (run.request.approve or (confirm is not None and await confirm(state))):
+                raise _Stopped(generator.unapproved(state))
+        elif changes_target and confirm is not None and not await confirm(state):
             raise _Stopped(self._declined(state))
         if action == "install":
             state = await self._stage(state, "baseline", lambda s: self._baseline(s, run))
@@ -258,6 +302,8 @@ class Coordinator:
                 raise _Stopped(await self._after_failure(stopped.state, run)) from None
             assert run.journal is not None
             run.journal.set_phase("committed")
+            if run.request.save_as is not None:
+                state = await self._stage(state, "save", lambda s: self._save(s, run))
             return state
         if changes_target:
             state = await self._stage(state, "execute", lambda s: self._execute(s, run))
@@ -267,14 +313,19 @@ class Coordinator:
             state = await self._stage(state, "proof", lambda s: self._proof(s, run))
         return state
 
-    def _rehearses(self, state: WorkflowState) -> bool:
-        """Whether this run rehearses: when asked; by default, installs where possible."""
+    def _rehearses(self, state: WorkflowState, run: _Run) -> bool:
+        """Whether this run rehearses: when asked; by default, installs where possible,
+        unless the integration is already installed: its daemon, running on the target,
+        would hold the ports the copy's daemon needs (the copy shares the network)."""
         if state.action not in ("install", "plan") or self.config.rehearse is False:
             return False
         if self.config.rehearse:
             return True
-        return state.action == "install" and supports_rehearsal(
-            self.pool.get(state.workflow_id))
+        if state.action != "install" or not supports_rehearsal(self.pool.get(state.workflow_id)):
+            return False
+        assert run.integration is not None and state.facts is not None
+        packages = run.integration.definition.uninstall.packages
+        return not (packages and all(p in state.facts.installed_packages for p in packages))
 
     @property
     def journals(self) -> JournalStore:
@@ -333,6 +384,76 @@ class Coordinator:
             "status": failed.status, "finished_at": now(),
             "error": failed.error.model_copy(update={"message": message}),
         })
+    # -- failure learning (agents/improvement.py) ---------------------------------------
+
+    async def _known_fixes(self, state: WorkflowState, run: _Run) -> WorkflowState:
+        """Before an install generates its scripts: apply what earlier failures taught.
+
+        A stage of its own only when something applies, so an ordinary run looks as before.
+        """
+        if state.action != "install" or run.integration is None or run.params is None:
+            return state
+        definition = run.integration.definition
+        plan: improvement.FixPlan = await self.bus.request(
+            improvement.FIXES,
+            improvement.FixesRequest(
+                state.workflow_id, state.integration, definition.parameters,
+                run.params.values, frozenset(run.request.params),
+                state.facts.package_manager if state.facts else None),
+            timeout=self.config.bus_timeout,
+        )
+        if not plan.applied and not plan.notes:
+            return state
+        run.fixes = plan
+        return await self._stage(state, "known-fixes", lambda s: self._apply_fixes(s, run))
+
+    async def _apply_fixes(self, state: WorkflowState, run: _Run) -> _Outcome:
+        plan, integration = run.fixes, run.integration
+        assert plan is not None and integration is not None and run.params is not None
+        if plan.params:
+            # Through the integration's own parameter checks, like any value a user gives.
+            run.params = resolve_params(integration.definition,
+                                        {**run.request.params, **plan.params},
+                                        run.request.environ)
+        notes = [*state.notes, *plan.notes, *(
+            f"applied the learned fix {f.fix} ({f.change}) for {f.kind}, learned from "
+            f"workflow {f.learned_from[:8]}" + (" (proven)" if f.proven else "")
+            for f in plan.applied)]
+        return _Outcome(
+            changes={"fixes": plan.applied, "params": run.params.masked(), "notes": notes},
+            detail={"fixes": [f.model_dump() for f in plan.applied], "notes": plan.notes},
+        )
+
+    def _with_fix_snippets(self, state: WorkflowState, run: _Run) -> WorkflowState:
+        """The install script with the learned fixes' reviewed snippets inserted; the
+        script-validation stage that follows checks it like any other."""
+        if run.fixes is None or not run.fixes.snippets or "install" not in state.scripts:
+            return state
+        script = insert_snippets(state.scripts["install"], run.fixes.snippets)
+        return state.model_copy(update={"scripts": {**state.scripts, "install": script}})
+
+    async def _learn(self, state: WorkflowState, run: _Run) -> WorkflowState:
+        """After the run: record whether applied fixes worked; analyse a failure."""
+        notes: list[str] = []
+        try:
+            if state.fixes:
+                await self.bus.request(improvement.OUTCOME, improvement.OutcomeRequest(
+                    state.workflow_id, state.integration, state.fixes,
+                    state.status == "succeeded"), timeout=self.config.bus_timeout)
+            failure = improvement.failure_text(state)
+            if failure is not None:
+                analysis: improvement.Analysis = await self.bus.request(
+                    improvement.ANALYSE, improvement.AnalyseRequest(
+                        state.workflow_id, state.integration, failure, state.facts),
+                    timeout=self.config.bus_timeout)
+                notes = improvement.describe(analysis)
+        except WorkflowAgentError as exc:
+            # The run's own outcome stands; losing what it would teach is reported.
+            notes = [f"the failure could not be analysed: {exc.message}"]
+        if not notes:
+            return state
+        return state.model_copy(update={"notes": [*state.notes, *notes]})
+
     def _declined(self, state: WorkflowState) -> WorkflowState:
         error = NotConfirmedError(
             f"{state.action} of {state.integration} on {state.target} was not confirmed; "
@@ -346,16 +467,22 @@ class Coordinator:
     # -- stages ---------------------------------------------------------------------------
 
     async def _validate(self, state: WorkflowState, run: _Run) -> _Outcome:
-        reply: knowledge.Knowledge = await self.bus.request(
-            knowledge.TOPIC, knowledge.KnowledgeRequest(run.request.integration),
-            timeout=self.config.bus_timeout,
-        )
-        run.integration = reply.integration
-        run.params = resolve_params(
-            reply.integration.definition, run.request.params, run.request.environ
-        )
-        # From here on, nothing this run stores or shows may contain a secret value.
-        self.redactor.add(run.params.secrets.values())
+        request = run.request
+        await self.bus.request(generator.CHECK, generator.CheckRequest(
+            request.integration, request.from_docs, request.approve, request.save_as),
+            timeout=self.config.bus_timeout)
+        # --from-docs: the integration and its parameters exist after the generate stage.
+        if request.from_docs is None:
+            reply: knowledge.Knowledge = await self.bus.request(
+                knowledge.TOPIC, knowledge.KnowledgeRequest(run.request.integration),
+                timeout=self.config.bus_timeout,
+            )
+            run.integration = reply.integration
+            run.params = resolve_params(
+                reply.integration.definition, run.request.params, run.request.environ
+            )
+            # From here on, nothing this run stores or shows may contain a secret value.
+            self.redactor.add(run.params.secrets.values())
         if run.request.target_object is not None:
             target = run.request.target_object
             self.pool.adopt(state.workflow_id, target)
@@ -372,9 +499,10 @@ class Coordinator:
             if unfinished:
                 raise RecoveryNeededError(target.identity,
                                           [j.header.workflow_id for j in unfinished])
+        masked = run.params.masked() if run.params is not None else {}
         return _Outcome(
-            changes={"params": run.params.masked(), "target_identity": target.identity},
-            detail={"params": run.params.masked(), "target": target.identity},
+            changes={"params": masked, "target_identity": target.identity},
+            detail={"params": masked, "target": target.identity},
         )
 
     async def _facts(self, state: WorkflowState) -> _Outcome:
@@ -390,18 +518,41 @@ class Coordinator:
         )
 
     async def _knowledge(self, state: WorkflowState, run: _Run) -> _Outcome:
+        assert state.facts is not None
+        if run.request.from_docs is not None:  # learn it first: the integration is unwritten
+            docs: knowledge.Documentation = await self.bus.request(
+                knowledge.DOCUMENTATION, knowledge.DocumentationRequest(
+                    state.integration, state.facts, (run.request.from_docs,)),
+                timeout=self.config.bus_timeout,
+            )
+            run.passages = docs.passages
+            return _Outcome(detail={"sources": list(docs.sources)})
         reply: knowledge.Knowledge = await self.bus.request(
             knowledge.TOPIC, knowledge.KnowledgeRequest(state.integration, state.facts),
             timeout=self.config.bus_timeout,
         )
+        run.passages = reply.passages
         return _Outcome(detail={"sources": list(reply.sources)})
 
     async def _strategy(self, state: WorkflowState, run: _Run) -> _Outcome:
-        assert run.integration is not None and state.facts is not None
-        decision = await self.bus.request(
-            builder.STRATEGY, builder.StrategyRequest(run.integration, state.facts),
-            timeout=self.config.bus_timeout,
-        )
+        assert state.facts is not None
+        try:
+            if run.integration is None:
+                raise UnsupportedPlatformError(f"{state.integration} has no templates yet")
+            decision = await self.bus.request(
+                builder.STRATEGY, builder.StrategyRequest(run.integration, state.facts),
+                timeout=self.config.bus_timeout,
+            )
+        except UnsupportedPlatformError as exc:
+            if state.action not in ("install", "plan"):
+                raise
+            # No template for these facts: an LLM may write the scripts (then approval).
+            decision = await self.bus.request(
+                generator.STRATEGY,
+                generator.StrategyRequest(run.integration, state.facts, exc),
+                timeout=self.config.bus_timeout,
+            )
+            run.generating = True
         return _Outcome(
             changes={"strategy": decision},
             detail={"method": decision.method, "reason": decision.reason},
@@ -442,8 +593,10 @@ class Coordinator:
         }
 
     async def _generate(self, state: WorkflowState, run: _Run) -> _Outcome:
-        assert run.integration is not None and run.params is not None
         assert state.facts is not None and state.strategy is not None
+        if run.generating and run.generation is None:
+            return await self._write(state, run)
+        assert run.integration is not None and run.params is not None
         actions = {
             "install": ("install", "verify"),
             "verify": ("verify",),
@@ -470,12 +623,57 @@ class Coordinator:
                 "no pre-install baseline for this target: uninstall removes the package "
                 "but cannot prove nothing is left, nor remove users it did not see created"
             )
+        provenance = run.generation.provenance() if run.generation else {
+            a: [Provenance(kind="template", source=str(run.integration.templates_dir / s.template))]
+            for a, s in scripts.items()}
+        provenance = {a: p for a, p in provenance.items() if a in scripts}
         return _Outcome(
-            changes={"scripts": scripts, "notes": notes},
+            changes={"scripts": scripts, "notes": notes, "provenance": provenance},
             detail={"scripts": {a: s.template for a, s in scripts.items()}},
             artifacts=[Artifact("script", a, self.redactor.redact(s.text))
                        for a, s in scripts.items()],
         )
+
+    async def _write(self, state: WorkflowState, run: _Run) -> _Outcome:
+        """Generation without a template: the LLM writes the integration from the
+        passages; then its scripts are rendered like any template's."""
+        assert state.facts is not None
+        generation: generator.Generation = await self.bus.request(
+            generator.WRITE, generator.WriteRequest(
+                state.workflow_id, state.integration, state.facts, run.passages,
+                run.integration, tuple(run.request.params)),
+            timeout=self.config.bus_timeout,
+        )
+        run.generation, run.integration = generation, generation.integration
+        if run.params is None:
+            run.params = resolve_params(generation.integration.definition,
+                                        run.request.params, run.request.environ)
+            self.redactor.add(run.params.secrets.values())
+        outcome = await self._generate(state, run)
+        root = generation.integration.root
+        outcome.changes["params"] = run.params.masked()
+        outcome.detail.update(llm=f"{generation.provider}/{generation.model}",
+                              attempts=generation.attempts, cited=list(generation.cited),
+                              folder=str(root))
+        outcome.artifacts += [
+            Artifact("provenance", a, json.dumps([p.model_dump() for p in items]))
+            for a, items in outcome.changes["provenance"].items()]
+        outcome.artifacts.append(Artifact("generation", "definition", self.redactor.redact(
+            (root / "definition.yaml").read_text(encoding="utf-8"))))
+        outcome.artifacts.append(Artifact("generation", "answer", self.redactor.redact(
+            generation.answer.model_dump_json())))
+        return outcome
+
+    async def _save(self, state: WorkflowState, run: _Run) -> _Outcome:
+        """``--save-as``: the approved, installed and verified scripts as an integration."""
+        assert run.request.save_as is not None
+        if run.generation is None:
+            return _Outcome(detail={"skipped": "templates wrote these scripts: nothing to save"})
+        folder = await self.bus.request(
+            generator.SAVE, generator.SaveRequest(run.generation, run.request.save_as),
+            timeout=self.config.bus_timeout)
+        return _Outcome(changes={"notes": [*state.notes, f"saved as integration {folder}"]},
+                        detail={"saved": str(folder)})
 
     async def _check(self, state: WorkflowState, run: _Run) -> _Outcome:
         assert run.integration is not None
@@ -585,8 +783,11 @@ class Coordinator:
                     else self.config.rollback_strategy)
         report: RollbackReport = await self.bus.request(
             recovery.ROLLBACK,
-            recovery.RollbackRequest(state.workflow_id, run.journal.directory, strategy,
-                                     run.request.changes if state.action == "rollback" else ()),
+            recovery.RollbackRequest(
+                state.workflow_id, run.journal.directory, strategy,
+                run.request.changes if state.action == "rollback" else (),
+                # Right after a failed install nothing else has touched its changes.
+                check_drift=state.action == "rollback" and not run.request.force),
             timeout=self.config.bus_timeout,
         )
         outcome = _Outcome(

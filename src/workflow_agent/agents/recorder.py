@@ -37,6 +37,7 @@ class HistoryRecorder:
             integration=state.integration,
             target=state.target,
             params=state.params,
+            fleet_id=state.fleet_id,
         )
 
     async def _stage(self, message: Message) -> None:

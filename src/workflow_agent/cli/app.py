@@ -18,6 +18,17 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from workflow_agent.cli.failures import failures
+from workflow_agent.cli.fleet import (
+    CanaryOpt,
+    FleetArgs,
+    ForksOpt,
+    InventoryOpt,
+    LimitOpt,
+    MaxFailOpt,
+    RollbackAllOpt,
+    SerialOpt,
+)
 from workflow_agent.cli.knowledge import knowledge_app
 from workflow_agent.errors import WorkflowAgentError
 
@@ -42,6 +53,7 @@ integrations_app = typer.Typer(help="List and inspect the integrations this run 
                                no_args_is_help=True)
 app.add_typer(integrations_app, name="integrations")
 app.add_typer(knowledge_app, name="knowledge")
+app.command("failures")(failures)
 
 
 class OutputFormat(StrEnum):
@@ -130,8 +142,11 @@ def _container(config: Path | None, **overrides: Any) -> Container:
 
 def _confirmer(yes: bool, output: OutputFormat) -> Confirm:
     async def confirm(state: WorkflowState) -> bool:
+        from workflow_agent.agents.generator import is_generated
         from workflow_agent.container import DISPOSABLE_KINDS
 
+        if is_generated(state):  # LLM-written: a person approves; --yes is not enough
+            return _approve_generated(state, output)
         if yes or (state.target_identity or "").split(":", 1)[0] in DISPOSABLE_KINDS:
             return True
         if not sys.stdin.isatty() or output is OutputFormat.json:
@@ -149,6 +164,21 @@ def _confirmer(yes: bool, output: OutputFormat) -> Confirm:
         )
 
     return confirm
+
+
+def _approve_generated(state: WorkflowState, output: OutputFormat) -> bool:
+    """Show LLM-written scripts with their provenance, findings and rehearsed changes,
+    and ask whether to run them; without a terminal (or with JSON output) they are not
+    approved."""
+    if not sys.stdin.isatty() or output is OutputFormat.json:
+        return False
+    from rich.prompt import Confirm as Prompt
+
+    from workflow_agent.cli.output import err, show_generated
+
+    show_generated(state, err)
+    return Prompt.ask(f"run these LLM-written scripts: {state.action} {state.integration} "
+                      f"on {state.target_identity}?", console=err)
 
 
 def _agent(container: Container, output: OutputFormat, verbose: bool) -> WorkflowAgent:
@@ -183,12 +213,14 @@ async def _run_workflow(
     confirm: Confirm | None,
     target_object: Target | None = None,
     resumed_from: str | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> WorkflowState:
     from workflow_agent.agents.coordinator import WorkflowRequest
 
     request = WorkflowRequest(
         action=action, integration=integration, target=target, params=params,
         environ=dict(os.environ), target_object=target_object, resumed_from=resumed_from,
+        **(generation or {}),
     )
     return await agent.run(request, confirm)
 
@@ -202,16 +234,29 @@ def _workflow_command(
     output: OutputFormat,
     yes: bool,
     verbose: bool,
+    fleet: FleetArgs | None = None,
+    generation: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> None:
     from workflow_agent.cli.output import emit_json, show_plan, show_result, state_json
 
+    if fleet is not None:  # --inventory: one workflow per host (cli/fleet.py)
+        from workflow_agent.cli.fleet import fleet_command
+
+        try:
+            code = fleet_command(action, integration, _parse_params(param), fleet,
+                                 config=config, json_output=output is OutputFormat.json,
+                                 yes=yes, target=target, **overrides)
+        except WorkflowAgentError as exc:
+            raise _fail(exc) from None
+        raise typer.Exit(code)
     try:
         params = _parse_params(param)
         container = _container(config, target=target, **overrides)
         state = asyncio.run(_run_workflow(
             _agent(container, output, verbose), action, integration, params,
             target=container.config.target, confirm=_confirmer(yes, output),
+            generation=generation,
         ))
         container.sync_history()
     except WorkflowAgentError as exc:
@@ -242,15 +287,38 @@ def install(
     fail_after_step: Annotated[int | None, typer.Option(
         "--fail-after-step", min=0, metavar="N",
         help="Prove rollback: make the install script fail right after its N-th step.")] = None,
+    from_docs: Annotated[str | None, typer.Option(
+        "--from-docs", metavar="URL|FILE",
+        help="No template needed: add this documentation to the knowledge base and have "
+        "the configured LLM write the scripts from it (shown with their provenance; they "
+        "run only after approval).")] = None,
+    approve: Annotated[bool, typer.Option(
+        "--approve", help="Run LLM-written scripts without the prompt; only when the "
+        "configuration sets llm.allow_unattended: true.")] = False,
+    save_as: Annotated[str | None, typer.Option(
+        "--save-as", metavar="NAME|DIR/NAME",
+        help="After an LLM-written install worked, save it as an integration folder (in "
+        "the first plugin folder, or DIR) that installs without any LLM.")] = None,
+    inventory: InventoryOpt = None,
+    limit: LimitOpt = None,
+    forks: ForksOpt = 5,
+    serial: SerialOpt = None,
+    canary: CanaryOpt = 0,
+    max_fail: MaxFailOpt = "0%",
+    rollback_all_on_failure: RollbackAllOpt = False,
 ) -> None:
     """Install an integration, verify that it really works; undo it all if not."""
     if rollback_strategy is Strategy.change:
         raise _fail(_invalid("--rollback-strategy change needs changes chosen by hand",
                              "Use `workflow-agent rollback ID --change N` after the install."))
+    fleet = None if inventory is None else FleetArgs(
+        inventory, limit, forks, serial, canary, max_fail, rollback_all_on_failure)
     _workflow_command("install", integration, param, target, config, output, yes, verbose,
-                      rehearse=rehearse, on_failure=on_failure and on_failure.value,
+                      fleet, rehearse=rehearse, on_failure=on_failure and on_failure.value,
                       rollback_strategy=rollback_strategy and rollback_strategy.value,
-                      fail_after_step=fail_after_step)
+                      fail_after_step=fail_after_step,
+                      generation={"from_docs": from_docs, "approve": approve,
+                                  "save_as": save_as})
 
 
 @app.command()
@@ -261,9 +329,18 @@ def verify(
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
     verbose: VerboseOpt = False,
+    inventory: InventoryOpt = None,
+    limit: LimitOpt = None,
+    forks: ForksOpt = 5,
+    serial: SerialOpt = None,
+    canary: CanaryOpt = 0,
+    max_fail: MaxFailOpt = "0%",
 ) -> None:
     """Check that an installed integration works (package, process, port, metrics)."""
-    _workflow_command("verify", integration, param, target, config, output, True, verbose)
+    fleet = None if inventory is None else FleetArgs(
+        inventory, limit, forks, serial, canary, max_fail)
+    _workflow_command("verify", integration, param, target, config, output, True, verbose,
+                      fleet)
 
 
 @app.command()
@@ -277,10 +354,18 @@ def uninstall(
     verbose: VerboseOpt = False,
     keep_config: Annotated[bool, typer.Option(
         "--keep-config", help="Remove the package but keep its configuration and users.")] = False,
+    inventory: InventoryOpt = None,
+    limit: LimitOpt = None,
+    forks: ForksOpt = 5,
+    serial: SerialOpt = None,
+    canary: CanaryOpt = 0,
+    max_fail: MaxFailOpt = "0%",
 ) -> None:
     """Uninstall an integration and prove nothing the install added is left behind."""
+    fleet = None if inventory is None else FleetArgs(
+        inventory, limit, forks, serial, canary, max_fail)
     _workflow_command("uninstall", integration, param, target, config, output, yes, verbose,
-                      purge=False if keep_config else None)
+                      fleet, purge=False if keep_config else None)
 
 
 @app.command()
@@ -421,10 +506,14 @@ def integrations_show(
 
 @app.command()
 def history(
-    limit: Annotated[int, typer.Option(min=1, help="How many workflows.")] = 20,
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="How many workflows (default 20; all of a --fleet).")] = None,
     integration: Annotated[str | None, typer.Option(help="Only this integration.")] = None,
     status: Annotated[str | None, typer.Option(
         help="Only this status: running, incomplete, succeeded, failed, refused.")] = None,
+    fleet: Annotated[str | None, typer.Option(
+        "--fleet", metavar="RUN_ID", help="Only the workflows of this fleet rollout (its id "
+        "or a prefix).")] = None,
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
 ) -> None:
@@ -433,9 +522,10 @@ def history(
 
     from workflow_agent.cli.output import show_history
 
+    shown = limit if limit is not None or fleet is not None else 20
     _report(config, output,
-            lambda c: c.history.list_workflows(limit=limit, integration=integration,
-                                               status=status),
+            lambda c: c.history.list_workflows(limit=shown, integration=integration,
+                                               status=status, fleet_id=fleet),
             lambda rows: [asdict(r) for r in rows], show_history)
 
 
@@ -473,6 +563,9 @@ def rollback(
     ] = Strategy.staged,
     change: Annotated[list[int] | None, typer.Option(
         "--change", metavar="N", help="A change to undo (see `changes`); repeatable.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Restore the pre-install state even over files changed since.")
+    ] = False,
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
     yes: YesOpt = False,
@@ -483,7 +576,7 @@ def rollback(
         container = _container(config)
         state = asyncio.run(_rollback(container, workflow_id, strategy.value,
                                       tuple(change or ()), _confirmer(yes, output),
-                                      _agent(container, output, verbose)))
+                                      _agent(container, output, verbose), force=force))
         container.sync_history()
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
@@ -571,14 +664,14 @@ def _journal(container: Container, workflow_id: str) -> Any:
 
 async def _rollback(
     container: Container, workflow_id: str, strategy: str, changes: tuple[int, ...],
-    confirm: Confirm | None, agent: WorkflowAgent,
+    confirm: Confirm | None, agent: WorkflowAgent, *, force: bool = False,
 ) -> WorkflowState:
     from workflow_agent.agents.coordinator import WorkflowRequest
 
     header = _journal(container, workflow_id).read().header
     request = WorkflowRequest(
         action="rollback", integration=header.integration, target=header.target,
-        rollback_of=header.workflow_id, strategy=strategy, changes=changes,
+        rollback_of=header.workflow_id, strategy=strategy, changes=changes, force=force,
     )
     return await agent.run(request, confirm)
 
@@ -609,7 +702,9 @@ async def _recover(
             journal.set_phase("rolled-back", "its disposable target is gone with its changes")
             found.append({**item, "result": "nothing to undo: the disposable target is gone"})
             continue
-        done = await _rollback(container, header.workflow_id, "staged", (), confirm, agent)
+        # A crashed run's changes are undone whatever happened since: nobody accepted them.
+        done = await _rollback(container, header.workflow_id, "staged", (), confirm, agent,
+                               force=True)
         item.update(result="rolled back" if done.exit_code == 0 else "rollback failed",
                     rollback=done.workflow_id, exit_code=done.exit_code,
                     problems=done.rollback.problems if done.rollback else [],

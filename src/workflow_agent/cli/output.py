@@ -146,8 +146,6 @@ def show_changes(changes: ChangeSet, console: Console = err) -> None:
 
 def show_plan(state: WorkflowState) -> None:
     """Facts, strategy, scripts and findings of a plan."""
-    from rich.syntax import Syntax  # pygments: only plans show highlighted scripts
-
     if state.facts is not None:
         table = Table(title="Facts", show_header=False, title_justify="left")
         for key, value in state.facts.summary().items():
@@ -163,21 +161,41 @@ def show_plan(state: WorkflowState) -> None:
             table.add_row(score.method + chosen, "yes" if score.compatible else "no",
                           f"{score.score:.3f}", escape("; ".join(score.reasons)))
         out.print(table)
+    show_scripts(state, out)
+    if state.rehearsal is not None:
+        show_changes(state.rehearsal, out)
+    show_result(state)
+
+
+def show_scripts(state: WorkflowState, console: Console = out) -> None:
+    """Each script with line numbers, where it came from, and its validation findings."""
+    from rich.syntax import Syntax  # pygments: only plans and approvals highlight scripts
+
     for action, script in state.scripts.items():
-        out.rule(f"{action} script ({script.template})")
-        out.print(Syntax(script.text, "bash", line_numbers=True, word_wrap=True))
+        console.rule(f"{action} script ({script.template})")
+        for origin in state.provenance.get(action, []):
+            style = {"llm": "bold magenta", "documentation": "cyan"}.get(origin.kind, "dim")
+            console.print(f"  [{style}]{origin.kind}[/] {escape(origin.source)}"
+                          + (f" [dim]({escape(origin.detail)})[/]" if origin.detail else ""))
+        console.print(Syntax(script.text, "bash", line_numbers=True, word_wrap=True))
         report = state.validation.get(action)
         if report is None:
             continue
         if not report.findings:
-            out.print("[green]no validation findings[/]")
+            console.print("[green]no validation findings[/]")
         for finding in report.findings:
             style = {"error": "red", "warning": "yellow"}.get(finding.severity, "dim")
-            out.print(f"  [{style}]{finding.severity}[/] line {finding.line} "
-                      f"[{finding.layer}] {finding.code}: {escape(finding.message)}")
+            console.print(f"  [{style}]{finding.severity}[/] line {finding.line} "
+                          f"[{finding.layer}] {finding.code}: {escape(finding.message)}")
+
+
+def show_generated(state: WorkflowState, console: Console = err) -> None:
+    """What a person reads before approving LLM-written scripts: each script with its
+    provenance and findings, and what the rehearsal changed."""
+    console.rule("[bold magenta]scripts written by an LLM: read them before approving[/]")
+    show_scripts(state, console)
     if state.rehearsal is not None:
-        show_changes(state.rehearsal, out)
-    show_result(state)
+        show_changes(state.rehearsal, console)
 
 
 def show_integrations(integrations: list[Integration]) -> None:

@@ -332,7 +332,7 @@ class SshTarget(Target):
         try:
             result = await conn.run(command, input=stdin, encoding=None, check=False,
                                     timeout=120)
-        except asyncssh.Error as exc:
+        except (asyncssh.Error, OSError) as exc:  # OSError: a write to a dead socket
             raise self._lost(exc) from exc
         stdout = result.stdout if isinstance(result.stdout, bytes) else b""
         stderr = result.stderr if isinstance(result.stderr, bytes) else b""
@@ -365,7 +365,7 @@ class SshTarget(Target):
         try:
             chan, _ = await conn.create_session(lambda: session, self._command(argv),
                                                 encoding=None)
-        except asyncssh.Error as exc:
+        except (asyncssh.Error, OSError) as exc:  # OSError: a write to a dead socket
             raise self._lost(exc) from exc
         chan.write(self._password_line() + marker.encode() + b"\n" + env_bytes + script_bytes)
         chan.write_eof()
@@ -446,7 +446,7 @@ class SshTarget(Target):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from exc
         except asyncssh.SFTPError as exc:
             raise TargetError(f"SFTP on {self.identity} failed for {path}: {exc.reason}") from exc
-        except asyncssh.Error as exc:
+        except (asyncssh.Error, OSError) as exc:  # OSError: a write to a dead socket
             raise self._lost(exc) from exc
 
     def _check_path(self, path: str) -> None:

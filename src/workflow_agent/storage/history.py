@@ -34,6 +34,7 @@ from workflow_agent.storage.engine import (
     ensure_schema,
     open_engine,
 )
+from workflow_agent.storage.failures import FailureEntry, FailureHistory
 from workflow_agent.storage.records import (
     ACTIONS,
     FINAL_STATUSES,
@@ -76,6 +77,7 @@ __all__ = [
     "WORKFLOW_STATUSES",
     "ArtifactEntry",
     "CheckpointEntry",
+    "FailureEntry",
     "HistoryStore",
     "StageEntry",
     "WorkflowRecord",
@@ -90,7 +92,7 @@ MIN_ID_PREFIX = 6
 _FIND_IDS_HINT = "List recent workflows and their ids with: workflow-agent history"
 
 
-class HistoryStore:
+class HistoryStore(FailureHistory):
     """The history database: workflows, stages, checkpoints, artifacts and snapshots.
 
     Create it with a SQLAlchemy URL (or ``for_path`` for a SQLite file), ``open()`` it,
@@ -364,11 +366,13 @@ class HistoryStore:
         limit: int | None = 20,
         integration: str | None = None,
         status: str | None = None,
+        fleet_id: str | None = None,
     ) -> list[WorkflowSummary]:
         """The newest workflows first, at most ``limit`` (``None``: all), optionally filtered.
 
         ``status`` may be ``running`` or ``incomplete`` too; both are derived on read.
-        An unknown ``status`` raises ``InvalidInputError``.
+        An unknown ``status`` raises ``InvalidInputError``. ``fleet_id`` (the whole id or
+        a prefix of it) keeps the workflows of one fleet rollout.
         """
         if status is not None and status not in WORKFLOW_STATUSES:
             # Unlike the write methods' arguments, this one comes straight from the user.
@@ -381,6 +385,8 @@ class HistoryStore:
         query = select(workflows).order_by(workflows.c.started_at.desc(), workflows.c.id.desc())
         if integration is not None:
             query = query.where(workflows.c.integration == self.redactor.redact(integration))
+        if fleet_id is not None:
+            query = query.where(workflows.c.fleet_id.startswith(fleet_id, autoescape=True))
         derived = status in (RUNNING, INCOMPLETE)
         if status is not None:
             query = query.where(workflows.c.status == (RUNNING if derived else status))

@@ -78,6 +78,16 @@ class HistoryWriter(Protocol):
         exit_code: int | None = None,
     ) -> None: ...
 
+    def record_failure(
+        self, *, workflow_id: str, integration: str, stage: str, signature: str, kind: str,
+        summary: str, evidence: str, subject: str | None = None, fix: str | None = None,
+        llm_summary: str | None = None,
+    ) -> None: ...
+
+    def record_fix_outcome(
+        self, *, workflow_id: str, integration: str, signature: str, succeeded: bool,
+    ) -> None: ...
+
 
 class HistorySpool:
     """Appends history writes to ``directory/<workflow id>.jsonl``, durably."""
@@ -135,6 +145,24 @@ class HistorySpool:
         """Spool the end of a workflow."""
         self._append(workflow_id, "finish_workflow", workflow_id=workflow_id, status=status,
                      error=error, exit_code=exit_code)
+
+    def record_failure(
+        self, *, workflow_id: str, integration: str, stage: str, signature: str, kind: str,
+        summary: str, evidence: str, subject: str | None = None, fix: str | None = None,
+        llm_summary: str | None = None,
+    ) -> None:
+        """Spool a failure's signature (before the run's end, like every run event)."""
+        self._append(workflow_id, "record_failure", workflow_id=workflow_id,
+                     integration=integration, stage=stage, signature=signature, kind=kind,
+                     summary=summary, evidence=evidence, subject=subject, fix=fix,
+                     llm_summary=llm_summary)
+
+    def record_fix_outcome(
+        self, *, workflow_id: str, integration: str, signature: str, succeeded: bool,
+    ) -> None:
+        """Spool whether a run that applied a learned fix succeeded."""
+        self._append(workflow_id, "record_fix_outcome", workflow_id=workflow_id,
+                     integration=integration, signature=signature, succeeded=succeeded)
 
     def record_llm_usage(
         self, *, workflow_id: str | None, purpose: str, provider: str, model: str,
@@ -225,6 +253,10 @@ def _replay(store: HistoryStore, event: Mapping[str, Any]) -> None:
         store.finish_workflow(args.pop("workflow_id"), **args, at=at)
     elif op == "record_llm_usage":
         store.record_llm_usage(**args, at=at)
+    elif op == "record_failure":
+        store.record_failure(**args, at=at)
+    elif op == "record_fix_outcome":
+        store.record_fix_outcome(**args, at=at)
     else:
         raise ValueError(f"unknown spooled operation {op!r}")
 

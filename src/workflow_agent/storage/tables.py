@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -192,4 +193,34 @@ llm_usage = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Index("ix_llm_usage_workflow_id", "workflow_id"),
     Index("ix_llm_usage_created_at", "created_at"),
+)
+
+failures = Table(
+    "failures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("integration", String(255), nullable=False),
+    # The signature's key (see workflow_agent.recovery.failures): the same every time.
+    Column("signature", String(255), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("summary", Text, nullable=False),
+    #: The configured LLM's root-cause summary of the latest occurrence, if any.
+    Column("llm_summary", Text, nullable=True),
+    Column("evidence", Text, nullable=False),
+    Column("subject", String(255), nullable=True),
+    Column("fix", String(64), nullable=True),
+    Column("count", Integer, nullable=False),
+    Column("first_seen", UTCDateTime(), nullable=False),
+    Column("last_seen", UTCDateTime(), nullable=False),
+    # No foreign key, like llm_usage: what was learned outlives pruned workflows.
+    Column("last_workflow_id", String(36), nullable=False),
+    Column("last_stage", String(64), nullable=False),
+    #: How often a later run applied the fix, and how often that run then succeeded.
+    Column("fix_applied", Integer, nullable=False),
+    Column("fix_succeeded", Integer, nullable=False),
+    #: The first run the fix worked for: from then on the fix is proven.
+    Column("proven_by", String(36), nullable=True),
+    Column("fix_last_result", String(16), nullable=True),
+    UniqueConstraint("integration", "signature"),
+    Index("ix_failures_last_seen", "last_seen"),
 )

@@ -1,0 +1,235 @@
+"""The fleet code path of ``install``/``verify``/``uninstall --inventory FILE``.
+
+Reads the inventory, selects ``--limit`` hosts, asks once (unless ``--yes``), runs the
+rollout (``fleet/rollout.py``) with live progress on stderr (one line per host with its
+stage) and prints a summary table, or ``--output json`` with every host's result.
+Heavy modules are imported inside the functions so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from workflow_agent.fleet.inventory import Host
+    from workflow_agent.fleet.rollout import HostResult, RolloutOptions, RolloutReport
+    from workflow_agent.state import Action
+
+InventoryOpt = Annotated[Path | None, typer.Option(
+    "--inventory", "-i", help="An Ansible inventory (YAML or INI): run on its hosts, each "
+    "over SSH with its own user, port, key and jump host.")]
+LimitOpt = Annotated[str | None, typer.Option(
+    "--limit", "-l", metavar="PATTERN", help="Only these inventory hosts (Ansible patterns: "
+    "group, host, web*, ~regex, a:b, a:&b, a:!b).")]
+ForksOpt = Annotated[int, typer.Option("--forks", "-f", min=1, help="Hosts worked on at once.")]
+SerialOpt = Annotated[str | None, typer.Option(
+    "--serial", metavar="N|P%", help="Hosts per batch (a number, or a percentage of the "
+    "hosts); a batch starts only when the previous one verified.")]
+CanaryOpt = Annotated[int, typer.Option(
+    "--canary", min=0, metavar="N", help="Run N hosts first, as a batch of their own.")]
+MaxFailOpt = Annotated[str, typer.Option(
+    "--max-fail", metavar="P%", help="Stop (and roll back the batch) when more than P% of a "
+    "batch's reachable hosts fail; 0% (default): at the first failure.")]
+RollbackAllOpt = Annotated[bool, typer.Option(
+    "--rollback-all-on-failure", help="When the rollout stops, roll back every host it "
+    "installed, not only the failed batch.")]
+
+_MARK = {"pending": "[dim]·[/]", "running": "[cyan]…[/]", "succeeded": "[green]✓[/]",
+         "failed": "[red]✗[/]", "unreachable": "[magenta]⚡[/]", "skipped": "[dim]-[/]"}
+_STYLE = {"succeeded": "green", "failed": "red", "unreachable": "magenta", "skipped": "dim",
+          "running": "cyan", "pending": "dim"}
+
+
+@dataclass(frozen=True)
+class FleetArgs:
+    """The fleet flags of one command."""
+
+    inventory: Path
+    limit: str | None = None
+    forks: int = 5
+    serial: str | None = None
+    canary: int = 0
+    max_fail: str = "0%"
+    rollback_all: bool = False
+
+    def options(self) -> RolloutOptions:
+        """The rollout options these flags mean (``InvalidInputError`` when malformed)."""
+        from workflow_agent.fleet.rollout import BatchSize, RolloutOptions, parse_percent
+
+        return RolloutOptions(
+            forks=self.forks,
+            serial=BatchSize.parse(self.serial) if self.serial is not None else None,
+            canary=self.canary, max_fail=parse_percent(self.max_fail),
+            rollback_all=self.rollback_all,
+        )
+
+
+def fleet_command(
+    action: Action,
+    integration: str,
+    params: dict[str, str],
+    fleet: FleetArgs,
+    *,
+    config: Path | None,
+    json_output: bool,
+    yes: bool,
+    target: str | None = None,
+    **overrides: Any,
+) -> int:
+    """Run ``action`` on the inventory's hosts; print progress and the result; the exit
+    code. ``WorkflowAgentError`` (bad inventory, pattern, flags, declined) propagates."""
+    from workflow_agent.agent import WorkflowAgent
+    from workflow_agent.cli.output import emit_json
+    from workflow_agent.config import load_configuration
+    from workflow_agent.errors import InvalidInputError
+    from workflow_agent.fleet.inventory import load_inventory
+    from workflow_agent.fleet.rollout import Rollout, fleet_container
+
+    if target is not None:
+        raise InvalidInputError("--target and --inventory exclude each other",
+                                hint="Use --limit to pick inventory hosts.")
+    options = fleet.options()
+    hosts = load_inventory(fleet.inventory).select(fleet.limit or "all")
+    container = fleet_container(load_configuration(config_file=config, **overrides), hosts)
+    agent = WorkflowAgent(container)
+    progress = FleetProgress(live=not json_output and sys.stderr.isatty(),
+                             quiet=json_output)
+    rollout = Rollout(agent, hosts, options, on_update=progress.update)
+    if action in ("install", "uninstall") and not yes:
+        _confirm(action, integration, hosts, json_output)
+    progress.start(rollout.results, rollout.fleet_id, action, integration)
+    try:
+        report = asyncio.run(rollout.run(action, integration, params, dict(os.environ)))
+    finally:
+        progress.stop()
+    container.sync_history()
+    if json_output:
+        emit_json(report.as_json())
+    else:
+        show_report(report)
+    return report.exit_code
+
+
+def _confirm(action: str, integration: str, hosts: list[Host], json_output: bool) -> None:
+    """Ask once for the whole fleet; ``NotConfirmedError`` when declined or unaskable."""
+    from workflow_agent.errors import NotConfirmedError
+
+    names = ", ".join(host.name for host in hosts[:10]) + (" ..." if len(hosts) > 10 else "")
+    if sys.stdin.isatty() and not json_output:
+        from rich.prompt import Confirm
+
+        if Confirm.ask(f"{action} {integration} on {len(hosts)} host(s) ({names})?"):
+            return
+    raise NotConfirmedError(
+        f"{action} of {integration} on {len(hosts)} inventory host(s) was not confirmed; "
+        "nothing was changed", hint="Pass --yes to confirm without a prompt.")
+
+
+class FleetProgress:
+    """Live progress on stderr: a table with one line per host and its stage on a
+    terminal; elsewhere a line each time a host's stage or status changes."""
+
+    def __init__(self, *, live: bool, quiet: bool = False) -> None:
+        self.live = live
+        self.quiet = quiet
+        self._hosts: list[HostResult] = []
+        self._seen: dict[str, tuple[str, str]] = {}
+        self._display: Any = None
+        self._title = ""
+
+    def start(self, hosts: list[HostResult], fleet_id: str, action: str,
+              integration: str) -> None:
+        """Show the hosts before anything runs."""
+        from workflow_agent.cli.output import err
+
+        self._hosts = hosts
+        self._title = f"{action} {integration} on {len(hosts)} host(s), fleet {fleet_id}"
+        if self.quiet:
+            return
+        if self.live:
+            from rich.live import Live
+
+            self._display = Live(self._table(), console=err, refresh_per_second=4)
+            self._display.start()
+        else:
+            err.print(self._title)
+
+    def update(self, host: HostResult) -> None:
+        """A host's status or stage changed."""
+        if self.quiet:
+            return
+        if self._display is not None:
+            self._display.update(self._table())
+            return
+        key = (host.status, host.stage)
+        if self._seen.get(host.name) == key:
+            return
+        self._seen[host.name] = key
+        from rich.markup import escape
+
+        from workflow_agent.cli.output import err
+
+        took = f" {time.monotonic() - host.started:6.1f}s" if host.started else ""
+        err.print(f"{_MARK[host.status]} {escape(host.name):<16} batch {host.batch} "
+                  f"{host.status:<11} {escape(host.stage)}{took}")
+
+    def stop(self) -> None:
+        """End the live display (its last state stays on the terminal)."""
+        if self._display is not None:
+            self._display.update(self._table())
+            self._display.stop()
+            self._display = None
+
+    def _table(self) -> Table:
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=self._title, title_justify="left", box=None)
+        for column in ("", "host", "batch", "status", "stage", "time"):
+            table.add_column(column)
+        now = time.monotonic()
+        for host in self._hosts:
+            took = host.duration if host.duration is not None else (
+                now - host.started if host.started else None)
+            table.add_row(_MARK[host.status], escape(host.name), str(host.batch),
+                          f"[{_STYLE[host.status]}]{host.status}[/]", escape(host.stage),
+                          "" if took is None else f"{took:.1f}s")
+        return table
+
+
+def show_report(report: RolloutReport) -> None:
+    """The summary table of a finished rollout (stdout), and why it stopped."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from workflow_agent.cli.output import out
+
+    table = Table(title=f"{report.action} {report.integration}: fleet {report.fleet_id}",
+                  title_justify="left")
+    for column in ("host", "target", "batch", "status", "rolled back", "workflow", "detail"):
+        table.add_column(column, overflow="fold")
+    for host in report.hosts:
+        rolled = "yes" if host.rolled_back else ("[red]failed[/]" if host.rollback_error
+                                                 else "")
+        detail = host.rollback_error or host.error or (
+            f"ended at {host.stage}" if host.status != "succeeded" else "")
+        table.add_row(escape(host.name), escape(host.target), str(host.batch),
+                      f"[{_STYLE[host.status]}]{host.status}[/]", rolled,
+                      (host.workflow_id or "")[:8], escape(detail))
+    out.print(table)
+    counts = ", ".join(f"{report.count(s)} {s}" for s in
+                       ("succeeded", "failed", "unreachable", "skipped") if report.count(s))
+    out.print(f"{counts} in {report.duration:.1f}s  [dim](workflow-agent history --fleet "
+              f"{report.fleet_id[:8]})[/]")
+    if report.stopped:
+        out.print(f"[bold red]stopped:[/] {escape(report.stopped)}")
