@@ -31,6 +31,9 @@ from workflow_agent.execution.nspawn import systemd_rootfs_cache
 from workflow_agent.execution.rootfs import RootfsCache, default_cache_dir
 from workflow_agent.execution.sandbox import SandboxTarget
 
+# The shared target contract asserts inside a helper module: rewrite it like a test.
+pytest.register_assert_rewrite("target_contract")
+
 
 @pytest.fixture(scope="session")
 def sandbox_rootfs() -> Path:

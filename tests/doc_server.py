@@ -5,7 +5,9 @@
                 (once per machine; never committed). Rendered forms are made with groff.
 ``DocServer``   a real HTTP server on 127.0.0.1 (stdlib ``http.server`` in a thread);
                 ``server.route(path, body, content_type, **options)`` serves a page.
-The fixtures are in ``tests/knowledge/conftest.py``.
+``doc_server`` and ``no_proxy_env`` are the fixtures over them that the knowledge and
+generation tests share (their conftest.py files import them); ``debian_docs`` is in
+``tests/knowledge/conftest.py``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 
 PACKAGES = ("prometheus-node-exporter", "zabbix-agent", "munin-node", "collectd-core")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "workflow-agent" / \
@@ -121,6 +126,24 @@ def start_server() -> tuple[DocServer, ThreadingHTTPServer]:
     state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return state, httpd
+
+
+@pytest.fixture
+def doc_server() -> Iterator[DocServer]:
+    """A documentation server on 127.0.0.1, stopped after the test."""
+    state, httpd = start_server()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start without proxy variables (documentation comes from loopback, never
+    through a proxy); the proxy tests set their own."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                 "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def ensure_debian_docs() -> DebianDocs | str:

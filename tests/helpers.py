@@ -7,8 +7,11 @@ import os
 import random
 import secrets
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +72,25 @@ def free_low_port() -> int:
                 continue
             return port
     raise RuntimeError("no free TCP port in 20000-32767")
+
+
+def run_cli(
+    home: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """The real command line in a fresh process with a bare environment: ``PATH``,
+    ``LANG``, ``HOME`` at ``home`` with the data and cache directories under it, and ``env``."""
+    bare = {
+        "PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
+        "WORKFLOW_AGENT_DATA_DIR": str(home / "data"),
+        "WORKFLOW_AGENT_CACHE_DIR": str(home / "cache"),
+    }
+    return subprocess.run([sys.executable, "-m", "workflow_agent", *args],
+                          env={**bare, **(env or {})}, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def metrics(address: str, port: int = 9100) -> str:
+    """The Prometheus exposition an exporter at ``address:port`` serves (from this machine)."""
+    with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10) as response:
+        body: str = response.read().decode()
+        return body

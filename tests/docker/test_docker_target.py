@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import subprocess
 import sys
 import time
@@ -12,7 +11,11 @@ from typing import Any
 
 import pytest
 
-from helpers import host_pids_with, run_sh, unique_sleep, wait_until
+from helpers import host_pids_with, run_sh, unique_sleep
+from target_contract import (
+    check_env_never_reaches_a_command_line,
+    check_timeout_kills_the_whole_process_tree,
+)
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
 from workflow_agent.errors import InvalidInputError, TargetError, TargetUnreachableError
@@ -32,33 +35,8 @@ def image_target(docker_engine: str, docker_image: str) -> Iterator[DockerImageT
 
 
 def test_env_reaches_the_script_but_never_a_command_line(image_target: DockerImageTarget) -> None:
-    token = f"wa-secret-{secrets.token_hex(16)}"
-    script = (
-        'echo "got:$WA_SECRET"; echo waiting >&2\nwhile [ ! -e /tmp/go ]; do sleep 0.05; done\n'
-    )
-
-    async def scenario() -> tuple[RunResult, list[int], list[int]]:
-        started = asyncio.Event()
-
-        def on_output(stream: str, line: str) -> None:
-            if stream == "stderr" and line == "waiting":
-                started.set()
-
-        task = asyncio.create_task(
-            image_target.run(script, env={"WA_SECRET": token}, timeout=60, on_output=on_output)
-        )
-        await asyncio.wait_for(started.wait(), 30)  # streamed while the script still runs
-        # Container processes are host processes too: /proc on the host sees them all,
-        # as well as dockerd, containerd, the shim and runc.
-        in_argv = host_pids_with(token.encode(), "cmdline")
-        in_environ = host_pids_with(token.encode(), "environ")
-        await image_target.put("/tmp/go", b"")
-        return await task, in_argv, in_environ
-
-    result, in_argv, in_environ = asyncio.run(scenario())
-    assert result.ok and result.stdout == f"got:{token}\n" and result.stderr == "waiting\n"
-    assert in_environ, "the scan must see the running script (positive control)"
-    assert in_argv == []
+    result = asyncio.run(check_env_never_reaches_a_command_line(image_target))
+    assert result.stderr == "waiting\n"
     # The script file went into a private directory and is gone after the run.
     listing = run_sh(image_target, "stat -c %a /run/workflow-agent; ls -A /run/workflow-agent")
     assert listing.stdout.splitlines()[0] == "700"
@@ -77,28 +55,7 @@ def test_exit_code_and_the_base_environment(image_target: DockerImageTarget) -> 
 
 
 def test_timeout_kills_the_whole_process_tree(image_target: DockerImageTarget) -> None:
-    marker = unique_sleep()
-    needle = f"sleep\0{marker}".encode()
-    script = f"sleep {marker} &\necho started\nsleep {marker}\necho never\n"
-
-    async def scenario() -> tuple[RunResult, int]:
-        started = asyncio.Event()
-        task = asyncio.create_task(
-            image_target.run(script, timeout=2, on_output=lambda s, line: started.set())
-        )
-        await asyncio.wait_for(started.wait(), 30)
-        await asyncio.sleep(0.2)  # let the foreground sleep start too
-        sleepers = len(host_pids_with(needle))
-        return await task, sleepers
-
-    began = time.monotonic()
-    result, sleepers = asyncio.run(scenario())
-    assert sleepers == 2
-    assert result.timed_out and result.exit_code == 124
-    assert "started" in result.stdout and "never" not in result.stdout
-    assert time.monotonic() - began < 15
-    assert wait_until(lambda: not host_pids_with(needle)), "a sleep survived the timeout"
-    assert run_sh(image_target, "echo still usable").stdout == "still usable\n"
+    asyncio.run(check_timeout_kills_the_whole_process_tree(image_target))
 
 
 def test_a_daemon_holding_stdout_does_not_hold_the_run(image_target: DockerImageTarget) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from helpers import metrics, run_cli
 from lab import SshLab
 from workflow_agent.agent import WorkflowAgent
 from workflow_agent.config import WorkflowConfiguration
@@ -65,15 +66,8 @@ def make_lab() -> Iterator[Callable[[int], SshLab]]:
 
 def cli(lab: SshLab, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The real command line; SSH keys come from the inventory, not the settings."""
-    env = {
-        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8",
-        "WORKFLOW_AGENT_DATA_DIR": str(tmp_path / "data"),
-        "WORKFLOW_AGENT_CACHE_DIR": str(tmp_path / "cache"),
-        **{k: v for k, v in lab.config_env().items() if not k.endswith("CLIENT_KEYS")},
-    }
-    return subprocess.run([sys.executable, "-m", "workflow_agent", *args], env=env,
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=900)
+    return run_cli(tmp_path, *args, env={
+        k: v for k, v in lab.config_env().items() if not k.endswith("CLIENT_KEYS")})
 
 
 def ini_inventory(lab: SshLab, path: Path) -> Path:
@@ -83,12 +77,6 @@ def ini_inventory(lab: SshLab, path: Path) -> Path:
               f"ansible_ssh_private_key_file={lab.client_key}"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def metrics(address: str, port: int = 9100) -> str:
-    with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10) as response:
-        body: str = response.read().decode()
-        return body
 
 
 def serves_metrics(address: str) -> bool:

@@ -5,6 +5,7 @@ whose LLM is the scripted test model (everything else is real).
                      (``apt-get download`` + ``dpkg -x`` at test time, cached; never
                      committed). No built-in integration covers this exporter.
 ``doc_server``       a real HTTP server on 127.0.0.1 (``tests/doc_server.py``).
+``no_proxy_env``     (automatic) no proxy variables: documentation comes from loopback.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
-from doc_server import CACHE, DocServer, start_server
+# The shared fixtures: imported here, pytest finds them in this module.
+from doc_server import CACHE, doc_server, no_proxy_env
+
+__all__ = ["blackbox_readme", "doc_server", "no_proxy_env"]
 
 PACKAGE = "prometheus-blackbox-exporter"
 
@@ -37,20 +40,3 @@ def blackbox_readme() -> str:
         for deb in sorted(debs.glob(f"{PACKAGE}_*.deb")):
             subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
     return gzip.decompress(readme.read_bytes()).decode()
-
-
-@pytest.fixture
-def doc_server() -> Iterator[DocServer]:
-    """A documentation server on 127.0.0.1, stopped after the test."""
-    state, httpd = start_server()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture(autouse=True)
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The documentation is fetched from loopback, never through a proxy."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                 "all_proxy"):
-        monkeypatch.delenv(name, raising=False)

@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from doc_server import DebianDocs, DocServer, ensure_debian_docs, start_server
+# The shared fixtures: imported here, pytest finds them in this module.
+from doc_server import DebianDocs, doc_server, ensure_debian_docs, no_proxy_env
+
+__all__ = ["debian_docs", "doc_server", "no_proxy_env"]
 
 
 @pytest.fixture(scope="session")
@@ -21,20 +22,3 @@ def debian_docs() -> DebianDocs:
     if isinstance(docs, str):
         pytest.skip(docs)
     return docs
-
-
-@pytest.fixture
-def doc_server() -> Iterator[DocServer]:
-    """A documentation server on 127.0.0.1, stopped after the test."""
-    state, httpd = start_server()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture(autouse=True)
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests start without proxy variables; the proxy tests set their own."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
-                 "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)

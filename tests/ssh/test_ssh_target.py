@@ -5,7 +5,6 @@ as a sudo user."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -14,6 +13,10 @@ import pytest
 
 from helpers import host_pids_with, unique_sleep, wait_until
 from lab import SUDO_USER, SshLab
+from target_contract import (
+    check_env_never_reaches_a_command_line,
+    check_timeout_kills_the_whole_process_tree,
+)
 from workflow_agent.execution.ssh import SshTarget
 from workflow_agent.execution.target import RunResult
 
@@ -36,32 +39,13 @@ def on_target(lab: SshLab, user: str, body: Callable[[SshTarget], Awaitable[T]],
 
 @pytest.mark.parametrize("user", USERS)
 def test_env_and_password_never_reach_a_command_line(ssh_lab: SshLab, user: str) -> None:
-    token = f"wa-secret-{secrets.token_hex(16)}"
     # The wait runs in a child shell: it holds the exported environment for its whole
     # life (the script's own bash read its variables from a file after it started).
     script = ('echo "got:$WA_SECRET"; echo waiting >&2\n'
               "bash -c 'while [ ! -e /tmp/go ]; do sleep 0.05; done'\n")
-
-    async def body(target: SshTarget) -> tuple[RunResult, list[int], list[int], list[int]]:
-        started = asyncio.Event()
-
-        def on_output(stream: str, line: str) -> None:
-            if line == "waiting":
-                started.set()
-
-        task = asyncio.create_task(
-            target.run(script, env={"WA_SECRET": token}, timeout=60, on_output=on_output))
-        await asyncio.wait_for(started.wait(), 30)  # streamed while the script runs
-        in_argv = host_pids_with(token.encode(), "cmdline")
-        in_environ = host_pids_with(token.encode(), "environ")
-        password = host_pids_with(ssh_lab.sudo_password.encode(), "cmdline")
-        await target.put("/tmp/go", b"")
-        return await task, in_argv, in_environ, password
-
-    result, in_argv, in_environ, password = on_target(ssh_lab, user, body)
-    assert result.ok and result.stdout == f"got:{token}\n" and result.stderr == "waiting\n"
-    assert in_environ, "the scan must see the running script (positive control)"
-    assert in_argv == [] and password == []
+    result = on_target(ssh_lab, user, lambda target: check_env_never_reaches_a_command_line(
+        target, script=script, also_secret=[ssh_lab.sudo_password]))
+    assert result.stderr == "waiting\n"
     # Nothing of the run is left on the host: its directory and env file are gone.
     leftover = on_target(ssh_lab, "root", lambda t: t.run(
         "ls -d /tmp/workflow-agent-run.* 2>/dev/null | wc -l; rm -f /tmp/go"))
@@ -79,28 +63,8 @@ def test_scripts_run_as_root_in_the_base_environment(ssh_lab: SshLab, user: str)
 
 @pytest.mark.parametrize("user", USERS)
 def test_timeout_kills_the_whole_process_tree(ssh_lab: SshLab, user: str) -> None:
-    marker = unique_sleep()
-    needle = f"sleep\0{marker}".encode()
-    script = f"sleep {marker} &\necho started\nsleep {marker}\necho never\n"
-
-    async def body(target: SshTarget) -> tuple[RunResult, int, RunResult]:
-        started = asyncio.Event()
-        task = asyncio.create_task(
-            target.run(script, timeout=2, on_output=lambda s, line: started.set()))
-        await asyncio.wait_for(started.wait(), 30)
-        await asyncio.sleep(0.2)  # let the foreground sleep start too
-        sleepers = len(host_pids_with(needle))
-        result = await task
-        return result, sleepers, await target.run("echo still usable")
-
-    began = time.monotonic()
-    result, sleepers, after = on_target(ssh_lab, user, body)
-    assert sleepers == 2
-    assert result.timed_out and result.exit_code == 124
+    result = on_target(ssh_lab, user, check_timeout_kills_the_whole_process_tree)
     assert result.stdout == "started\n" and result.stderr == ""
-    assert time.monotonic() - began < 15
-    assert wait_until(lambda: not host_pids_with(needle)), "a sleep survived the timeout"
-    assert after.stdout == "still usable\n"
 
 
 def test_a_daemon_holding_the_pipes_does_not_hold_the_run(ssh_lab: SshLab) -> None:

@@ -4,15 +4,13 @@ CLI, fetch its metrics from this machine over the host's own address, uninstall 
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from helpers import metrics, run_cli
 from lab import SUDO_USER, SshLab
 
 pytestmark = pytest.mark.sandbox
@@ -22,21 +20,7 @@ NODE = "prometheus-node-exporter"
 
 def cli(lab: SshLab, tmp_path: Path, *args: str,
         **extra_env: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8",
-        "WORKFLOW_AGENT_DATA_DIR": str(tmp_path / "data"),
-        "WORKFLOW_AGENT_CACHE_DIR": str(tmp_path / "cache"),
-        **lab.config_env(), **extra_env,
-    }
-    return subprocess.run([sys.executable, "-m", "workflow_agent", *args], env=env,
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=900)
-
-
-def metrics(address: str, port: int = 9100) -> str:
-    with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10) as response:
-        body: str = response.read().decode()
-        return body
+    return run_cli(tmp_path, *args, env={**lab.config_env(), **extra_env})
 
 
 def remote(lab: SshLab, index: int, script: str, **env: str) -> str:

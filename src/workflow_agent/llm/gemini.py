@@ -9,36 +9,15 @@ retries (including its implicit ones on connection errors) are turned off: retry
 from __future__ import annotations
 
 import importlib
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from workflow_agent.llm.errors import (
-    LLMConnectionError,
-    LLMRequestError,
-    LLMTimeoutError,
-    MissingExtraError,
-)
-from workflow_agent.llm.http_status import error_for_status
-from workflow_agent.llm.provider import (
-    Completion,
-    CompletionSettings,
-    LLMProvider,
-    Message,
-    Pricing,
-    Usage,
-)
+from workflow_agent.llm.errors import LLMProviderError
+from workflow_agent.llm.provider import Completion, CompletionSettings, Message
+from workflow_agent.llm.sdk import SDKProvider, import_sdk
 
-_NO_KEY = "no-key-configured"
-
-
-def _import_genai() -> tuple[Any, Any, Any]:
-    try:
-        from google import genai
-        from google.genai import errors, types
-    except ImportError as exc:
-        raise MissingExtraError("gemini", "google-genai", "gemini") from exc
-    return genai, errors, types
+#: The official service, named in messages; other servers are named by ``base_url``.
+GEMINI_HOST = "generativelanguage.googleapis.com"
 
 
 def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
@@ -56,38 +35,38 @@ def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
     return tuple(timeouts), tuple(transport)
 
 
-class GeminiProvider(LLMProvider):
-    """A Gemini model behind the Gemini Developer API (or a server speaking it).
-
-    ``api_key`` is the key's value, read from the environment by whoever builds this;
-    ``api_key_env`` is only that variable's name, used in error messages.
-    """
+class GeminiProvider(SDKProvider):
+    """A Gemini model behind the Gemini Developer API (or a server speaking it)."""
 
     name = "gemini"
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        api_key_env: str | None = None,
-        timeout: float = 60.0,
-        pricing: Pricing | None = None,
-    ) -> None:
-        genai, self._errors, self._types = _import_genai()
+    def _connect(self, api_key: str) -> None:
+        genai = import_sdk("google.genai", kind="gemini", extra="gemini", package="google-genai")
+        self._errors = importlib.import_module("google.genai.errors")
+        self._types = importlib.import_module("google.genai.types")
         self._timeouts, self._transport = _transport_errors()
-        self.model = model
-        self.base_url = base_url
-        self.timeout = timeout
-        self.pricing = pricing
-        self.api_key_env = api_key_env
+        # ValueError: the SDK's parsing of a malformed body.
+        self._sdk_errors = (self._errors.APIError, *self._timeouts, *self._transport, ValueError)
         options: dict[str, Any] = {"retry_options": self._types.HttpRetryOptions(attempts=1)}
-        if base_url:
-            options["base_url"] = base_url
+        if self.base_url:
+            options["base_url"] = self.base_url
         self._client = genai.Client(
-            api_key=api_key or _NO_KEY, http_options=self._types.HttpOptions(**options)
+            api_key=api_key, http_options=self._types.HttpOptions(**options)
         )
+
+    def _convert(self, exc: BaseException, where: str) -> LLMProviderError:
+        if isinstance(exc, self._errors.APIError):
+            headers = getattr(exc.response, "headers", None)
+            return self._refused(
+                int(exc.code or 0),
+                str(exc.message or exc),
+                dict(headers) if headers is not None else None,
+            )
+        if isinstance(exc, self._timeouts):
+            return self._timed_out(where)
+        if isinstance(exc, self._transport):
+            return self._unreachable(where, exc)
+        return self._unreadable(exc)
 
     async def complete(
         self, messages: Sequence[Message], settings: CompletionSettings
@@ -114,28 +93,12 @@ class GeminiProvider(LLMProvider):
                 retry_options=types.HttpRetryOptions(attempts=1),
             ),
         )
-        where = self.base_url or "generativelanguage.googleapis.com"
-        started = time.monotonic()
-        try:
-            response = await self._client.aio.models.generate_content(
+        response, latency = await self._send(
+            self._client.aio.models.generate_content(
                 model=self.model, contents=contents, config=config
-            )
-        except self._errors.APIError as exc:
-            headers = getattr(exc.response, "headers", None)
-            raise error_for_status(
-                self.label,
-                int(exc.code or 0),
-                str(exc.message or exc),
-                headers=dict(headers) if headers is not None else None,
-                api_key_env=self.api_key_env,
-            ) from exc
-        except self._timeouts as exc:
-            raise LLMTimeoutError(self.label, f"no answer from {where} in time") from exc
-        except self._transport as exc:
-            raise LLMConnectionError(self.label, f"cannot connect to {where}: {exc}") from exc
-        except ValueError as exc:  # the SDK's parsing of a malformed body
-            raise LLMRequestError(self.label, f"unreadable answer: {exc}") from exc
-        latency = time.monotonic() - started
+            ),
+            self.base_url or GEMINI_HOST,
+        )
         meta = response.usage_metadata
         prompt_tokens = (meta.prompt_token_count or 0) if meta else 0
         # Thinking tokens are billed as output too.
@@ -144,19 +107,12 @@ class GeminiProvider(LLMProvider):
         )
         candidates = response.candidates or []
         finish = candidates[0].finish_reason if candidates else None
-        return Completion(
-            text=response.text or "",
-            finish_reason=str(finish.value) if finish is not None else None,
-            usage=Usage(
-                provider=self.name,
-                model=self.model,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                latency=latency,
-                cost=self.pricing.cost(prompt_tokens, completion_tokens)
-                if self.pricing
-                else None,
-            ),
+        return self._completion(
+            response.text or "",
+            str(finish.value) if finish is not None else None,
+            prompt_tokens,
+            completion_tokens,
+            latency,
         )
 
     async def aclose(self) -> None:
