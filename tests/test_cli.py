@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import unique_sleep
 from workflow_agent.storage.history import HistoryStore
 
 
@@ -165,8 +166,9 @@ def test_one_workflow_at_a_time_per_target(tmp_path: Path, env: dict[str, str]) 
     """A second install on a busy target is refused naming the holder; once the holder is
     killed, its half-done install must be recovered before the next one may start."""
     marker = tmp_path / "started"
+    duration = unique_sleep()  # pgrep must find this run's sleep, not anybody else's
     add_plugin(tmp_path, env, {"name": "slow-local", "uninstall": {"packages": ["bash"]}},
-               f"touch {marker}\nsleep 300\n")
+               f"touch {marker}\nsleep {duration}\n")
     first = subprocess.Popen([sys.executable, "-m", "workflow_agent", "install", "slow-local",
                               "--target", "local", "--no-rehearse", "--yes"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -196,7 +198,8 @@ def test_one_workflow_at_a_time_per_target(tmp_path: Path, env: dict[str, str]) 
     assert recovered.returncode == 0, recovered.stderr
     [item] = json.loads(recovered.stdout)
     assert item["result"] == "rolled back"
-    assert subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True).returncode == 1
+    assert subprocess.run(["pgrep", "-f", f"^sleep {duration}$"],
+                          capture_output=True).returncode == 1
     third = cli(env, "install", "quick-local", "--target", "local", "--yes")
     assert third.returncode == 0, third.stderr
 

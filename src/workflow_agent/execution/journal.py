@@ -70,6 +70,8 @@ EntryKind = Literal["file", "package", "user", "group", "process"]
 Operation = Literal["created", "modified", "deleted", "metadata", "added", "removed",
                     "changed", "started", "stopped"]
 
+_SHELLS = frozenset({"bash", "sh", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
+
 #: Configuration lives here: every file and link under it in the watched paths is saved.
 CONFIG_ROOT = "/etc/"
 
@@ -91,6 +93,8 @@ class ProcessInfo(BaseModel):
     """The systemd unit whose cgroup holds it, if any."""
     marked: bool = False
     """Its environment carries the workflow's run marker: the script started it."""
+    daemon: bool = False
+    """Detached like a service: a child of PID 1, a session leader, or in a unit."""
 
     @property
     def key(self) -> tuple[int, str]:
@@ -412,8 +416,8 @@ for d in /proc/[0-9]*; do
     for e in "${envs[@]}"; do [ "$e" = "$marker" ] && { marked=1; break; }; done
   fi
   links+=("$d/exe" "$d/cwd")
-  printf 'P\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0' "$pid" "${f[19]}" "$uid" "$gid" "$unit" \
-    "$marked" "${#args[@]}"
+  printf 'P\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0' "$pid" "${f[19]}" "$uid" \
+    "$gid" "$unit" "$marked" "${f[1]}" "${f[3]}" "${#args[@]}"
   printf '%%s\0' "${args[@]}"
 done
 printf 'L\0'
@@ -473,21 +477,22 @@ async def processes(target: Target, marker: str = "") -> list[ProcessInfo]:
     records: list[list[str]] = []
     i = 0
     while i < len(fields) and fields[i] == "P":
-        argc = int(fields[i + 7])
-        records.append(fields[i + 1 : i + 8 + argc])
-        i += 8 + argc
+        argc = int(fields[i + 9])
+        records.append(fields[i + 1 : i + 10 + argc])
+        i += 10 + argc
     if fields[i : i + 1] != ["L"] or "END" not in fields[i:]:
         raise ExecutionFailedError(f"the process list from {target.identity} is garbled")
     end = fields.index("END", i)
     links = dict(zip(fields[i + 1 : end : 2], fields[i + 2 : end : 2], strict=False))
     found: list[ProcessInfo] = []
-    for pid, start, uid, gid, unit, marked, _argc, *argv in records:
+    for pid, start, uid, gid, unit, marked, ppid, session, _argc, *argv in records:
         if not (uid.isdigit() and gid.isdigit()):
             continue  # exited while it was read
         found.append(ProcessInfo(
             pid=int(pid), start=start, uid=int(uid), gid=int(gid),
             exe=links.get(f"/proc/{pid}/exe", ""), cwd=links.get(f"/proc/{pid}/cwd") or "/",
             argv=argv, unit=unit or None, marked=marked == "1",
+            daemon=ppid in ("0", "1") or session == pid or bool(unit),
         ))
     return found
 
@@ -562,10 +567,14 @@ def observed(
         add(kind="package", op="changed", name=name, version_before=old, version_after=new)
     was = {p.key for p in before}
     started = [p for p in after if p.key not in was and (p.marked or p.exe in change.added)]
-    restarted = {p.exe for p in started}
+    # A restart: a detached service gone, and the script started the same program, as
+    # the same user, detached again. Shells never count: an unrelated login ending
+    # while the script runs must not be "restarted" by a rollback.
+    restarted = {(p.exe, p.uid) for p in started
+                 if p.daemon and os.path.basename(p.exe) not in _SHELLS}
     still = {p.key for p in after}
     for process in before:
-        if process.key not in still and process.exe in restarted:
+        if process.key not in still and process.daemon and (process.exe, process.uid) in restarted:
             add(kind="process", op="stopped", name=process.describe(), process=process)
     for process in started:
         add(kind="process", op="started", name=process.describe(), process=process)

@@ -181,7 +181,9 @@ async def roll_back(target: Target, selections: Sequence[Selection], strategy: s
     whole = strategy != "change"
     for selection in selections:
         journal = selection.journal
-        if check_drift:
+        # A retry follows a partial undo: what changed since is the rollback's own doing.
+        if check_drift and not any(phase.startswith("roll")
+                                   for phase, _, _ in selection.state.phases):
             await _refuse_drift(target, selection)
         journal.set_phase("rolling-back", f"{strategy}: {len(selection.entries)} change(s)")
         failures, output = await _undo(target, journal, selection.entries)
