@@ -34,7 +34,7 @@ from workflow_agent.execution.journal import (
     snapshot,
 )
 from workflow_agent.execution.target import Target
-from workflow_agent.verification.snapshot import FileEntry, Snapshot, diff
+from workflow_agent.verification.snapshot import FileEntry, Snapshot, compare, diff
 
 
 class RollbackReport(BaseModel):
@@ -340,19 +340,15 @@ def _verify(entry: Entry, pre: Snapshot, post: Snapshot, alive: set[tuple[int, s
             return None if now is None else "still present"
         if now is None:
             return "still missing"
-        problems = []
-        if before.type != now.type:
-            problems.append(f"type {now.kind} instead of {before.kind}")
-        elif before.type == "f" and (before.sha256, before.size, before.mtime) != (
-                now.sha256, now.size, now.mtime):
-            problems.append("content differs from the saved copy")
-        elif before.type == "l" and before.target != now.target:
-            problems.append(f"points to {now.target} instead of {before.target}")
-        if before.mode != now.mode and before.type != "l":
-            problems.append(f"mode {now.mode:04o} instead of {before.mode:04o}")
-        if (before.uid, before.gid) != (now.uid, now.gid):
-            problems.append(f"owner {now.uid}:{now.gid} instead of {before.uid}:{before.gid}")
-        return "; ".join(problems) or None
+        change = compare(before, now)
+        if change is None:
+            return None
+        content = []
+        if change.content:
+            content.append(f"type {now.kind} instead of {before.kind}" if before.type != now.type
+                           else f"points to {now.target} instead of {before.target}"
+                           if now.type == "l" else "content differs from the saved copy")
+        return "; ".join(content + change.metadata)
     if entry.kind == "package":
         was, now_version = pre.packages.get(entry.name), post.packages.get(entry.name)
         if was == now_version:
@@ -378,7 +374,7 @@ async def _refuse_drift(target: Target, selection: Selection) -> None:
         if entry.kind != "file" or entry.after is None:
             continue
         current = now.files.get(entry.name)
-        if current is None or _differs(entry.after, current):
+        if current is None or compare(entry.after, current) is not None:
             changed.append(entry.name)
     if changed:
         workflow = selection.state.header.workflow_id[:8]
@@ -389,15 +385,6 @@ async def _refuse_drift(target: Target, selection: Selection) -> None:
             "again with --force to restore the pre-install state anyway, or undo only "
             "other changes with --change N.",
         )
-
-
-def _differs(was: FileEntry, now: FileEntry) -> bool:
-    """Whether a file's type, content, link target, mode or owner changed."""
-    if was.type != now.type or (was.mode, was.uid, was.gid) != (now.mode, now.uid, now.gid):
-        return True
-    if was.type == "f":
-        return (was.sha256, was.size, was.mtime) != (now.sha256, now.size, now.mtime)
-    return was.target != now.target
 
 
 def _unrecorded(pre: Snapshot, post: Snapshot, entries: Sequence[Entry]) -> list[str]:

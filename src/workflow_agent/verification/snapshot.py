@@ -321,7 +321,8 @@ def _decode(stdout: str) -> list[str]:
     return [part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0")]
 
 
-def _compare(before: FileEntry, after: FileEntry) -> FileChange | None:
+def compare(before: FileEntry, after: FileEntry) -> FileChange | None:
+    """How one path's entry changed (content and/or metadata), or None if it did not."""
     content = before.type != after.type or (
         (before.sha256, before.size, before.mtime) != (after.sha256, after.size, after.mtime)
         if after.type == "f"
@@ -345,7 +346,7 @@ def diff(before: Snapshot, after: Snapshot) -> SnapshotDiff:
     """What changed from ``before`` to ``after``: files, packages, users and groups."""
     modified = {}
     for path in before.files.keys() & after.files.keys():
-        change = _compare(before.files[path], after.files[path])
+        change = compare(before.files[path], after.files[path])
         if change is not None:
             modified[path] = change
     return SnapshotDiff(
