@@ -883,11 +883,12 @@ class Coordinator:
         runs = {**state.runs, action: summary}
         output = Artifact("output", action,
                           self.redactor.redact(result.stdout + result.stderr))
-        recorded = await self._record_added_packages(state, run)
+        recorded: list[Artifact] = []
         journaled: dict[str, Any] = {}
         if run.journal is not None:
             made = run.journal.read().changes
             journaled = {"changes": [e.describe() for e in made]}
+            recorded += self._record_added_packages(run, made)
             recorded.append(Artifact("journal", "changes",
                                      json.dumps([e.model_dump(mode="json") for e in made])))
         if not result.ok:
@@ -906,18 +907,17 @@ class Coordinator:
         return _Outcome(changes={"runs": runs, **journaled}, detail=summary.model_dump(),
                         artifacts=[output, *recorded])
 
-    async def _record_added_packages(self, state: WorkflowState, run: _Run) -> list[Artifact]:
+    def _record_added_packages(self, run: _Run, made: list[Entry]) -> list[Artifact]:
         """After an install ran (even partly), note the packages it added to the baseline,
-        so uninstall removes exactly those and no package that was there before."""
-        if state.action != "install" or run.baseline is None:
+        so uninstall removes exactly those and no package that was there before. The
+        journal observed them; the target need not be asked again."""
+        if run.baseline is None:
             return []
-        facts = await self.bus.request(
-            execution.FACTS, execution.FactsRequest(state.workflow_id),
-            timeout=self.config.bus_timeout,
-        )
         before = _package_names(run.baseline.snapshot)
+        now_added = {entry.name.split(":", 1)[0]: entry.version_after or ""
+                     for entry in made if entry.kind == "package" and entry.op == "added"}
         added = {**run.baseline.added_packages,
-                 **{p: v for p, v in facts.installed_packages.items() if p not in before}}
+                 **{p: v for p, v in now_added.items() if p not in before}}
         if added == run.baseline.added_packages:
             return []
         run.baseline = run.baseline.model_copy(update={"added_packages": added})
