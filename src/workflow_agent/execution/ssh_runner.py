@@ -1,129 +1,220 @@
-"""How one script runs over an SSH channel (used by ``ssh.SshTarget``).
+"""How scripts run over SSH (used by ``ssh.SshTarget``): a runner shell that stays.
 
-The SSH command line holds only a fixed runner program, a random
-marker and two lengths; everything else travels on the channel's standard input::
+A new SSH session per script costs the host a forked sshd child, a login shell and a
+runner, and the connection a dozen packets: about 0.2 s per round at 30 hosts sharing
+two cores (measured in bench/fleet.py's lab). So each connection keeps a runner shell (a
+few when runs overlap) and sends it one script after another::
 
-    [sudo -S -k -p '' --] setsid -w bash -c RUNNER wa MARKER ENV_BYTES SCRIPT_BYTES
-    stdin: [sudo password\\n] MARKER\\n <env file> <script>
+    [sudo -S -k -p '' --] bash -c SHELL wa HELLO
+    stdin: [sudo password\\n] HELLO\\n, then per run: ID ENV_BYTES SCRIPT_BYTES\\n <env> <script>
 
-``sudo -S`` reads the password line (one byte at a time, so nothing more). The runner,
-leader of a new session so a timeout can kill its whole process group, makes a private
-directory (mode 0700), reports ``<RS>wa PGID DIR`` as its first line of stderr, skips
-input up to the marker (the password line too, when sudo had no use for it), writes the
-env file and the script there (mode 0600) and runs ``env -i BASH_ENV=env-file bash
-script`` with stdin from /dev/null. Bash sources the env file first: it deletes itself
+``sudo -S`` reads the password line (one byte at a time, so nothing more); the shell
+skips input up to ``HELLO`` (the password line too, when sudo had no use for it), makes a
+private directory (mode 0700) and reports ``<RS>wa-shell PID DIR`` on stderr. For each
+run it writes the env file and the script there (mode 0600) and starts ``env -i
+BASH_ENV=env-file bash script`` as a job of its own (``set -m``: its own process group,
+so a timeout kills the whole tree), stdin from /dev/null; the job first reports
+``<RS>wa-pid ID PGID`` on stderr. Bash sources the env file first: it deletes itself
 and exports ``BASE_ENV`` plus the caller's ``env``. So neither the script nor an env
-value nor the password is ever in a process argument.
+value nor the password is ever in a process argument, as before.
 
-A run ends when the script exits, not when the channel's pipes close: a daemon the
-script starts may hold them for hours. sshd sends the runner's exit status as soon as it
-exits; the output gets ``DRAIN_GRACE`` more to arrive, then the channel is closed (what
-``process.run_process`` does with a pidfd on this host). A timeout or a cancelled run
-sends ``kill -KILL -- -PGID`` on a second channel.
+A run ends when the script exits, not when pipes close: the shell then writes
+``\\n<RS>wa-end ID STATUS`` on stdout and on stderr. ``ID`` is random per run, so no
+output can fake it; the newline before it is the shell's and is dropped. Bash's own job
+messages ("Killed", "Done") go to /dev/null: the shell's stderr is kept on fd 3 for the
+jobs. A daemon a script leaves running with the shell's stdout or stderr still open
+writes into whatever runs next (or nowhere, between runs), so daemons are expected to be
+detached (start-stop-daemon, systemd, or their own log file), as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shlex
 import signal as signals
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
 
 import asyncssh
 
 from workflow_agent.execution.process import _Lines as Lines
 from workflow_agent.execution.target import OutputCollector
 
-#: The runner (see the module docstring). $1 marker, $2 env bytes, $3 script bytes.
-#: mkdir (not mktemp): one fork fewer, and mkdir never follows an existing path.
-RUNNER = r"""umask 077; cd / || exit 125
-d=/tmp/workflow-agent-run.$$.$RANDOM$RANDOM
+log = logging.getLogger(__name__)
+
+#: The runner shell (see the module docstring). $1 is HELLO.
+SHELL = r"""umask 077; cd / || exit 125
+while IFS= read -r l; do [ "$l" = "$1" ] && break; done
+[ "$l" = "$1" ] || exit 125
+d=/tmp/workflow-agent-shell.$$.$RANDOM$RANDOM
 mkdir -m 700 "$d" || exit 125
-printf '\036wa %s %s\n' "$$" "$d" >&2
-found=
-while IFS= read -r l; do [ "$l" = "$1" ] && { found=1; break; }; done
-if [ -z "$found" ] || ! head -c "$2" > "$d/env" || ! head -c "$3" > "$d/script"; then
-  rm -rf -- "$d"; exit 125
-fi
-env -i BASH_ENV="$d/env" bash "$d/script" < /dev/null
-rc=$?
-rm -rf -- "$d"
-exit "$rc"
+trap 'rm -rf -- "$d"' EXIT
+trap 'exit 129' HUP TERM
+exec 3>&2 2>/dev/null
+set -m
+printf '\036wa-shell %s %s\n' "$$" "$d" >&3
+while IFS=' ' read -r id elen slen; do
+  { head -c "$elen" > "$d/env" && head -c "$slen" > "$d/script"; } 2>&3 || exit 125
+  ( printf '\036wa-pid %s %s\n' "$id" "$BASHPID" >&3
+    exec env -i BASH_ENV="$d/env" bash "$d/script" 2>&3 3>&- ) < /dev/null &
+  wait "$!"
+  rc=$?
+  printf '\n\036wa-end %s %s\n' "$id" "$rc"
+  printf '\n\036wa-end %s %s\n' "$id" "$rc" >&3
+done
 """
 
-#: Exit status of the runner when it could not set the script up.
-RUNNER_FAILED = 125
-_HANDSHAKE = b"\x1ewa "
+#: Exit status of the shell when it could not set a run up.
+SHELL_FAILED = 125
+_READY = re.compile(rb"\x1ewa-shell (\d+) (\S+)\n")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class RunSession(asyncssh.SSHClientSession[bytes]):
-    """Receives one run's output and end; see the module docstring for the protocol."""
+@dataclass
+class ShellRun:
+    """One script's run on a runner shell: its output so far and how it ends."""
 
-    def __init__(self, sink: OutputCollector, handshake: bool) -> None:
-        self.stdout = Lines("stdout", sink)
-        self.stderr = Lines("stderr", sink)
-        self.awaiting_handshake = handshake
-        self.head = b""
-        self.pgid = 0
-        self.run_dir = ""
-        self.killed = False
+    run_id: str
+    sink: OutputCollector
+    stdout: Lines = field(init=False)
+    stderr: Lines = field(init=False)
+    #: The script's process group, once its job reported it (0 before).
+    pgid: int = 0
+    #: Exit status per stream's end marker.
+    ends: dict[str, int] = field(default_factory=dict)
+    done: asyncio.Future[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stdout = Lines("stdout", self.sink)
+        self.stderr = Lines("stderr", self.sink)
+        self.done = asyncio.get_running_loop().create_future()
+
+    def request(self, env: bytes, script: bytes) -> bytes:
+        """What the shell reads for this run."""
+        return f"{self.run_id} {len(env)} {len(script)}\n".encode() + env + script
+
+
+class ShellSession(asyncssh.SSHClientSession[bytes]):
+    """The client side of a runner shell: splits its streams into runs."""
+
+    def __init__(self) -> None:
         loop = asyncio.get_running_loop()
-        self.exited: asyncio.Future[int] = loop.create_future()
+        #: The shell's directory, once it reported itself.
+        self.ready: asyncio.Future[str] = loop.create_future()
         self.closed: asyncio.Future[Exception | None] = loop.create_future()
+        self.exit_status: int | None = None
+        #: What the shell (or sudo) wrote on stderr before it was ready.
+        self.startup_errors = b""
+        self.run: ShellRun | None = None
+        self._buffers = {"stdout": b"", "stderr": b""}
+        #: Whether the last byte passed on per stream was a newline (see ``_feed``).
+        self._fed_newline = {"stdout": False, "stderr": False}
 
     @property
-    def ends(self) -> list[asyncio.Future[Any]]:
-        """The futures that end a run: the exit status, or the channel closing."""
-        return [self.exited, self.closed]
+    def alive(self) -> bool:
+        """Ready and neither exited nor disconnected."""
+        return self.ready.done() and not self.ready.exception() and not self.closed.done()
+
+    def begin(self, run: ShellRun) -> None:
+        """Attribute what arrives from now on to ``run``."""
+        self.run = run
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self.killed:
-            return  # e.g. setsid's complaint that its child was killed
-        if datatype != asyncssh.EXTENDED_DATA_STDERR:
-            self.stdout.feed(data)
+        stream = "stderr" if datatype == asyncssh.EXTENDED_DATA_STDERR else "stdout"
+        self._buffers[stream] += data
+        if not self.ready.done():
+            self._handshake()
+        if self.ready.done():
+            self._pump(stream)
+
+    def _handshake(self) -> None:
+        head = self._buffers["stderr"]
+        match = _READY.search(head)
+        if match is None:
             return
-        if self.awaiting_handshake:
-            # Before the runner's first line only sudo writes here (an empty line after
-            # reading the password, or its complaints): pass those on, minus blank lines.
-            self.head += data
-            data = b""
-            while self.awaiting_handshake and b"\n" in self.head:
-                line, _, self.head = self.head.partition(b"\n")
-                if line.startswith(_HANDSHAKE):
-                    self.awaiting_handshake = False
-                    pgid, _, run_dir = line[len(_HANDSHAKE):].decode().partition(" ")
-                    self.pgid = int(pgid) if pgid.isdigit() else 0
-                    self.run_dir = run_dir
-                elif line.strip():
-                    self.stderr.feed(line + b"\n")
-            if self.awaiting_handshake:
+        self.startup_errors = head[: match.start()]
+        self._buffers["stderr"] = head[match.end():]
+        self.ready.set_result(match[2].decode())
+
+    def _pump(self, stream: str) -> None:
+        run = self.run
+        data = self._buffers[stream]
+        self._buffers[stream] = b""
+        if run is None or run.done.done() or stream in run.ends:
+            if data:
+                log.debug("discarding output outside a run: %r", data[:200])
+            return
+        if stream == "stderr" and not run.pgid:
+            # The job reports its process group before the script can write anything.
+            marker = f"\x1ewa-pid {run.run_id} ".encode()
+            start = data.find(marker)
+            end = data.find(b"\n", start) if start >= 0 else -1
+            if end < 0:
+                self._buffers[stream] = data
                 return
-            data, self.head = self.head, b""
-        self.stderr.feed(data)
+            run.pgid = int(data[start + len(marker):end])
+            data = data[end + 1:]
+        self._feed(run, stream, data)
+
+    def _feed(self, run: ShellRun, stream: str, data: bytes) -> None:
+        """Pass ``data`` on to the run, up to its end marker. A newline at the end that
+        ends a line with text is passed on at once (so a waiting script's last line
+        shows): if it turns out to start the end marker, the script's last line had no
+        newline of its own, and the output is the same lines either way."""
+        lines: Lines = getattr(run, stream)
+        marker = f"\n\x1ewa-end {run.run_id} ".encode()
+        fed_newline = self._fed_newline[stream]
+        hay = (b"\n" if fed_newline else b"") + data
+        offset = len(hay) - len(data)
+        start = hay.find(marker)
+        if start < 0:
+            keep = _marker_start(hay, marker)
+            if not keep and data.endswith(b"\n") and (
+                    data.endswith(b"\n\n") or (data == b"\n" and not lines.pending)):
+                keep = 1  # it would end an empty line: the marker's newline, maybe
+            cut = len(data) - min(keep, len(data))
+            self._buffers[stream] = data[cut:]
+            data = data[:cut]
+            lines.feed(data)
+            if data:
+                self._fed_newline[stream] = data.endswith(b"\n")
+            return
+        end = hay.find(b"\n", start + len(marker))
+        if end < 0:
+            self._buffers[stream] = data[max(start - offset, 0):]
+            lines.feed(data[:max(start - offset, 0)])
+            return
+        lines.feed(data[:max(start - offset, 0)])
+        lines.flush()
+        self._fed_newline[stream] = False
+        run.ends[stream] = int(hay[start + len(marker):end])
+        if len(run.ends) == 2:
+            self.run = None
+            run.done.set_result(run.ends["stdout"])
 
     def exit_status_received(self, status: int) -> None:
-        if not self.exited.done():
-            self.exited.set_result(status)
+        self.exit_status = status
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
         number = getattr(signals, f"SIG{signal}", None)
-        if not self.exited.done():
-            self.exited.set_result(128 + int(number) if number is not None else 255)
+        self.exit_status = 128 + int(number) if number is not None else 255
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.startup_errors += self._buffers["stderr"]
+            self.ready.set_exception(ConnectionError("the runner shell ended"))
+            self.ready.exception()  # retrieved: the caller reads startup_errors instead
         if not self.closed.done():
             self.closed.set_result(exc)
 
-    def finish(self) -> None:
-        """Deliver what is still buffered (a last line without a newline)."""
-        if self.head:
-            self.stderr.feed(self.head)
-            self.head = b""
-        self.stdout.flush()
-        self.stderr.flush()
+
+def _marker_start(data: bytes, marker: bytes) -> int:
+    """How many bytes at the end of ``data`` may be the start of ``marker`` (a lone
+    newline does not count: see ``ShellSession._feed``)."""
+    at = data.rfind(marker[:2], max(len(data) - len(marker), 0))
+    return len(data) - at if at >= 0 and marker.startswith(data[at:]) else 0
 
 
 def env_file(env: Mapping[str, str]) -> bytes:

@@ -1,0 +1,51 @@
+"""The runner shell's stream protocol, chunk by chunk (the real shell: test_ssh_target)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncssh
+import pytest
+
+from workflow_agent.execution.ssh_runner import ShellRun, ShellSession
+from workflow_agent.execution.target import OutputCollector, RunResult
+
+RUN_ID = "0123456789abcdef0123456789abcdef"
+OUTPUTS = [b"", b"a\n", b"a", b"a\n\n", b"\n", b"\n\n", b"a\nb", b"x\x1ewa-end not-it 1\n"]
+
+
+def stream(output: bytes, status: int) -> bytes:
+    """What the shell writes for one run: the output, then the end marker."""
+    return output + f"\n\x1ewa-end {RUN_ID} {status}\n".encode()
+
+
+def replay(stdout: bytes, stderr: bytes, cut: int) -> RunResult:
+    """Feed a run's two streams split at ``cut`` (in a few pieces) into a session."""
+
+    async def body() -> RunResult:
+        session = ShellSession()
+        session.data_received(b"sudo noise\n\x1ewa-shell 42 /tmp/d\n",
+                              asyncssh.EXTENDED_DATA_STDERR)
+        assert await session.ready == "/tmp/d"
+        run = ShellRun(RUN_ID, OutputCollector())
+        session.begin(run)
+        err = f"\x1ewa-pid {RUN_ID} 77\n".encode() + stderr
+        for data, kind in ((stdout, None), (err, asyncssh.EXTENDED_DATA_STDERR)):
+            for piece in (data[:cut], data[cut:cut + 1], data[cut + 1:]):
+                if piece:
+                    session.data_received(piece, kind)  # type: ignore[arg-type]
+        assert run.pgid == 77 and session.run is None
+        return run.sink.result(await run.done)
+
+    return asyncio.run(body())
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_output_comes_back_the_same_however_it_is_split(output: bytes) -> None:
+    expected = "".join(line + "\n" for line in output.decode().split("\n"))
+    if output.endswith(b"\n") or not output:
+        expected = expected[:-1]  # no line after the last newline
+    data = stream(output, 3)
+    for cut in range(len(data) + 1):
+        result = replay(data, stream(output, 3), cut)
+        assert (result.exit_code, result.stdout, result.stderr) == (3, expected, expected)
