@@ -20,7 +20,8 @@ def test_parse_families_packages_and_config_only_leftovers() -> None:
     output = (
         "distro=linuxmint\ndistro_like=ubuntu debian\ndistro_version=21.3\n"
         "machine=aarch64\npackage_manager=apt-get\ninit=systemd\nuid=1000\n"
-        "--packages--\nbash\t5.2\nzabbix-agent\t-\n"
+        "--packages--\nii \tbash\t5.2\nrc \tzabbix-agent\t1:6.0\n"
+        "iU \thalf-done\t1.0\nun \tnever\t\n"
     )
     facts = parse_facts(output)
     assert (facts.os_family, facts.arch, facts.package_manager) == ("debian", "arm64", "apt")

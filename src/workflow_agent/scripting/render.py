@@ -8,6 +8,7 @@ read them from the environment variable the definition names.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shlex
@@ -169,7 +170,10 @@ def _heredoc_bodies(
     return i, line
 
 
+@functools.lru_cache(maxsize=64)
 def _environment(templates_dir: Path) -> jinja2.Environment:
+    """One environment per templates folder, so each template compiles once per process
+    (a fleet renders the same template for every host)."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(templates_dir), str(SHARED_TEMPLATES)]),
         undefined=jinja2.StrictUndefined,
@@ -246,9 +250,14 @@ def render_script(
 _CHECK_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
+@functools.lru_cache(maxsize=256)
+def _check_template(text: str) -> jinja2.Template:
+    return _CHECK_ENV.from_string(text)
+
+
 def _render_value(value: Any, params: Mapping[str, Any]) -> Any:
     if isinstance(value, str) and "{" in value:
-        return _CHECK_ENV.from_string(value).render(params)
+        return _check_template(value).render(params)
     if isinstance(value, list):
         return [_render_value(item, params) for item in value]
     return value
