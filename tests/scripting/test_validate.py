@@ -13,10 +13,12 @@ from pydantic import ValidationError
 from workflow_agent.scripting.validate import (
     SHELLCHECK_ENV,
     Finding,
+    Script,
     ValidationReport,
     clear_memory_cache,
     find_shellcheck,
     validate_script,
+    validate_scripts,
 )
 
 SECRET = "NR_LICENSE_KEY"
@@ -152,6 +154,21 @@ def test_shellcheck_levels_are_mapped_with_lines() -> None:
     assert by_code["SC2086"].column == 4
     assert report.ok  # warnings and infos do not block
     assert report.warnings == [by_code["SC2164"]]
+
+
+def test_a_batch_reports_each_script_as_if_alone() -> None:
+    scripts = [
+        Script("#!/bin/bash\ncd /opt/example\nfiles=$1\nls $files\n", "sc.sh"),
+        Script("#!/bin/bash\nif true; then\n  echo hi\n", "broken.sh"),
+        Script(INSTALL_SCRIPT, "install.sh", [SECRET]),
+        Script("#!/bin/bash\necho hi\n", "clean.sh"),
+    ]
+    batch = validate_scripts(scripts)
+    clear_memory_cache()
+    alone = [validate_script(s.text, name=s.name, secret_env=s.secret_env) for s in scripts]
+    assert batch == alone
+    assert [bool(r.findings) for r in batch] == [True, True, False, False]
+    assert not batch[1].ok and batch[0].ok and batch[3].ok
 
 
 def test_unfollowable_source_is_not_reported() -> None:
