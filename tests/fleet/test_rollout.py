@@ -26,15 +26,14 @@ from workflow_agent.agent import WorkflowAgent
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.errors import InvalidInputError
 from workflow_agent.fleet.inventory import load_inventory
-from workflow_agent.fleet.rollout import (
+from workflow_agent.fleet.plan import (
     BatchSize,
-    HostResult,
-    Rollout,
+    FleetTargets,
     RolloutOptions,
     crossed,
-    fleet_container,
     plan_batches,
 )
+from workflow_agent.fleet.rollout import HostResult, Rollout
 from workflow_agent.integrations.registry import Registry
 from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot, diff, take_snapshot
 
@@ -279,7 +278,7 @@ def test_a_host_that_dies_mid_install_is_reported_unreachable(
     hosts = load_inventory(ini_inventory(lab, tmp_path / "hosts.ini")).select("all")
     config = WorkflowConfiguration(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
                                    ssh=lab.ssh_settings(client_keys=[]))
-    container = fleet_container(config, hosts)
+    container = FleetTargets(config, hosts).container
     victim = lab.hosts[1].name
     killing: list[asyncio.Future[Any]] = []
 

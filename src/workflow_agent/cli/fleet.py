@@ -9,6 +9,7 @@ Heavy modules are imported inside the functions so ``--help`` stays fast.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import sys
 import time
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from workflow_agent.fleet.inventory import Host
-    from workflow_agent.fleet.rollout import HostResult, RolloutOptions, RolloutReport
+    from workflow_agent.fleet.plan import FleetTargets, RolloutOptions
+    from workflow_agent.fleet.rollout import HostResult, RolloutReport
     from workflow_agent.state import Action
 
 InventoryOpt = Annotated[Path | None, typer.Option(
@@ -64,7 +66,7 @@ class FleetArgs:
 
     def options(self) -> RolloutOptions:
         """The rollout options these flags mean (``InvalidInputError`` when malformed)."""
-        from workflow_agent.fleet.rollout import BatchSize, RolloutOptions, parse_percent
+        from workflow_agent.fleet.plan import BatchSize, RolloutOptions, parse_percent
 
         return RolloutOptions(
             forks=self.forks,
@@ -88,36 +90,60 @@ def fleet_command(
 ) -> int:
     """Run ``action`` on the inventory's hosts; print progress and the result; the exit
     code. ``WorkflowAgentError`` (bad inventory, pattern, flags, declined) propagates."""
-    from workflow_agent.agent import WorkflowAgent
     from workflow_agent.cli.output import emit_json
     from workflow_agent.config import load_configuration
     from workflow_agent.errors import InvalidInputError
     from workflow_agent.fleet.inventory import load_inventory
-    from workflow_agent.fleet.rollout import Rollout, fleet_container
+    from workflow_agent.fleet.plan import FleetTargets
 
     if target is not None:
         raise InvalidInputError("--target and --inventory exclude each other",
                                 hint="Use --limit to pick inventory hosts.")
     options = fleet.options()
     hosts = load_inventory(fleet.inventory).select(fleet.limit or "all")
-    container = fleet_container(load_configuration(config_file=config, **overrides), hosts)
-    agent = WorkflowAgent(container)
-    progress = FleetProgress(live=not json_output and sys.stderr.isatty(),
-                             quiet=json_output)
-    rollout = Rollout(agent, hosts, options, on_update=progress.update)
+    targets = FleetTargets(load_configuration(config_file=config, **overrides), hosts)
     if action in ("install", "uninstall") and not yes:
         _confirm(action, integration, hosts, json_output)
-    progress.start(rollout.results, rollout.fleet_id, action, integration)
+    progress = FleetProgress(live=not json_output and sys.stderr.isatty(),
+                             quiet=json_output)
     try:
-        report = asyncio.run(rollout.run(action, integration, params, dict(os.environ)))
+        report = asyncio.run(_roll_out(targets, hosts, options, progress, action,
+                                       integration, params))
     finally:
         progress.stop()
-    container.sync_history()
+    targets.container.sync_history()
     if json_output:
         emit_json(report.as_json())
     else:
         show_report(report)
     return report.exit_code
+
+
+async def _roll_out(targets: FleetTargets, hosts: list[Host], options: RolloutOptions,
+                    progress: FleetProgress, action: Action, integration: str,
+                    params: dict[str, str]) -> RolloutReport:
+    """Connect the first batch while the workflow machinery loads, then roll out."""
+    from workflow_agent.fleet.plan import plan_batches
+
+    first = plan_batches(len(hosts), canary=options.canary, serial=options.serial)[0]
+    targets.open_early(hosts[:min(first, options.forks)])
+    try:
+        # In a thread: the event loop meanwhile answers the hosts' SSH handshakes.
+        await asyncio.to_thread(_import, "workflow_agent.agent", "workflow_agent.fleet.rollout")
+        from workflow_agent.agent import WorkflowAgent
+        from workflow_agent.fleet.rollout import Rollout
+
+        rollout = Rollout(WorkflowAgent(targets.container), hosts, options,
+                          on_update=progress.update)
+        progress.start(rollout.results, rollout.fleet_id, action, integration)
+        return await rollout.run(action, integration, params, dict(os.environ))
+    finally:
+        await targets.close_unused()
+
+
+def _import(*modules: str) -> None:
+    for module in modules:
+        importlib.import_module(module)
 
 
 def _confirm(action: str, integration: str, hosts: list[Host], json_output: bool) -> None:

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncssh
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from workflow_agent.config import SshSettings
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: A sudo password, or a way to get one when it is first needed (e.g. a prompt).
 PasswordSource = str | Callable[[], str | None] | None
@@ -147,6 +148,7 @@ class SshTarget(Target):
         self._sftp: asyncssh.SFTPClient | None = None
         self._sftp_lock: asyncio.Lock | None = None
         self._stage_dir = ""
+        self._opening: asyncio.Future[None] | None = None
         self._idle_shells: list[tuple[asyncssh.SSHClientChannel[bytes], ShellSession]] = []
         self._shell_slots: asyncio.Semaphore | None = None
         self.sudo = False
@@ -162,9 +164,13 @@ class SshTarget(Target):
     # -- connecting -------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, check the host key, find out whether sudo is needed and works."""
-        if self._conn is not None:
-            return
+        """Connect, check the host key, find out whether sudo is needed and works.
+        Concurrent calls share one attempt (a fleet starts connecting early)."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._opening)
+
+    async def _open(self) -> None:
         settings = self.settings
         keys = [_load_key(path) for path in settings.client_keys]
         options: dict[str, object] = {
@@ -187,14 +193,14 @@ class SshTarget(Target):
             self._loop = asyncio.get_running_loop()
             await self._probe()
         except BaseException:
-            await self.close()
+            await self._disconnect()
             raise
 
     def _known_hosts(self) -> object:
         if not self.settings.check_host_keys:
             return None
         path = self.settings.known_hosts
-        return str(path) if path is not None else ()
+        return _read_known_hosts(path) if path is not None else ()
 
     async def _connect(
         self, address: SshAddress, options: Mapping[str, object]
@@ -303,7 +309,17 @@ class SshTarget(Target):
                            hint="Set ssh.sudo to false to run as the login user.")
 
     async def close(self) -> None:
-        """Remove the staging directory and disconnect. Idempotent."""
+        """Stop a connection attempt in flight, remove the staging directory and
+        disconnect. Idempotent."""
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await opening
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        self._opening = None
         conn, jump, sftp = self._conn, self._jump, self._sftp
         self._conn = self._jump = self._sftp = None
         if sftp is not None:
@@ -589,9 +605,10 @@ class SshTarget(Target):
 
 
 def _load_key(path: Path) -> asyncssh.SSHKey:
-    """Read a private key file, converting failures into ``TargetError``s."""
+    """Read a private key file, converting failures into ``TargetError``s (read once
+    per process while the file stays the same: a fleet uses one key for many hosts)."""
     try:
-        return asyncssh.read_private_key(str(path))
+        return _read_cached(path, asyncssh.read_private_key)
     except OSError as exc:
         raise TargetError(
             f"cannot read the SSH key {path}: {exc.strerror or exc}",
@@ -608,3 +625,25 @@ def _load_key(path: Path) -> asyncssh.SSHKey:
 def _tail(lines: Sequence[str]) -> str:
     """The last lines of some output, for an error message."""
     return " ".join(" ".join(lines[-5:]).split()) or "no message"
+
+
+_FILE_CACHE: dict[tuple[str, Path, int, int], Any] = {}
+
+
+def _read_cached(path: Path, read: Callable[[str], _T]) -> _T:
+    """``read(path)``, reused while the file's size and mtime stay the same."""
+    stat = path.stat()
+    key = (read.__name__, path, stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_CACHE:
+        _FILE_CACHE[key] = read(str(path))
+    value: _T = _FILE_CACHE[key]
+    return value
+
+
+def _read_known_hosts(path: Path) -> object:
+    """The known_hosts file, parsed once while it stays the same; a missing file is
+    asyncssh's to report (as it does for a path), so it is passed on as one."""
+    try:
+        return _read_cached(path, asyncssh.read_known_hosts)
+    except (OSError, ValueError):
+        return str(path)
