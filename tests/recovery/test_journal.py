@@ -1,8 +1,20 @@
-"""Which processes the journal says a script started or stopped (pure logic)."""
+"""The journal without a target: which processes it says a script started or stopped,
+and which journals it finds unfinished."""
 
 from __future__ import annotations
 
-from workflow_agent.execution.journal import ProcessInfo, observed
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+from workflow_agent.execution.journal import (
+    Header,
+    Journal,
+    JournalStore,
+    ProcessInfo,
+    observed,
+)
 from workflow_agent.verification.snapshot import Snapshot
 
 
@@ -36,3 +48,91 @@ def test_unrelated_processes_ending_meanwhile_are_none_of_the_journals_business(
 def test_only_processes_the_script_started_count() -> None:
     other = process(30, "/usr/sbin/cron")  # started meanwhile by something else
     assert changes([], [other]) == set()
+
+
+# -- which journals are unfinished: the index of open journals ------------------------------
+
+
+def header(workflow_id: str, target: str = "ssh://root@web1:22") -> Header:
+    return Header(workflow_id=workflow_id, action="install", integration="x", target=target,
+                  target_identity=target, paths=["/etc"], ignore=[], predicted=False,
+                  pid=os.getpid(), created=datetime.now(UTC))
+
+
+def executing(store: JournalStore, workflow_id: str, target: str = "ssh://root@web1:22"
+              ) -> Journal:
+    journal = store.create(header(workflow_id, target))
+    journal.record_prepared(Snapshot(), None, [], [])
+    return journal
+
+
+def open_ids(store: JournalStore, target: str = "ssh://root@web1:22") -> list[str]:
+    return [summary.header.workflow_id for summary in store.unfinished(target)]
+
+
+def test_a_journal_is_unfinished_from_executing_until_a_final_phase(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path / "journal")
+    assert open_ids(store) == []
+    prepared = store.create(header("prepared"))  # nothing changed yet: not unfinished
+    journal = executing(store, "a")
+    executing(store, "b", "ssh://root@db1:22")
+    assert open_ids(store) == ["a"] and open_ids(store, "ssh://root@db1:22") == ["b"]
+    journal.set_phase("executed")
+    assert [s.phase for s in store.unfinished("ssh://root@web1:22")] == ["executed"]
+    journal.set_phase("committed")
+    assert open_ids(store) == []
+    assert len(os.listdir(store.directory / ".open")) == 1  # only db1's "b" is indexed
+    journal.set_phase("rolling-back")  # a later rollback of the committed install
+    assert open_ids(store) == ["a"]
+    journal.set_phase("rollback-failed")
+    assert open_ids(store) == ["a"]
+    journal.set_phase("rolled-back")
+    assert open_ids(store) == []
+    assert {s.header.workflow_id: s.phase for s in store.summaries()} == {
+        "prepared": "prepared", "a": "rolled-back", "b": "executing"}
+    assert prepared.phase == "prepared"
+
+
+def test_finished_journals_are_not_read(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path / "journal")
+    for number in range(20):
+        executing(store, f"done-{number}").set_phase("committed")
+    executing(store, "open")
+    assert open_ids(store) == ["open"]
+    # Finished journals made unreadable: asking which are unfinished does not notice.
+    for number in range(20):
+        path = store.directory / f"done-{number}" / "journal.jsonl"
+        path.unlink()
+        path.mkdir()
+    assert open_ids(store) == ["open"]
+
+
+def test_journals_from_before_the_index_are_found_by_one_scan(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path / "journal")
+    executing(store, "old-open")
+    executing(store, "old-done").set_phase("committed")
+    executing(store, "old-kept").set_phase("kept")
+    shutil.rmtree(store.directory / ".open")  # a data directory from before the index
+    (store.directory / "not-a-journal").mkdir()
+    assert open_ids(store) == ["old-open"]
+    indexed = os.listdir(store.directory / ".open")
+    assert [name.partition(".")[2] for name in indexed] == ["old-open"]
+
+
+def test_the_phase_comes_from_the_journal_while_it_is_indexed(tmp_path: Path) -> None:
+    # A crash right after the `executing` line was written, before the phase file was:
+    # the phase file is only a mirror, the journal says what happened.
+    store = JournalStore(tmp_path / "journal")
+    journal = executing(store, "crashed")
+    (journal.directory / "phase").unlink()
+    assert open_ids(store) == ["crashed"]
+    assert [s.phase for s in store.summaries()] == ["executing"]
+    with open(journal.directory / "journal.jsonl", "a") as handle:
+        handle.write('{"type": "phase", "pha')  # a line cut short
+    assert journal.phase == "executing" and open_ids(store) == ["crashed"]
+
+
+def test_a_deleted_journal_leaves_nothing_unfinished(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path / "journal")
+    shutil.rmtree(executing(store, "gone").directory)
+    assert open_ids(store) == []

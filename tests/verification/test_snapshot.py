@@ -12,10 +12,13 @@ import pytest
 
 from workflow_agent.errors import InvalidInputError
 from workflow_agent.execution.local import LocalTarget
+from workflow_agent.execution.target import run_parts
 from workflow_agent.verification.snapshot import (
     DEFAULT_IGNORE,
     FileEntry,
     Snapshot,
+    SnapshotProbe,
+    decode,
     diff,
     ignore_regex,
     remove_empty_dirs_created,
@@ -207,3 +210,40 @@ def test_remove_empty_dirs_created(tree: Path) -> None:
 def test_nested_paths_are_listed_once(tree: Path) -> None:
     # Without folding nested paths together the 9 entries would count as 20.
     assert len(snap(tree, tree / "sub", f"{tree}/", max_files=9).files) == 9
+
+
+def test_a_walk_within_a_subtree_meets_what_the_snapshot_lists_there(tree: Path) -> None:
+    (tree / "sub" / "cache" / "deep").mkdir(parents=True)
+    (tree / "sub" / "cache" / "deep" / "blob").write_text("x")
+    (tree / "sub" / "odd name.bak").write_text("x")
+    (tree / "subway").mkdir()  # a sibling whose name starts like the subtree's
+    ignore = (f"{tree}/sub/cache/**", f"{tree}/*/*.bak")
+    sub = f"{tree}/sub"
+    cases = [
+        ([tree], sub),  # walked from above: all but the way down is pruned
+        ([f"{tree}/sub/nested.conf", f"{tree}/keep.txt", f"{tree}/subway"], sub),
+        ([f"{tree}/sub"], str(tree)),
+        ([f"{tree}/keep.txt"], sub),  # nothing of it within: no start point
+    ]
+    met = []
+    for paths, within in cases:
+        probe = SnapshotProbe.of([str(p) for p in paths], ignore)
+        listed, walked = asyncio.run(run_parts(LocalTarget(), [
+            probe.script,
+            probe.walk(within) + "(( ${#paths[@]} )) && walk -print0 | base64 -w 4096; true",
+        ]))
+        inside = {p for p in probe.parse(listed, "here").files
+                  if p == within or p.startswith(within + "/")}
+        found = {p for p in decode(walked.stdout) if p == within or p.startswith(within + "/")}
+        assert found == inside, (paths, within)
+        met.append(found)
+    assert f"{tree}/sub/cache" in met[0] and f"{tree}/sub/odd name.bak" not in met[0]
+    assert f"{tree}/subway" not in met[1] and met[3] == set()
+
+
+def test_one_run_can_take_a_snapshot_among_other_parts(tree: Path) -> None:
+    probe = SnapshotProbe.of([str(tree)], ())
+    before, listed, after = asyncio.run(run_parts(LocalTarget(), [
+        "echo before", probe.script, "echo after; exit 4"]))
+    assert probe.parse(listed, "here") == snap(tree)
+    assert (before.stdout, after.stdout, after.exit_code) == ("before\n", "after\n", 4)

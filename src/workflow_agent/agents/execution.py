@@ -1,7 +1,9 @@
 """The execution agent: the only agent that changes a target.
 
-Gathers facts, takes the pre-install baseline, and runs scripts, streaming their output
-as ``workflow.output`` events (secrets masked).
+Gathers facts, takes the pre-install baseline, saves the change journal's pre-state,
+and runs scripts, streaming their output as ``workflow.output`` events (secrets
+masked). Each of these reads from the target in one run: over SSH every run is a
+session and a round trip.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from workflow_agent.errors import InvalidInputError
 from workflow_agent.execution import journal
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.rehearsal import Rehearsal, rehearse, supports_rehearsal
-from workflow_agent.execution.target import OutputCallback, RunResult
+from workflow_agent.execution.target import OutputCallback, RunResult, run_parts
 from workflow_agent.facts import Facts
 from workflow_agent.scripting.render import FAILURE_MARKER, RenderedScript
 from workflow_agent.secrets import Redactor
 from workflow_agent.state import RunSummary
-from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot, take_snapshot
+from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot, SnapshotProbe
 
 FACTS = "target.facts"
 SNAPSHOT = "target.snapshot"
@@ -155,17 +157,13 @@ class ExecutionAgent:
     async def _snapshot(self, message: Message) -> Baseline:
         request: SnapshotRequest = message.payload
         target = self.pool.get(request.workflow_id)
-        snapshot = await take_snapshot(
-            target, paths=request.paths, ignore=[*DEFAULT_IGNORE, *request.ignore]
-        )
-        existing: list[str] = []
-        if request.probe_paths:
-            probe = "".join(
-                f"[ -e {shlex.quote(p)} ] && echo {shlex.quote(p)}\n" for p in request.probe_paths
-            )
-            result = await target.run(probe + "true\n", timeout=60)
-            existing = result.stdout.split()
-        return Baseline(snapshot=snapshot, preexisting_paths=existing)
+        probe = SnapshotProbe.of(request.paths, [*DEFAULT_IGNORE, *request.ignore])
+        # Which of probe_paths exist, one per line, in the same run.
+        exists = "".join(f"[ -e {shlex.quote(p)} ] && printf '%s\\n' {shlex.quote(p)}\n"
+                         for p in request.probe_paths) + "true\n"
+        listed, existing = await run_parts(target, [probe.script, exists])
+        return Baseline(snapshot=probe.parse(listed, target.identity),
+                        preexisting_paths=existing.stdout.splitlines())
 
     async def _rehearse(self, message: Message) -> Rehearsal:
         request: RehearseRequest = message.payload
@@ -185,18 +183,9 @@ class ExecutionAgent:
 
     async def _journal(self, message: Message) -> list[journal.Entry]:
         request: JournalRequest = message.payload
-        target = self.pool.get(request.workflow_id)
-        book = journal.Journal(request.journal)
-        header = book.read().header
-        pre = await journal.snapshot(target, header)
-        saved = await journal.backup(target, journal.backup_paths(pre, request.predicted), book)
-        before = await journal.processes(target)
-        book.write_file("pre.json", pre.model_dump_json().encode())
-        book.add_entries(saved)
-        book.append({"type": "processes",
-                     "processes": [self._masked(p).model_dump() for p in before]})
-        book.set_phase("executing")
-        return saved
+        return await journal.prepare(self.pool.get(request.workflow_id),
+                                     journal.Journal(request.journal), request.predicted,
+                                     self._masked)
 
     async def _run(self, message: Message) -> RunResult:
         request: RunRequest = message.payload

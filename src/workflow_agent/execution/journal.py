@@ -1,7 +1,7 @@
 """The write-ahead change journal: what a workflow is about to change, saved before it does.
 
-Before an install (or uninstall) script runs for real, the journal saves, on this
-machine and durably (written, fsynced, directory fsynced):
+Before an install (or uninstall) script runs for real, ``prepare`` saves, on this
+machine and durably, from ONE run on the target (``run_parts``):
 
 * ``pre.json``: a snapshot of the integration's watched paths and of every path the
   rehearsal predicted would change: file types, modes, owners, hashes, the package set,
@@ -9,52 +9,74 @@ machine and durably (written, fsynced, directory fsynced):
 * ``backup.tar``: the content, mode, owner, timestamps and extended attributes of every
   existing file and link the script may modify or delete: each one the rehearsal
   predicted, plus every file and link under ``/etc`` in the watched paths (configuration
-  is where unpredicted edits hurt most, and it is small); made by ``tar`` on the target
-  and fetched, so it works on any target that can run a script and hand back a file;
+  is where unpredicted edits hurt most, and it is small); made by ``tar`` on the target,
+  which selects them itself (walking as the snapshot does) and streams the archive back
+  base64 on standard output, so it works on any target that can run a script;
 * the processes running on the target, so the services the script starts or stops are
   known afterwards;
 * ``journal.jsonl``: a header, one entry per backed-up path, then the ``executing``
   phase: only after that line is on disk does the script start.
 
 After the script (succeeded or not), ``observe`` compares a second snapshot and process
-list with the first and appends one entry per change actually made: paths created,
-modified, deleted or re-permissioned (each marked restorable or not: a modification the
-journal had no backup for cannot be undone), packages, users, groups, processes started
-and stopped. The recovery manager (``recovery/``) undoes entries newest first and
-appends what it did. The journal is append-only and never rewritten; its folder stays
-until the user deletes it, so a failed rollback can be retried.
+list (one run) with the first and appends one entry per change actually made: paths
+created, modified, deleted or re-permissioned (each marked restorable or not: a
+modification the journal had no backup for cannot be undone), packages, users, groups,
+processes started and stopped. The recovery manager (``recovery/``) undoes entries
+newest first and appends what it did. The journal is append-only and never rewritten;
+its folder stays until the user deletes it, so a failed rollback can be retried.
 
 A crash at any point leaves a journal whose last phase says how far it got:
 ``prepared`` (nothing changed yet), ``executing`` (the script may have changed anything
 the journal knows how to restore), ``executed``, ``committed`` (the workflow succeeded),
 ``kept`` (it failed and the user chose to keep its changes), ``rolling-back``,
-``rolled-back`` or ``rollback-failed``.
+``rolled-back`` or ``rollback-failed``. The ``phase`` file beside each journal mirrors
+the last one, so journals can be listed without reading them whole.
+
+Which journals are unfinished is asked before every install, so it must not read every
+journal ever written: ``DATA_DIR/journal/.open/`` holds an empty file per journal that
+may be unfinished (``KEY.WORKFLOW_ID``, KEY naming the target). It is made durable
+before an unfinished phase is, and removed after a finished one (``committed``, ``kept``,
+``rolled-back``) is; while it is there, readers take the phase from ``journal.jsonl``,
+not the ``phase`` file. Data directories from before the index get it built by one full
+scan, the first time it is needed.
+
+Durability: everything undoing needs (pre.json, backup.tar, the saved entries, the
+process list, the index file) is fsynced, with the folders holding it, before the
+``executing`` line, which is fsynced itself; a new journal's header is not, as nothing
+depends on it before then. Writing blocks on fsync: the async paths do it in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
 import hashlib
 import io
 import json
 import os
 import shlex
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from workflow_agent.errors import ExecutionFailedError, HistoryError
-from workflow_agent.execution.target import Target
+from workflow_agent.execution.target import RunResult, Target, run_parts
 from workflow_agent.storage.spool import append_durably
 from workflow_agent.verification.snapshot import (
     DEFAULT_HASH_LIMIT,
     FileEntry,
     FileType,
     Snapshot,
+    SnapshotProbe,
+    decode,
     diff,
     take_snapshot,
 )
@@ -212,46 +234,119 @@ class Journal:
         """The tar of the files saved before the change."""
         return self.directory / "backup.tar"
 
+    @cached_property
+    def header(self) -> Header:
+        """What the journal is about (its first line only)."""
+        try:
+            with open(self.directory / "journal.jsonl", "rb") as handle:
+                record = json.loads(handle.readline())
+            if record.pop("type") != "header":
+                raise ValueError("not a header")
+            return Header.model_validate(record)
+        except OSError as exc:
+            raise HistoryError(f"cannot read the change journal {self.directory}: "
+                               f"{exc.strerror}") from exc
+        except (ValueError, KeyError, AttributeError):
+            raise HistoryError(f"change journal {self.directory} has no header") from None
+
+    @property
+    def phase(self) -> str:
+        """The last phase ``journal.jsonl`` records (``prepared`` before any): what the
+        ``phase`` file mirrors, read from the end of the journal."""
+        try:
+            lines = (self.directory / "journal.jsonl").read_bytes().splitlines()
+        except OSError as exc:
+            raise HistoryError(f"cannot read the change journal {self.directory}: "
+                               f"{exc.strerror}") from exc
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if record.get("type") == "phase":
+                return str(record["phase"])
+        return "prepared"
+
     # -- writing ------------------------------------------------------------------------
 
     def append(self, *records: dict[str, Any]) -> None:
         """Append records, one line each, and make them durable (one fsync) before
         returning. A crash mid-write cuts at most the last line, which ``read`` drops."""
-        data = b"".join((json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
-                        for record in records)
         try:
-            append_durably(self.directory / "journal.jsonl", data)
+            append_durably(self.directory / "journal.jsonl", _lines(records))
         except OSError as exc:
-            raise HistoryError(
-                f"cannot write the change journal {self.directory}: {exc.strerror}",
-                hint="Nothing was changed on the target. Check that the data directory "
-                "is writable and not full.",
-            ) from exc
+            raise _unwritable(self.directory, exc) from exc
 
     def set_phase(self, phase: Phase, detail: str = "") -> None:
-        """Record that the workflow reached ``phase`` (also in the ``phase`` file, which
-        lets ``JournalStore`` list journals without reading them whole)."""
-        self.append({"type": "phase", "phase": phase, "at": _now(), "detail": detail})
-        self.write_file("phase", f"{phase}\n".encode())
+        """Record that the workflow reached ``phase``, durably, and mirror it in the
+        ``phase`` file. An unfinished phase is preceded by the journal's file in the
+        index of open journals, a finished one followed by its removal."""
+        index = _OpenIndex(self.directory.parent)
+        unfinished = phase in UNFINISHED
+        record = {"type": "phase", "phase": phase, "at": _now(), "detail": detail}
+        try:
+            if unfinished:
+                index.add(self)
+            append_durably(self.directory / "journal.jsonl", _lines([record]))
+            # While indexed, the journal's phase is read from journal.jsonl: the mirror
+            # must be durable only before the index stops pointing there.
+            self._write("phase", f"{phase}\n".encode(), sync=not unfinished)
+            if not unfinished:
+                _fsync_dir(self.directory)
+                index.remove(self)
+        except OSError as exc:
+            raise _unwritable(self.directory, exc) from exc
 
     def add_entries(self, entries: Iterable[Entry]) -> None:
         """Append entries, durably."""
-        self.append(*({"type": "entry", **entry.model_dump(mode="json")} for entry in entries))
+        self.append(*_entry_records(entries))
 
     def add_undos(self, records: Iterable[UndoRecord]) -> None:
         """Record what undoing entries did, durably."""
         self.append(*({"type": "undo", **record.model_dump()} for record in records))
 
-    def write_file(self, name: str, data: bytes) -> None:
-        """Write ``name`` in the journal folder durably (file and folder fsynced)."""
+    def record_prepared(self, pre: Snapshot, backup: bytes | None, saved: Sequence[Entry],
+                        processes: Sequence[ProcessInfo]) -> None:
+        """Write what undoing needs (``pre.json``, ``backup.tar``, the saved entries, the
+        processes), make it durable, then the ``executing`` phase: the write-ahead rule.
+
+        Blocks on fsync: async code runs it in a thread.
+        """
+        try:
+            self._write("pre.json", pre.model_dump_json().encode(), sync=True)
+            if backup is not None:
+                self._write("backup.tar", backup, sync=True)
+            append_durably(self.directory / "journal.jsonl", _lines([
+                *_entry_records(saved),
+                {"type": "processes", "processes": [p.model_dump() for p in processes]},
+            ]))
+            # One fsync each for the names in the folder and the folder in the store.
+            _fsync_dir(self.directory)
+            _fsync_dir(self.directory.parent)
+        except OSError as exc:
+            raise _unwritable(self.directory, exc) from exc
+        self.set_phase("executing")
+
+    def record_observed(self, entries: Sequence[Entry]) -> None:
+        """Append the changes observed after the script, then the ``executed`` phase.
+
+        Blocks on fsync: async code runs it in a thread.
+        """
+        self.add_entries(entries)
+        self.set_phase("executed")
+
+    def _write(self, name: str, data: bytes, *, sync: bool) -> None:
+        """Replace ``name`` in the journal folder atomically; with ``sync`` its bytes
+        are on disk first (the folder's fsync, which makes the name durable, is the
+        caller's)."""
         path = self.directory / name
         partial = path.with_suffix(path.suffix + ".partial")
         with open(partial, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(partial, path)
-        _fsync_dir(self.directory)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -313,12 +408,16 @@ class JournalStore:
         self.directory = directory
 
     def create(self, header: Header) -> Journal:
-        """A new journal folder holding only its header."""
+        """A new journal folder holding only its header (``record_prepared`` makes it
+        durable, before anything depends on it)."""
         folder = self.directory / header.workflow_id
         folder.mkdir(parents=True, mode=0o700)
-        _fsync_dir(self.directory)
         journal = Journal(folder)
-        journal.append({"type": "header", **header.model_dump(mode="json")})
+        try:
+            (folder / "journal.jsonl").write_bytes(
+                _lines([{"type": "header", **header.model_dump(mode="json")}]))
+        except OSError as exc:
+            raise _unwritable(folder, exc) from exc
         return journal
 
     def get(self, workflow_id: str) -> Journal | None:
@@ -330,26 +429,108 @@ class JournalStore:
         return Journal(matches[0]) if len(matches) == 1 else None
 
     def summaries(self) -> list[JournalSummary]:
-        """Every journal's header and phase, oldest first, without reading them whole."""
+        """Every journal's header and phase, oldest first, without reading them whole
+        (but those the index holds, whose phase comes from their journal)."""
         if not self.directory.is_dir():
             return []
+        indexed = {workflow_id for _, workflow_id in _OpenIndex(self.directory).entries()}
         found = []
         for folder in self.directory.iterdir():
+            if folder.name.startswith("."):
+                continue
+            journal = Journal(folder)
             try:
-                with open(folder / "journal.jsonl", "rb") as handle:
-                    first = json.loads(handle.readline())
-                phase = (folder / "phase").read_text().strip() if (
-                    folder / "phase").exists() else "prepared"
-            except (OSError, ValueError):
+                header = journal.header
+                if folder.name in indexed:
+                    phase = journal.phase
+                else:
+                    phase = (folder / "phase").read_text().strip() if (
+                        folder / "phase").exists() else "prepared"
+            except (OSError, HistoryError):
                 continue  # not a journal, or unreadable: `changes ID` reports it
-            first.pop("type", None)
-            found.append(JournalSummary(Journal(folder), Header.model_validate(first), phase))
+            found.append(JournalSummary(journal, header, phase))
         return sorted(found, key=lambda summary: summary.header.created)
 
     def unfinished(self, target_identity: str) -> list[JournalSummary]:
-        """Journals of ``target_identity`` a crash left with changes not undone."""
-        return [summary for summary in self.summaries()
-                if summary.header.target_identity == target_identity and summary.unfinished]
+        """Journals of ``target_identity`` a crash left with changes not undone, oldest
+        first: only those the index of open journals names are read."""
+        if not self.directory.is_dir():
+            return []
+        key = _target_key(target_identity)
+        found = []
+        for entry_key, workflow_id in _OpenIndex(self.directory).entries():
+            folder = self.directory / workflow_id
+            if entry_key != key or not folder.is_dir():
+                continue  # another target's, or deleted by hand with its changes
+            journal = Journal(folder)
+            summary = JournalSummary(journal, journal.header, journal.phase)
+            if summary.unfinished and summary.header.target_identity == target_identity:
+                found.append(summary)
+        return sorted(found, key=lambda summary: summary.header.created)
+
+
+class _OpenIndex:
+    """``STORE/.open/``: an empty file ``KEY.WORKFLOW_ID`` per journal that may be
+    unfinished (KEY: ``_target_key`` of its target). It may name more: a journal whose
+    prepare failed, or one a concurrent build saw open; readers check the phase."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.directory = store / ".open"
+
+    def add(self, journal: Journal) -> None:
+        """Name ``journal`` in the index, durably."""
+        self.ensure()
+        path = self.directory / _index_name(journal)
+        if path.exists():
+            return
+        _create_durably(path)
+        _fsync_dir(self.directory)
+
+    def remove(self, journal: Journal) -> None:
+        """Drop ``journal`` from the index (a crash may leave it: readers check)."""
+        (self.directory / _index_name(journal)).unlink(missing_ok=True)
+
+    def entries(self) -> list[tuple[str, str]]:
+        """``(target key, workflow id)`` of every journal the index names."""
+        self.ensure()
+        return [(key, workflow_id) for key, _, workflow_id
+                in (name.partition(".") for name in os.listdir(self.directory))
+                if key and workflow_id]
+
+    def ensure(self) -> None:
+        """Build the index if this data directory has none yet: one scan of every
+        journal, their phases read from ``journal.jsonl``."""
+        if self.directory.is_dir():
+            return
+        self.store.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".open-", dir=self.store))
+        for folder in self.store.iterdir():
+            if folder.name.startswith("."):
+                continue
+            journal = Journal(folder)
+            try:
+                if journal.phase in UNFINISHED:
+                    _create_durably(scratch / _index_name(journal))
+            except HistoryError:
+                continue  # not a journal (no journal.jsonl, no header)
+        _fsync_dir(scratch)
+        try:
+            # Renaming over an index another process built meanwhile fails unless it
+            # is still empty; either way the one in place is complete.
+            os.rename(scratch, self.directory)
+        except OSError:
+            shutil.rmtree(scratch)
+        else:
+            _fsync_dir(self.store)
+
+
+def _target_key(identity: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def _index_name(journal: Journal) -> str:
+    return f"{_target_key(journal.header.target_identity)}.{journal.workflow_id}"
 
 
 class JournalSummary(NamedTuple):
@@ -367,19 +548,18 @@ class JournalSummary(NamedTuple):
 
 # -- on the target ------------------------------------------------------------------------
 
-# Saves the listed paths that exist into a tar on the target and prints its path.
-# --no-recursion: a directory in the list stands for its own mode and owner only.
-_BACKUP = """set -euo pipefail
-dir=$(mktemp -d /var/tmp/workflow-agent-journal.XXXXXX)
-chmod 700 "$dir"
-: > "$dir/list"
-for p in {paths}; do
-  if [ -e "$p" ] || [ -L "$p" ]; then printf '%s\\0' "$p" >> "$dir/list"; fi
-done
-tar --create --file "$dir/backup.tar" --no-recursion --null --files-from "$dir/list" \\
-  --absolute-names --numeric-owner --xattrs --acls --format=posix 2>"$dir/errors" || {{
-  cat "$dir/errors" >&2; rm -rf -- "$dir"; exit 1; }}
-printf '%s\\n' "$dir"
+# Selects what backup_paths will expect, on the target itself (the configuration files
+# walked as the snapshot walks them, the predicted paths that exist), and streams their
+# tar. --no-recursion: a directory in the list stands for its own mode and owner only.
+_BACKUP = r"""set -o pipefail
+export LC_ALL=C
+{walk}{{
+  (( ${{#paths[@]}} )) && walk \( -type f -o -type l \) -print0
+  for p in {predicted}; do
+    if [ -e "$p" ] || [ -L "$p" ]; then printf '%s\0' "$p"; fi
+  done
+}} | sort -zu | tar --create --file - --no-recursion --null --files-from - \
+  --absolute-names --numeric-owner --xattrs --acls --format=posix | base64 -w 4096
 """
 
 #: The environment variable every journaled script runs with: the processes it starts
@@ -389,10 +569,11 @@ RUN_MARKER = "WORKFLOW_AGENT_RUN"
 # Bash builtins only inside the loop (a busy host has hundreds of processes; a fork each
 # would cost a second). Per process: pid, start time, uid, gid, unit, marked, argc, argv;
 # then one `find` prints every process's exe and cwd link. NUL-separated throughout.
-# Kernel threads (empty cmdline) and this script's own processes are left out.
+# Kernel threads (empty cmdline) and this script's own processes are left out: the
+# script's shell ($$), the subshell it may run in (run_parts) and their children.
 _PROCESSES = r"""set -o pipefail
 marker=%(marker)s
-self=$$
+self=$$ part=$BASHPID
 {
 links=()
 for d in /proc/[0-9]*; do
@@ -402,7 +583,7 @@ for d in /proc/[0-9]*; do
   (( ${#args[@]} )) || continue
   read -r stat < "$d/stat" 2>/dev/null || continue
   read -r -a f <<< "${stat##*) }"
-  [ "${f[1]}" = "$self" ] && continue
+  [ "${f[1]}" = "$self" ] || [ "${f[1]}" = "$part" ] && continue
   uid="" gid=""
   while read -r key value _; do
     case $key in Uid:) uid=$value ;; Gid:) gid=$value; break ;; esac
@@ -427,36 +608,6 @@ printf 'END\0'
 """
 
 
-async def backup(target: Target, paths: Sequence[str], journal: Journal) -> list[Entry]:
-    """Save ``paths`` (those that exist) from ``target`` into the journal's backup.tar.
-
-    Returns one entry per saved path, with its state read from the archive itself.
-    """
-    if not paths:
-        return []
-    script = _BACKUP.format(paths=" ".join(shlex.quote(p) for p in paths))
-    result = await target.run(script, timeout=300)
-    if not result.ok:
-        raise ExecutionFailedError(
-            f"could not save the files the install will change on {target.identity}: "
-            + " ".join(result.stderr.split())[-400:],
-            hint="Nothing was changed on the target.",
-        )
-    remote = result.stdout.strip().splitlines()[-1]
-    try:
-        data = await target.get(f"{remote}/backup.tar")
-    finally:
-        await target.run(f"rm -rf -- {shlex.quote(remote)}\n", timeout=60)
-    journal.write_file("backup.tar", data)
-    entries = []
-    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-        for number, member in enumerate(archive.getmembers(), 1):
-            entries.append(Entry(id=number, kind="file", op="modified",
-                                 name="/" + member.name.lstrip("/"),
-                                 before=_tar_entry(archive, member), backup=True))
-    return entries
-
-
 def backup_paths(pre: Snapshot, predicted: Iterable[str]) -> list[str]:
     """What to save before the change: the predicted paths and the configuration files."""
     chosen = set(predicted)
@@ -465,15 +616,57 @@ def backup_paths(pre: Snapshot, predicted: Iterable[str]) -> list[str]:
     return sorted(chosen)
 
 
-async def processes(target: Target, marker: str = "") -> list[ProcessInfo]:
-    """The processes running on ``target`` (kernel threads left out); ``marker``
-    (``NAME=VALUE``) flags those whose environment holds it."""
-    result = await target.run(_PROCESSES % {"marker": shlex.quote(marker)}, timeout=60)
+def _backup_script(probe: SnapshotProbe, predicted: Sequence[str]) -> str:
+    """The script saving ``backup_paths(pre, predicted)`` for the ``pre`` that ``probe``
+    takes, as a tar, base64 on stdout."""
+    return _BACKUP.format(walk=probe.walk(CONFIG_ROOT),
+                          predicted=" ".join(shlex.quote(p) for p in predicted) or "''")
+
+
+def _saved(result: RunResult, pre: Snapshot, predicted: Sequence[str], where: str
+           ) -> tuple[bytes | None, list[Entry]]:
+    """The tar ``_backup_script`` printed (None when it holds nothing) and one entry per
+    saved path, with its state read from the archive itself."""
+    failed = f"could not save the files the install will change on {where}: "
+    if not result.ok:
+        raise ExecutionFailedError(failed + " ".join(result.stderr.split())[-400:],
+                                   hint="Nothing was changed on the target.")
+    try:
+        data = base64.b64decode("".join(result.stdout.split()))
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            entries = [Entry(id=number, kind="file", op="modified",
+                             name="/" + member.name.lstrip("/"),
+                             before=_tar_entry(archive, member), backup=True)
+                       for number, member in enumerate(archive.getmembers(), 1)]
+    except (binascii.Error, tarfile.TarError) as exc:
+        raise ExecutionFailedError(failed + f"the archive is garbled ({exc})",
+                                   hint="Nothing was changed on the target.") from exc
+    # Both lists were made in one run, a moment apart: a path the snapshot listed and
+    # the tar lacks was deleted meanwhile, and can't be saved; sockets tar skips. A path
+    # the tar holds and the snapshot lacks was created meanwhile: saved once too many.
+    saved = {entry.name for entry in entries}
+    missing = [path for path in backup_paths(pre, predicted)
+               if path in pre.files and pre.files[path].type != "s" and path not in saved]
+    if missing:
+        raise ExecutionFailedError(
+            failed + f"{', '.join(missing[:5])} vanished while being saved",
+            hint="Nothing was changed on the target. Something else is changing it: "
+            "try again once it is done.")
+    return (data if entries else None), entries
+
+
+def _processes_script(marker: str = "") -> str:
+    """The script listing the processes on a target (kernel threads left out), flagging
+    those whose environment holds ``marker`` (``NAME=VALUE``); base64 on stdout."""
+    return _PROCESSES % {"marker": shlex.quote(marker)}
+
+
+def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
+    """The processes ``result`` (of ``_processes_script``, run on ``where``) lists."""
     if result.exit_code != 0:
-        raise ExecutionFailedError(f"could not list the processes on {target.identity}: "
+        raise ExecutionFailedError(f"could not list the processes on {where}: "
                                    + " ".join(result.stderr.split())[-300:])
-    fields = [part.decode("utf-8", "surrogateescape")
-              for part in base64.b64decode("".join(result.stdout.split())).split(b"\0")]
+    fields = decode(result.stdout)
     records: list[list[str]] = []
     i = 0
     while i < len(fields) and fields[i] == "P":
@@ -481,7 +674,7 @@ async def processes(target: Target, marker: str = "") -> list[ProcessInfo]:
         records.append(fields[i + 1 : i + 10 + argc])
         i += 10 + argc
     if fields[i : i + 1] != ["L"] or "END" not in fields[i:]:
-        raise ExecutionFailedError(f"the process list from {target.identity} is garbled")
+        raise ExecutionFailedError(f"the process list from {where} is garbled")
     end = fields.index("END", i)
     links = dict(zip(fields[i + 1 : end : 2], fields[i + 2 : end : 2], strict=False))
     found: list[ProcessInfo] = []
@@ -497,25 +690,52 @@ async def processes(target: Target, marker: str = "") -> list[ProcessInfo]:
     return found
 
 
+async def processes(target: Target, marker: str = "") -> list[ProcessInfo]:
+    """The processes running on ``target`` (kernel threads left out); ``marker``
+    (``NAME=VALUE``) flags those whose environment holds it."""
+    result = await target.run(_processes_script(marker), timeout=60)
+    return _parse_processes(result, target.identity)
+
+
 async def snapshot(target: Target, header: Header) -> Snapshot:
     """Snapshot the journal's paths on ``target``."""
     return await take_snapshot(target, paths=header.paths, ignore=header.ignore)
+
+
+async def prepare(
+    target: Target, journal: Journal, predicted: Sequence[str] = (),
+    mask: Callable[[ProcessInfo], ProcessInfo] = lambda process: process,
+) -> list[Entry]:
+    """Save what undoing ``journal``'s workflow needs, from one run on ``target``: the
+    snapshot, the backups (``backup_paths``), the processes (``mask`` hides secrets in
+    their command lines); then the ``executing`` phase. Returns the saved entries."""
+    probe = SnapshotProbe.of(journal.header.paths, journal.header.ignore)
+    listed, saving, running = await run_parts(
+        target, [probe.script, _backup_script(probe, predicted), _processes_script()])
+    pre = probe.parse(listed, target.identity)
+    backup, saved = _saved(saving, pre, predicted, target.identity)
+    before = [mask(p) for p in _parse_processes(running, target.identity)]
+    await asyncio.to_thread(journal.record_prepared, pre, backup, saved, before)
+    return saved
 
 
 async def observe(
     target: Target, journal: Journal, workflow_id: str,
     mask: Callable[[ProcessInfo], ProcessInfo] = lambda process: process,
 ) -> list[Entry]:
-    """Append what the script actually changed (phase ``executed``); ``mask`` hides
-    secrets in the command lines of processes before they are written."""
+    """Append what the script actually changed (phase ``executed``), from one run on
+    ``target``; ``mask`` hides secrets in the command lines of processes before they
+    are written."""
     state = journal.read()
-    post = await snapshot(target, state.header)
-    after = await processes(target, f"{RUN_MARKER}={workflow_id}")
+    probe = SnapshotProbe.of(state.header.paths, state.header.ignore)
+    listed, running = await run_parts(
+        target, [probe.script, _processes_script(f"{RUN_MARKER}={workflow_id}")])
+    post = probe.parse(listed, target.identity)
+    after = _parse_processes(running, target.identity)
     entries = observed(journal.pre_snapshot(), post, state.entries[: state.saved],
                        state.processes, [mask(p) for p in after],
                        first_id=len(state.entries) + 1)
-    journal.add_entries(entries)
-    journal.set_phase("executed")
+    await asyncio.to_thread(journal.record_observed, entries)
     return entries
 
 
@@ -611,6 +831,32 @@ def _mtime(member: tarfile.TarInfo) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _unwritable(directory: Path, exc: OSError) -> HistoryError:
+    return HistoryError(
+        f"cannot write the change journal {directory}: {exc.strerror}",
+        hint="Nothing was changed on the target. Check that the data directory is "
+        "writable and not full.",
+    )
+
+
+def _lines(records: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join((json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
+                    for record in records)
+
+
+def _entry_records(entries: Iterable[Entry]) -> Iterable[dict[str, Any]]:
+    return ({"type": "entry", **entry.model_dump(mode="json")} for entry in entries)
+
+
+def _create_durably(path: Path) -> None:
+    """An empty file at ``path``, on disk (its folder's fsync is the caller's)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,13 +4,19 @@ Every target runs scripts the same way: the script text is written to a private 
 the target and run with ``bash`` under a clean environment (``BASE_ENV`` plus what the
 caller passes), standard input from ``/dev/null``. Secrets travel only in ``env``, never
 in the script text or a process argument.
+
+A run costs a round trip, and over SSH a session and a runner on the host: ``run_parts``
+runs several independent read-only scripts in one run and hands each its own result.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
+import shlex
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar
@@ -138,3 +144,52 @@ class Target(ABC):
 
             self._facts = await gather_facts(self)
         return self._facts
+
+
+# Each part runs in a subshell of its own, through eval so that even a syntax error
+# stays in its part; after it, the wrapper prints a frame line on stdout
+# (``<RS>part-NONCE INDEX STATUS``) and on stderr (``<RS>part-NONCE INDEX``), each after
+# a newline of its own, so a part's last line needs none. NONCE is random per run: no
+# part's output can fake a frame.
+_PART = """( eval {script} )
+s=$?
+printf '\\n\\036part-{nonce} {index} %d\\n' "$s"
+printf '\\n\\036part-{nonce} {index}\\n' >&2
+"""
+
+
+async def run_parts(
+    target: Target,
+    scripts: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600.0,
+) -> list[RunResult]:
+    """Run independent bash ``scripts`` one after the other in ONE ``target.run``; one
+    ``RunResult`` each: its own stdout, stderr and exit status.
+
+    Each script runs in a subshell of its own (``exit``, ``set`` options and even a
+    syntax error stay in it).
+    A part the run never finished (timeout, lost connection) gets the run's exit status
+    (or -1) and what it printed so far; ``duration`` is the whole run's.
+    """
+    nonce = secrets.token_hex(8)
+    whole = await target.run(
+        "".join(_PART.format(script=shlex.quote(script), nonce=nonce, index=index)
+                for index, script in enumerate(scripts)),
+        env=env, timeout=timeout,
+    )
+    frame = f"\n\x1epart-{nonce} \\d+"
+    stdouts = re.split(frame + r" (-?\d+)\n", whole.stdout)  # text, status, text, ...
+    stderrs = re.split(frame + r"\n", whole.stderr)
+    results = []
+    for index in range(len(scripts)):
+        stdout = stdouts[2 * index] if 2 * index < len(stdouts) else ""
+        stderr = stderrs[index] if index < len(stderrs) else ""
+        if 2 * index + 1 < len(stdouts):
+            results.append(RunResult(int(stdouts[2 * index + 1]), stdout, stderr,
+                                     whole.duration))
+        else:  # the run ended before this part did
+            results.append(RunResult(whole.exit_code or -1, stdout, stderr, whole.duration,
+                                     timed_out=whole.timed_out))
+    return results

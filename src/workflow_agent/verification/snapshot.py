@@ -20,6 +20,7 @@ import posixpath
 import re
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from workflow_agent.errors import ExecutionFailedError, InvalidInputError
 
 if TYPE_CHECKING:
-    from workflow_agent.execution.target import Target
+    from workflow_agent.execution.target import RunResult, Target
 
 DEFAULT_IGNORE: tuple[str, ...] = (
     "/var/lib/dpkg/**",
@@ -176,15 +177,26 @@ def _normalize(path: str) -> str:
     return "/" + posixpath.normpath(path).lstrip("/")
 
 
-_SCRIPT = r"""set -o pipefail
-export LC_ALL=C
-paths=()
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _literal(path: str) -> str:
+    # A literal path as a regex both engines read alike (see _glob_regex).
+    return "".join("\\" + c if c in ".^$+(){}|[]\\*?" else c for c in path)
+
+
+_WALK = """paths=()
 for p in {paths}; do
   if [ -e "$p" ] || [ -L "$p" ]; then paths+=("$p"); fi
 done
 prune=({prune})
 walk() {{ find "${{paths[@]}}" -xdev -regextype posix-extended "${{prune[@]}}" "$@"; }}
-{{
+"""
+
+_SCRIPT = r"""set -o pipefail
+export LC_ALL=C
+{walk}{{
   printf 'wa-snapshot-1\0'
   n=0
   if (( ${{#paths[@]}} )); then
@@ -229,6 +241,86 @@ def _account_lines(text: str) -> dict[str, str]:
     return {line.split(":", 1)[0]: line for line in text.splitlines() if line.strip()}
 
 
+@dataclass(frozen=True)
+class SnapshotProbe:
+    """One snapshot's script and how to read what it printed: run ``script`` on a
+    target (alone, or as a part of ``run_parts``) and hand its result to ``parse``."""
+
+    paths: tuple[str, ...]
+    """Normalized, none inside another (it would be listed and counted twice)."""
+    ignore: str | None
+    """``ignore_regex`` of the ignore patterns."""
+    max_files: int = DEFAULT_MAX_FILES
+    hash_limit: int = DEFAULT_HASH_LIMIT
+
+    @classmethod
+    def of(
+        cls,
+        paths: Sequence[str],
+        ignore: Sequence[str] = DEFAULT_IGNORE,
+        *,
+        max_files: int = DEFAULT_MAX_FILES,
+        hash_limit: int = DEFAULT_HASH_LIMIT,
+    ) -> SnapshotProbe:
+        """The probe for ``paths`` (absolute, else ``InvalidInputError``) and ``ignore``."""
+        normalized = sorted({_normalize(p) for p in paths})
+        folded = tuple(p for p in normalized
+                       if not any(_under(p, q) for q in normalized if q != p))
+        return cls(folded, ignore_regex(ignore), max_files, hash_limit)
+
+    def walk(self, within: str = "/") -> str:
+        """Bash defining ``walk FIND-ARGS...``: ``find`` over the part of the snapshot
+        paths within ``within`` (those that exist), on the file systems and with the
+        ignore patterns the snapshot uses, so it meets exactly the entries the snapshot
+        lists there. ``paths`` is the array of start points, empty when none exist."""
+        within = _normalize(within)
+        above = [p for p in self.paths if p != within and _under(within, p)]
+        # Walking from a path above keeps -xdev's view of the tree; everything off the
+        # way down to `within` is pruned.
+        starts = above or [p for p in self.paths if _under(p, within)]
+        prune = [f"-regex {shlex.quote(self.ignore)} -prune -o"] if self.ignore else []
+        if above:
+            steps = [posixpath.dirname(within)]
+            while steps[-1] != above[0] and steps[-1] != "/":
+                steps.append(posixpath.dirname(steps[-1]))
+            keep = "|".join([*map(_literal, steps), _literal(within) + "(/.*)?"])
+            prune.append(f"! -regex {shlex.quote(f'({keep})')} -prune -o")
+        return _WALK.format(paths=" ".join(shlex.quote(p) for p in starts) or "''",
+                            prune=" ".join(prune))
+
+    @property
+    def script(self) -> str:
+        """The snapshot script; its output is base64 (``base64 -w 4096``)."""
+        return _SCRIPT.format(walk=self.walk(), limit=self.max_files + 1,
+                              max_files=self.max_files, hash_limit=self.hash_limit)
+
+    def parse(self, result: RunResult, where: str) -> Snapshot:
+        """The snapshot ``result`` (of ``script``, run on ``where``) holds.
+
+        ``InvalidInputError`` when more than ``max_files`` entries would have been
+        listed (nothing was hashed then); ``ExecutionFailedError`` when the script
+        failed or its output is incomplete.
+        """
+        if not result.ok:
+            reason = "timed out" if result.timed_out else f"exit {result.exit_code}"
+            raise ExecutionFailedError(f"snapshot script failed on {where} ({reason}): "
+                                       + " ".join(result.stderr.split())[-500:])
+        tokens = decode(result.stdout)
+        if tokens[:1] != ["wa-snapshot-1"] or tokens[-2:] != ["END", ""]:
+            raise ExecutionFailedError(f"snapshot output from {where} is incomplete")
+        if tokens[1] == "TOO-MANY":
+            raise InvalidInputError(
+                f"snapshot of {', '.join(self.paths)} would list more than {self.max_files} "
+                "entries",
+                hint="Snapshot narrower paths, add ignore patterns, or raise max_files.",
+            )
+        skip = re.compile(self.ignore, re.DOTALL) if self.ignore else None
+        try:
+            return _parse(tokens, skip, result.stderr, self.hash_limit)
+        except (IndexError, ValueError) as exc:
+            raise ExecutionFailedError(f"snapshot output from {where} is garbled") from exc
+
+
 async def take_snapshot(
     target: Target,
     *,
@@ -239,41 +331,13 @@ async def take_snapshot(
     timeout: float = 600.0,
 ) -> Snapshot:
     """Snapshot ``paths`` (not crossing file systems; absent paths skipped), the package
-    set, users and groups on ``target``.
+    set, users and groups on ``target``: one run of ``SnapshotProbe.script``.
 
     ``InvalidInputError`` when more than ``max_files`` entries would be listed (nothing
     is hashed then); ``ExecutionFailedError`` when the script itself fails.
     """
-    normalized = sorted({_normalize(p) for p in paths})
-    # A path inside another one would be listed (and counted) twice.
-    normalized = [p for p in normalized
-                  if not any(p.startswith(q.rstrip("/") + "/") for q in normalized if q != p)]
-    regex = ignore_regex(ignore)
-    script = _SCRIPT.format(
-        paths=" ".join(shlex.quote(p) for p in normalized) or "''",
-        prune=f"-regex {shlex.quote(regex)} -prune -o" if regex else "",
-        limit=max_files + 1,
-        max_files=max_files,
-        hash_limit=hash_limit,
-    )
-    result = await target.run(script, timeout=timeout)
-    if not result.ok:
-        reason = "timed out" if result.timed_out else f"exit {result.exit_code}"
-        raise ExecutionFailedError(f"snapshot script failed on {target.identity} ({reason}): "
-                                   + " ".join(result.stderr.split())[-500:])
-    tokens = _decode(result.stdout)
-    if tokens[:1] != ["wa-snapshot-1"] or tokens[-2:] != ["END", ""]:
-        raise ExecutionFailedError(f"snapshot output from {target.identity} is incomplete")
-    if tokens[1] == "TOO-MANY":
-        raise InvalidInputError(
-            f"snapshot of {', '.join(normalized)} would list more than {max_files} entries",
-            hint="Snapshot narrower paths, add ignore patterns, or raise max_files.",
-        )
-    try:
-        return _parse(tokens, re.compile(regex, re.DOTALL) if regex else None, result.stderr,
-                      hash_limit)
-    except (IndexError, ValueError) as exc:
-        raise ExecutionFailedError(f"snapshot output from {target.identity} is garbled") from exc
+    probe = SnapshotProbe.of(paths, ignore, max_files=max_files, hash_limit=hash_limit)
+    return probe.parse(await target.run(probe.script, timeout=timeout), target.identity)
 
 
 def _parse(
@@ -316,7 +380,9 @@ def _parse(
     return snapshot
 
 
-def _decode(stdout: str) -> list[str]:
+def decode(stdout: str) -> list[str]:
+    """The NUL-separated fields of base64 output (bytes that are not UTF-8 kept as
+    surrogate escapes)."""
     raw = base64.b64decode("".join(stdout.split()))
     return [part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0")]
 
@@ -387,4 +453,4 @@ async def remove_empty_dirs_created(target: Target, diff: SnapshotDiff) -> list[
     if result.exit_code != 0 or result.timed_out:
         raise ExecutionFailedError(f"removing empty directories on {target.identity} failed: "
                                    + " ".join(result.stderr.split())[-500:])
-    return [path for path in _decode(result.stdout) if path]
+    return [path for path in decode(result.stdout) if path]
