@@ -21,6 +21,7 @@ from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.target import Target
 from workflow_agent.integrations.registry import Registry
 from workflow_agent.secrets import Redactor
+from workflow_agent.storage.baselines import BaselineIndex
 from workflow_agent.storage.spool import HistorySpool, HistoryWriter
 
 if TYPE_CHECKING:
@@ -76,7 +77,8 @@ class Container:
         from workflow_agent.storage.history import HistoryStore
 
         store = self._history or HistoryStore(
-            self.config.history_database, redactor=self.redactor, spool_dir=self.spool_dir
+            self.config.history_database, redactor=self.redactor, spool_dir=self.spool_dir,
+            baselines=BaselineIndex.for_config(self.config),
         )
         store.open()
         return store
@@ -87,7 +89,7 @@ class Container:
         the given store itself."""
         if self._history is not None:
             return self._history
-        return HistorySpool(self.spool_dir, self.redactor)
+        return HistorySpool(self.spool_dir, self.redactor, BaselineIndex.for_config(self.config))
 
     def sync_history(self) -> None:
         """Bring a shared history database up to date now, rather than at its next read."""

@@ -26,12 +26,14 @@ from sqlalchemy import create_engine, update
 from workflow_agent.errors import HistoryError, InvalidInputError
 from workflow_agent.secrets import MASK, Redactor
 from workflow_agent.storage import tables
+from workflow_agent.storage.baselines import BaselineIndex
 from workflow_agent.storage.history import (
     HEAD_REVISION,
     MIN_ID_PREFIX,
     HistoryStore,
     alembic_config,
 )
+from workflow_agent.storage.spool import HistorySpool
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -697,6 +699,36 @@ def test_postgresql_migrations_match_the_table_definitions(postgres_url: str) ->
             assert compare_metadata(context, tables.metadata) == []
     finally:
         engine.dispose()
+
+
+def test_spool_ingest_and_baseline_index_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    """One transaction per file on PostgreSQL too, where a failed statement spoils the
+    transaction: the lines before a bad one still go in, each once."""
+    spool_dir = tmp_path / "spool"
+    spool = HistorySpool(spool_dir, Redactor())
+    spool.start_workflow(workflow_id="w1", action="install", integration="x", target="t",
+                         params={})
+    spool.record_stage("w1", name="facts", status="succeeded", started_at=T0, finished_at=T0)
+    spool.save_snapshot(target="t", integration="x", workflow_id="w1", content='{"a": 1}')
+    [path] = spool_dir.glob("*.jsonl")
+    good = path.read_bytes()
+    spool.record_stage("ghost", name="facts", status="succeeded", started_at=T0,
+                       finished_at=T0)
+    index = BaselineIndex(tmp_path / "baselines")
+    failing = HistoryStore(postgres_url, spool_dir=spool_dir, baselines=index)
+    with pytest.raises(HistoryError, match="no workflow with id 'ghost'"):
+        failing.open()
+    failing.close()
+    with HistoryStore(postgres_url) as history:
+        assert [s.name for s in history.get_workflow("w1").stages] == ["facts"]
+        assert history.spool_progress(path.name) == 3
+    assert index.latest(target="t", integration="x") == '{"a": 1}' and not index.complete
+    path.write_bytes(good)  # the bad line deleted
+    spool.finish_workflow("w1", status="succeeded")
+    with HistoryStore(postgres_url, spool_dir=spool_dir, baselines=index) as history:
+        record = history.get_workflow("w1")
+        assert (record.status, [s.name for s in record.stages]) == ("succeeded", ["facts"])
+    assert index.complete and list(spool_dir.iterdir()) == []
 
 
 def test_reopen_timing_smoke(db_path: Path) -> None:

@@ -23,6 +23,7 @@ confirmed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -301,7 +302,7 @@ class Coordinator:
             except _Stopped as stopped:
                 raise _Stopped(await self._after_failure(stopped.state, run)) from None
             assert run.journal is not None
-            run.journal.set_phase("committed")
+            await asyncio.to_thread(run.journal.set_phase, "committed")
             if run.request.save_as is not None:
                 state = await self._stage(state, "save", lambda s: self._save(s, run))
             return state
@@ -364,7 +365,7 @@ class Coordinator:
             return failed
         assert failed.error is not None
         if self.config.on_failure == "keep":
-            journal.set_phase("kept", "on_failure: keep")
+            await asyncio.to_thread(journal.set_phase, "kept", "on_failure: keep")
             return failed.model_copy(update={"notes": [*failed.notes, (
                 "the failed install's changes were kept (on_failure: keep); undo them with "
                 f"`workflow-agent rollback {failed.workflow_id[:8]}`")]})
@@ -560,10 +561,21 @@ class Coordinator:
         )
 
     def _stored_baseline(self, state: WorkflowState) -> execution.Baseline | None:
-        """The baseline in force for this integration on this target, if any."""
-        stored = self.history().latest_snapshot(
-            target=state.target_identity or "", integration=state.integration
-        )
+        """The baseline in force for this integration on this target, if any.
+
+        From this machine's baseline index once it is complete, with no database to open
+        (``storage/baselines.py``); else, and always with a shared database, from the store.
+        """
+        from workflow_agent.storage.baselines import BaselineIndex
+
+        target, integration = state.target_identity or "", state.integration
+        index = BaselineIndex.for_config(self.config)
+        if index is not None and index.complete:
+            # Stored keys were redacted, like the store's (see latest_snapshot).
+            stored = index.latest(target=self.redactor.redact(target),
+                                  integration=self.redactor.redact(integration))
+        else:
+            stored = self.history().latest_snapshot(target=target, integration=integration)
         if stored is None:
             return None
         baseline = execution.Baseline.model_validate_json(stored)

@@ -1,7 +1,10 @@
-"""The history recorder: writes every workflow event to the history store as it happens.
+"""The history recorder: writes every workflow event to the history as it happens.
 
-Each write is its own transaction, so a run killed mid-way leaves everything up to its
-last finished stage, and shows as incomplete.
+Each handler returns only once its event is durable (on disk in the spool, or committed
+in the store), and the bus awaits it before the workflow goes on: a run killed mid-way
+leaves everything up to its last finished stage, and shows as incomplete. The spool
+writes from a thread of its own (``storage/spool.py``), so waiting holds up only this
+workflow, never the event loop the other workflows of a fleet run in.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class HistoryRecorder:
             params=state.params,
             fleet_id=state.fleet_id,
         )
+        await self.history.durable(state.workflow_id)
 
     async def _stage(self, message: Message) -> None:
         event: StageEvent = message.payload
@@ -66,6 +70,7 @@ class HistoryRecorder:
         self.history.checkpoint(
             state.workflow_id, stage=record.name, state_json=state.model_dump_json()
         )
+        await self.history.durable(state.workflow_id)
 
     async def _finished(self, message: Message) -> None:
         state: WorkflowState = message.payload
@@ -75,3 +80,4 @@ class HistoryRecorder:
             error=state.error.message if state.error else None,
             exit_code=state.exit_code,
         )
+        await self.history.durable(state.workflow_id)

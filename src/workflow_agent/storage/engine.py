@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 #: The newest Alembic revision in ``migrations/versions``. A database at this revision is
 #: used as is, without importing Alembic. Bump it with every new migration (a test checks).
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 #: The Alembic environment shipped inside the package.
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")

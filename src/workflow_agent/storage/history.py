@@ -2,7 +2,11 @@
 
 SQLite (a file, in WAL mode) by default; PostgreSQL by URL. Every write is its own short
 transaction, so a crash at any point loses nothing already written, and every text or
-JSON value goes through the ``Redactor`` before it reaches the database.
+JSON value goes through the ``Redactor`` before it reaches the database. Ingesting a spool
+file (``spool.py``) is the exception: its events go in together, in one ``batch()``.
+
+Every snapshot saved is also written to the baseline index (``baselines.py``) when the
+store has one, and the first open copies the database's snapshots there.
 
 Connecting and migrating is ``engine``'s job; the record types handed back, and the
 ``incomplete`` status derived for a ``running`` workflow whose process is gone, are
@@ -20,11 +24,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, Connection, Engine, delete, insert, make_url, select, update
+from sqlalchemy import URL, Connection, Engine, delete, func, insert, make_url, select, update
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from workflow_agent.errors import HistoryError, InvalidInputError
 from workflow_agent.secrets import Redactor
+from workflow_agent.storage.baselines import BaselineIndex
 from workflow_agent.storage.engine import (
     HEAD_REVISION,
     MIGRATIONS_DIR,
@@ -60,6 +65,7 @@ from workflow_agent.storage.tables import (
     llm_cache,
     llm_usage,
     snapshots,
+    spool_progress,
     stages,
     workflows,
 )
@@ -97,8 +103,9 @@ class HistoryStore(FailureHistory):
 
     Create it with a SQLAlchemy URL (or ``for_path`` for a SQLite file), ``open()`` it,
     then call the record/read methods; all are synchronous and each write commits on
-    its own. Storage problems raise ``HistoryError``; a wrong argument (unknown action
-    or status, naive datetime) is a bug in the caller and raises ``ValueError``.
+    its own (inside ``batch()``, with the batch). Storage problems raise ``HistoryError``;
+    a wrong argument (unknown action or status, naive datetime) is a bug in the caller
+    and raises ``ValueError``. ``baselines``: the index each snapshot goes to as well.
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class HistoryStore(FailureHistory):
         *,
         redactor: Redactor | None = None,
         spool_dir: Path | None = None,
+        baselines: BaselineIndex | None = None,
     ) -> None:
         try:
             parsed = make_url(url)
@@ -127,19 +135,24 @@ class HistoryStore(FailureHistory):
         self._hostname = socket.gethostname()
         #: Runs spool their writes here (see spool.py); opening and reading ingest them.
         self.spool_dir = spool_dir
+        self.baselines = baselines
+        #: The connection of this thread's ``batch()``, while one is open.
+        self._batch = threading.local()
 
     @classmethod
     def for_path(
-        cls, path: Path, *, redactor: Redactor | None = None, spool_dir: Path | None = None
+        cls, path: Path, *, redactor: Redactor | None = None, spool_dir: Path | None = None,
+        baselines: BaselineIndex | None = None,
     ) -> HistoryStore:
         """A store in the SQLite file ``path``; its parent directories are created on open."""
         url = URL.create("sqlite", database=str(path.expanduser().absolute()))
-        return cls(url, redactor=redactor, spool_dir=spool_dir)
+        return cls(url, redactor=redactor, spool_dir=spool_dir, baselines=baselines)
 
     # -- lifecycle -------------------------------------------------------------------
 
     def open(self) -> None:
-        """Connect and bring the schema up to ``HEAD_REVISION``; does nothing if open."""
+        """Connect and bring the schema up to ``HEAD_REVISION``, ingest the spool and
+        complete the baseline index; does nothing if open."""
         with self._lock:
             if self._engine is not None:
                 return
@@ -152,6 +165,8 @@ class HistoryStore(FailureHistory):
                 raise
             self._engine = engine
         self.ingest()
+        if self.baselines is not None and not self.baselines.complete:
+            self._index_baselines(self.baselines)
 
     def ingest(self) -> int:
         """Take in every spooled event not yet stored; returns how many were taken."""
@@ -177,6 +192,26 @@ class HistoryStore(FailureHistory):
     def is_open(self) -> bool:
         """True between ``open()`` and ``close()``."""
         return self._engine is not None
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make this thread's writes inside the block one transaction, committed when the
+        block ends. A write that fails spoils the transaction: let its error leave the
+        block, which rolls all of it back."""
+        if getattr(self._batch, "conn", None) is not None:
+            raise RuntimeError("HistoryStore.batch() does not nest")
+        engine = self._require_engine()
+        with self._errors("write to the history database"), engine.connect() as conn:
+            begin_immediate(conn)
+            with conn.begin():
+                self._batch.conn = conn
+                try:
+                    yield
+                finally:
+                    self._batch.conn = None
+
+    async def durable(self, workflow_id: str) -> None:
+        """Nothing to wait for: each write is committed before it returns."""
 
     # -- writing ---------------------------------------------------------------------
 
@@ -331,16 +366,16 @@ class HistoryStore(FailureHistory):
         content: str,
         at: datetime | None = None,
     ) -> None:
-        """Store the pre-install file-set snapshot of ``integration`` on ``target``."""
-        self._insert_for_workflow(
-            snapshots,
-            workflow_id,
-            f"store the snapshot of {integration!r}",
-            target=self.redactor.redact(target),
-            integration=self.redactor.redact(integration),
-            created_at=_aware(at) if at else _now(),
-            content=self.redactor.redact_json_text(content),
-        )
+        """Store the pre-install file-set snapshot of ``integration`` on ``target``, and
+        index it."""
+        created = _aware(at) if at else _now()
+        stored = {"target": self.redactor.redact(target),
+                  "integration": self.redactor.redact(integration),
+                  "content": self.redactor.redact_json_text(content)}
+        self._insert_for_workflow(snapshots, workflow_id, f"store the snapshot of {integration!r}",
+                                  created_at=created, **stored)
+        if self.baselines is not None:
+            self.baselines.save(**stored, at=created)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -526,6 +561,49 @@ class HistoryStore(FailureHistory):
         with self._write("drop an LLM answer from the cache") as conn:
             conn.execute(delete(llm_cache).where(llm_cache.c.key == key))
 
+    # -- the spool's progress and the baseline index (see spool.py, baselines.py) -----
+
+    def spool_progress(self, name: str) -> int | None:
+        """How many lines of the spool file ``name`` are in, if the store counted them."""
+        query = select(spool_progress.c.applied).where(spool_progress.c.file == name)
+        # Not _read: ingesting is what asks.
+        with self._errors("read the spool progress"), self._require_engine().connect() as conn:
+            applied: int | None = conn.execute(query).scalar_one_or_none()
+        return applied
+
+    def record_spool_progress(self, name: str, applied: int) -> None:
+        """Count ``applied`` lines of the spool file ``name`` in (inside the ``batch()``
+        that stored them, so that events and count commit together)."""
+        with self._write(f"count the lines of {name} taken in") as conn:
+            done = conn.execute(update(spool_progress)
+                                .where(spool_progress.c.file == name).values(applied=applied))
+            if done.rowcount == 0:
+                conn.execute(insert(spool_progress).values(file=name, applied=applied))
+
+    def forget_spool_progress(self, names: Sequence[str]) -> None:
+        """Drop the counts of spool files that are done and deleted."""
+        with self._write("forget the counts of ingested spool files") as conn:
+            conn.execute(delete(spool_progress).where(spool_progress.c.file.in_(list(names))))
+
+    def _index_baselines(self, index: BaselineIndex) -> None:
+        """Copy the newest snapshot of every (target, integration) to ``index``, then mark
+        it complete (entries as new, saved by a run meanwhile, stay)."""
+        rank = func.row_number().over(
+            partition_by=(snapshots.c.target, snapshots.c.integration),
+            order_by=(snapshots.c.created_at.desc(), snapshots.c.id.desc()),
+        ).label("rank")
+        ranked = select(snapshots.c.id, rank).subquery()
+        query = (select(snapshots.c.target, snapshots.c.integration, snapshots.c.created_at,
+                        snapshots.c.content)
+                 .join(ranked, ranked.c.id == snapshots.c.id).where(ranked.c.rank == 1))
+        # Not _read: open() has just ingested.
+        with self._errors("read the newest snapshots"), self._require_engine().connect() as conn:
+            rows = conn.execute(query).all()
+        for row in rows:
+            index.save(target=row.target, integration=row.integration, content=row.content,
+                       at=row.created_at)
+        index.mark_complete()
+
     # -- connections and errors ------------------------------------------------------
 
     def _require_engine(self) -> Engine:
@@ -538,7 +616,13 @@ class HistoryStore(FailureHistory):
 
     @contextmanager
     def _write(self, doing: str) -> Iterator[Connection]:
-        """A connection inside a write transaction that commits when the block ends."""
+        """A connection inside a write transaction that commits when the block ends (in
+        a ``batch()``, the batch's)."""
+        batch: Connection | None = getattr(self._batch, "conn", None)
+        if batch is not None:
+            with self._errors(doing):
+                yield batch
+            return
         engine = self._require_engine()
         with self._errors(doing), engine.connect() as conn:
             # Take the SQLite write lock up front, so reading then writing cannot fail.
@@ -591,7 +675,9 @@ class HistoryStore(FailureHistory):
     ) -> None:
         with self._write(doing) as conn:
             try:
-                conn.execute(insert(table).values(workflow_id=workflow_id, **values))
+                # Values as parameters, not built into the statement: it is then compiled
+                # once per table (building .values() cost as much as the rest of an insert).
+                conn.execute(insert(table), {"workflow_id": workflow_id, **values})
             except IntegrityError as exc:
                 # The only constraint these inserts can break is the workflow foreign key.
                 raise _unknown_workflow(workflow_id) from exc

@@ -224,3 +224,12 @@ failures = Table(
     UniqueConstraint("integration", "signature"),
     Index("ix_failures_last_seen", "last_seen"),
 )
+
+spool_progress = Table(
+    "spool_progress",
+    metadata,
+    # A spool file's name (see workflow_agent.storage.spool): unique, as it holds a uuid.
+    Column("file", String(255), primary_key=True),
+    #: How many of its lines are in: counted in the transaction that stored them.
+    Column("applied", Integer, nullable=False),
+)
