@@ -3,8 +3,8 @@
 ``validate_script`` runs three layers and returns every finding with its line number:
 
 1. ``syntax``: ``bash -n`` on a temporary copy of the script.
-2. ``shellcheck``: ``shellcheck -f json1 -s bash`` (skipped when the syntax layer failed,
-   because shellcheck would only repeat the parse error).
+2. ``shellcheck``: ``shellcheck -f json1 -s bash`` (its findings dropped when the syntax
+   layer failed, because shellcheck would only repeat the parse error).
 3. ``policy``: the security rules in :mod:`workflow_agent.scripting.policy`, checked on the
    tree-sitter-bash syntax tree.
 
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +58,8 @@ _EXCLUDED_CHECKS = "SC1090,SC1091"
 _BASH_TIMEOUT_S = 15.0
 _SHELLCHECK_TIMEOUT_S = 60.0
 _MEMORY_LIMIT = 512
+#: Threads running bash -n and shellcheck for one batch (they wait on processes).
+_WORKERS = 4
 _LAYER_ORDER = {"syntax": 0, "shellcheck": 1, "policy": 2}
 _SHELLCHECK_LEVELS: dict[str, Severity] = {
     "error": "error",
@@ -367,18 +370,25 @@ def validate_scripts(
         # Imported here so a cache hit does not pay for loading tree-sitter.
         from workflow_agent.scripting.policy import check_policy
 
-        syntax = [_syntax_layer(data, bash, max(1, len(script.text.splitlines())))
-                  for _, script, data, _ in todo]
-        parsed = [i for i, (found, _) in enumerate(syntax)
-                  if not any(f.severity == "error" for f in found)]
-        checked = dict(zip(parsed, _shellcheck_layer([todo[i][2] for i in parsed],
-                                                     shellcheck), strict=True))
+        # bash -n per script and one shellcheck over them all run side by side, the
+        # policy checks meanwhile here; shellcheck's findings on a script bash cannot
+        # parse are dropped (they would only repeat the parse error).
+        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            shellchecked = pool.submit(_shellcheck_layer, [data for _, _, data, _ in todo],
+                                       shellcheck)
+            parsing = [pool.submit(_syntax_layer, data, bash,
+                                   max(1, len(script.text.splitlines())))
+                       for _, script, data, _ in todo]
+            policies = [check_policy(script.text, secret_env=sorted(set(script.secret_env)))
+                        for _, script, _, _ in todo]
+            syntax = [future.result() for future in parsing]
+            checked = shellchecked.result()
         for i, (index, script, data, key) in enumerate(todo):
             findings, cacheable = syntax[i]
-            if i in checked:
+            if not any(f.severity == "error" for f in findings):
                 findings = findings + checked[i][0]
                 cacheable = cacheable and checked[i][1]
-            findings += check_policy(script.text, secret_env=sorted(set(script.secret_env)))
+            findings = findings + policies[i]
             findings.sort(key=lambda f: (f.line, _LAYER_ORDER[f.layer], f.column or 0, f.code))
             report = ValidationReport(script_name=script.name,
                                       sha256=hashlib.sha256(data).hexdigest(),
