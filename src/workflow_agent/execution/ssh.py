@@ -34,7 +34,7 @@ from workflow_agent.execution.ssh_runner import (
     SHELL_FAILED,
     ShellRun,
     ShellSession,
-    env_file,
+    env_lines,
 )
 from workflow_agent.execution.target import (
     OutputCallback,
@@ -395,7 +395,7 @@ class SshTarget(Target):
         timeout: float = 600.0,
         on_output: OutputCallback | None = None,
     ) -> RunResult:
-        env_bytes = env_file(script_env(env))
+        env_bytes = env_lines(script_env(env))
         sink = OutputCollector(on_output)
         async with self._shell() as (chan, shell):
             run = ShellRun(uuid.uuid4().hex, sink)

@@ -10,13 +10,15 @@ few when runs overlap) and sends it one script after another::
 
 ``sudo -S`` reads the password line (one byte at a time, so nothing more); the shell
 skips input up to ``HELLO`` (the password line too, when sudo had no use for it), makes a
-private directory (mode 0700) and reports ``<RS>wa-shell PID DIR`` on stderr. For each
-run it writes the env file and the script there (mode 0600) and starts ``env -i
-BASH_ENV=env-file bash script`` as a job of its own (``set -m``: its own process group,
-so a timeout kills the whole tree), stdin from /dev/null; the job first reports
-``<RS>wa-pid ID PGID`` on stderr. Bash sources the env file first: it deletes itself
-and exports ``BASE_ENV`` plus the caller's ``env``. So neither the script nor an env
-value nor the password is ever in a process argument, as before.
+private directory (mode 0700), drops the environment sshd gave it and reports
+``<RS>wa-shell PID DIR`` on stderr. For each run it reads the env lines into memory
+(``read -N``: exactly those bytes), writes the script to its directory (mode 0600) and
+starts it as a job of its own (``set -m``: its own process group, so a timeout kills
+the whole tree), stdin from /dev/null: the job reports ``<RS>wa-pid ID PGID`` on stderr,
+evaluates the env lines (``export NAME='value'``: ``BASE_ENV`` plus the caller's
+``env``) and becomes ``bash SCRIPT``. So neither the script nor an env value nor the
+password is ever in a process argument, and env values never touch the disk. A run
+costs the host two programs: ``head`` and the script's ``bash``.
 
 A run ends when the script exits, not when pipes close: the shell then writes
 ``\\n<RS>wa-end ID STATUS`` on stdout and on stderr. ``ID`` is random per run, so no
@@ -53,12 +55,17 @@ mkdir -m 700 "$d" || exit 125
 trap 'rm -rf -- "$d"' EXIT
 trap 'exit 129' HUP TERM
 exec 3>&2 2>/dev/null
+unset -v $(compgen -e)
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C
 set -m
 printf '\036wa-shell %s %s\n' "$$" "$d" >&3
 while IFS=' ' read -r id elen slen; do
-  { head -c "$elen" > "$d/env" && head -c "$slen" > "$d/script"; } 2>&3 || exit 125
+  e=
+  if (( elen )); then IFS= read -r -N "$elen" e || exit 125; fi
+  head -c "$slen" > "$d/script" 2>&3 || exit 125
   ( printf '\036wa-pid %s %s\n' "$id" "$BASHPID" >&3
-    exec env -i BASH_ENV="$d/env" bash "$d/script" 2>&3 3>&- ) < /dev/null &
+    eval "$e"
+    exec bash "$d/script" 2>&3 3>&- ) < /dev/null &
   wait "$!"
   rc=$?
   printf '\n\036wa-end %s %s\n' "$id" "$rc"
@@ -217,13 +224,13 @@ def _marker_start(data: bytes, marker: bytes) -> int:
     return len(data) - at if at >= 0 and marker.startswith(data[at:]) else 0
 
 
-def env_file(env: Mapping[str, str]) -> bytes:
-    """The env file the script's bash sources first (``BASH_ENV``): it removes itself."""
-    lines = ['rm -f -- "$BASH_ENV"; unset BASH_ENV']
+def env_lines(env: Mapping[str, str]) -> bytes:
+    """The lines the job evaluates before it becomes the script's bash."""
+    lines = []
     for name, value in env.items():
         if not _NAME.fullmatch(name):
             raise ValueError(f"not an environment variable name: {name!r}")
         if "\0" in value:
             raise ValueError(f"environment variable {name} holds a NUL byte")
-        lines.append(f"export {name}={shlex.quote(value)}")
-    return ("\n".join(lines) + "\n").encode("utf-8")
+        lines.append(f"export {name}={shlex.quote(value)}\n")
+    return "".join(lines).encode("utf-8")
