@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from workflow_agent.execution.target import RunResult, Target
 
 
@@ -94,3 +96,18 @@ def metrics(address: str, port: int = 9100) -> str:
     with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10) as response:
         body: str = response.read().decode()
         return body
+
+
+def plugin(tmp_path: Path, name: str, install: str) -> Path:
+    """A one-method integration whose install script is ``install`` (watching /etc and
+    /opt), in a plugin folder of its own: the folder to pass as ``plugin_dirs``."""
+    folder = tmp_path / "plugins" / name
+    (folder / "templates").mkdir(parents=True)
+    (folder / "templates" / "install.sh.j2").write_text(install)
+    (folder / "definition.yaml").write_text(yaml.safe_dump({
+        "name": name, "version": "1", "description": "test integration",
+        "platforms": [{"os_family": "debian"}],
+        "methods": [{"name": "script", "templates": {"install": "install.sh.j2"}}],
+        "uninstall": {"watch": ["/etc", "/opt"]},
+    }))
+    return tmp_path / "plugins"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import plugin
 from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import WorkflowRequest
 from workflow_agent.config import WorkflowConfiguration
@@ -41,20 +42,6 @@ def sh(target: SandboxTarget, script: str) -> str:
     result = asyncio.run(target.run(script, timeout=30))
     assert result.ok, result.stderr
     return result.stdout
-
-
-def plugin(tmp_path: Path, name: str, install: str) -> Path:
-    """A one-method integration whose install script is ``install``."""
-    folder = tmp_path / "plugins" / name
-    (folder / "templates").mkdir(parents=True)
-    (folder / "templates" / "install.sh.j2").write_text(install)
-    (folder / "definition.yaml").write_text(yaml.safe_dump({
-        "name": name, "version": "1", "description": "test integration",
-        "platforms": [{"os_family": "debian"}],
-        "methods": [{"name": "script", "templates": {"install": "install.sh.j2"}}],
-        "uninstall": {"watch": ["/etc", "/opt"]},
-    }))
-    return tmp_path / "plugins"
 
 
 def test_install_verify_uninstall_leaves_nothing(

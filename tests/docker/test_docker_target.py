@@ -14,6 +14,7 @@ import pytest
 from helpers import host_pids_with, run_sh, unique_sleep
 from target_contract import (
     check_env_never_reaches_a_command_line,
+    check_run_then_parts,
     check_timeout_kills_the_whole_process_tree,
 )
 from workflow_agent.config import WorkflowConfiguration
@@ -56,6 +57,10 @@ def test_exit_code_and_the_base_environment(image_target: DockerImageTarget) -> 
 
 def test_timeout_kills_the_whole_process_tree(image_target: DockerImageTarget) -> None:
     asyncio.run(check_timeout_kills_the_whole_process_tree(image_target))
+
+
+def test_a_script_then_read_only_parts_in_one_run(image_target: DockerImageTarget) -> None:
+    asyncio.run(check_run_then_parts(image_target))
 
 
 def test_a_daemon_holding_stdout_does_not_hold_the_run(image_target: DockerImageTarget) -> None:

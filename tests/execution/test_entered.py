@@ -11,6 +11,7 @@ import pytest
 from helpers import run_sh
 from target_contract import (
     check_env_never_reaches_a_command_line,
+    check_run_then_parts,
     check_timeout_kills_the_whole_process_tree,
 )
 from workflow_agent.execution.entered import EnteredTarget
@@ -39,6 +40,10 @@ def test_env_reaches_the_script_but_never_a_command_line(entered: EnteredTarget)
 
 def test_timeout_kills_the_whole_process_tree(entered: EnteredTarget) -> None:
     asyncio.run(check_timeout_kills_the_whole_process_tree(entered))
+
+
+def test_a_script_then_read_only_parts_in_one_run(entered: EnteredTarget) -> None:
+    asyncio.run(check_run_then_parts(entered))
 
 
 def test_put_and_get_roundtrip(entered: EnteredTarget) -> None:

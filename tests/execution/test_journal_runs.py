@@ -1,5 +1,6 @@
-"""How often the change journal reaches the target: every run is a round trip, and over
-SSH a session and a runner on the host. Real sandboxes, real apt."""
+"""How often an install reaches the target (every run is a round trip, over SSH to a
+runner on the host), and what the journal records of a script run together with the
+read of what it changed. Real sandboxes, real apt."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ from typing import Any
 
 import pytest
 
+from helpers import host_pids_with, unique_sleep, wait_until
 from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import STAGE_EVENT, StageEvent, WorkflowRequest
+from workflow_agent.agents.execution import OUTPUT_EVENT, OutputLine, summarize
 from workflow_agent.bus import Message
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
-from workflow_agent.execution import journal
+from workflow_agent.execution import journal, journal_probe
 from workflow_agent.execution.sandbox import SandboxTarget
-from workflow_agent.execution.target import Target
+from workflow_agent.execution.target import RunResult, Target
+from workflow_agent.recovery.rollback import Staged, roll_back
+from workflow_agent.scripting.render import PROLOGUE
+from workflow_agent.secrets import Redactor
 from workflow_agent.verification.snapshot import DEFAULT_IGNORE, compare
 
 pytestmark = pytest.mark.sandbox
@@ -62,10 +68,10 @@ def test_prepare_and_observe_each_read_the_target_in_one_run(
     predicted = ["/opt/app/tool", "/opt/app", "/opt/app/absent", "/etc/app/app.conf"]
     calls = count_calls(sandbox)
 
-    saved = asyncio.run(journal.prepare(sandbox, book, predicted))
+    saved = asyncio.run(journal_probe.prepare(sandbox, book, predicted))
     assert calls == ["run"]
     pre = book.pre_snapshot()
-    expected = [p for p in journal.backup_paths(pre, predicted) if p in pre.files]
+    expected = [p for p in journal_probe.backup_paths(pre, predicted) if p in pre.files]
     assert sorted(entry.name for entry in saved) == expected
     assert {"/etc/app/current", "/etc/app/dangling", "/opt/app/tool", "/opt/app"} <= set(
         expected)
@@ -81,9 +87,9 @@ def test_prepare_and_observe_each_read_the_target_in_one_run(
 
     sh(sandbox, "echo a=2 > /etc/app/app.conf; rm /opt/app/tool; "
                 "setsid sleep 1234 </dev/null >/dev/null 2>&1 &",
-       env={journal.RUN_MARKER: "w1"})
+       env={journal_probe.RUN_MARKER: "w1"})
     calls.clear()
-    changes = asyncio.run(journal.observe(sandbox, book, "w1"))
+    changes = asyncio.run(journal_probe.observe(sandbox, book, "w1"))
     assert calls == ["run"]
     assert {change.describe() for change in changes if change.kind == "file"} == {
         "~ file /etc/app/app.conf (modified)", "- file /opt/app/tool (deleted)"}
@@ -93,24 +99,149 @@ def test_prepare_and_observe_each_read_the_target_in_one_run(
     assert book.read().phase == "executed"
 
 
-def test_a_journaled_install_reads_the_target_once_per_journal_stage(
+def test_a_journaled_install_reads_the_target_once_per_stage(
     tmp_path: Path, sandbox: SandboxTarget
 ) -> None:
     config = WorkflowConfiguration(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
     agent = WorkflowAgent(Container(config))
     calls = count_calls(sandbox)
     per_stage: dict[str, int] = {}
+    streamed: dict[str, list[str]] = {"stdout": [], "stderr": []}
 
     async def stage_ended(message: Message) -> None:
         event: StageEvent = message.payload
         per_stage[event.record.name] = len(calls) - sum(per_stage.values())
 
+    async def output(message: Message) -> None:
+        line: OutputLine = message.payload
+        if line.stage == "execute":
+            streamed[line.stream].append(line.line)
+
     agent.container.bus.subscribe(STAGE_EVENT, stage_ended)
+    agent.container.bus.subscribe(OUTPUT_EVENT, output)
     state = asyncio.run(agent.run(WorkflowRequest(
         action="install", integration="prometheus-node-exporter", target="sandbox",
         target_object=sandbox, params={"listen_port": "19141"})))
     assert state.status == "succeeded", state.error
-    # The baseline (snapshot + which uninstall paths exist), the journal (snapshot,
-    # backup, processes) and what the install changed (snapshot, processes) are one run
-    # each; execute is the script itself, then that one.
-    assert (per_stage["baseline"], per_stage["journal"], per_stage["execute"]) == (1, 1, 2)
+    # Facts; the baseline (snapshot + which uninstall paths exist); the journal
+    # (snapshot, backup, processes); the script, then what it changed (snapshot,
+    # processes); the verify script, then the first try of the package, process and
+    # port checks: one run each. The metrics check fetches in a run of its own.
+    assert {stage: per_stage[stage] for stage in (
+        "facts", "baseline", "journal", "execute", "verify")} == {
+        "facts": 1, "baseline": 1, "journal": 1, "execute": 1, "verify": 2}
+    # The output recorded and streamed is the script's, nothing of what ran after it.
+    [recorded] = [artifact.content for artifact
+                  in agent.container.history.get_workflow(state.workflow_id).artifacts
+                  if artifact.kind == "output" and artifact.name == "install"]
+    assert streamed["stdout"] and "\x1e" not in recorded
+    assert recorded == "".join(line + "\n" for line in streamed["stdout"] + streamed["stderr"])
+    assert "Setting up prometheus-node-exporter" in recorded
+    assert [e.describe() for e in book_of(tmp_path, state.workflow_id).read().changes
+            if e.kind == "process" and "exporter" not in e.name] == []
+
+
+def book_of(tmp_path: Path, workflow_id: str) -> journal.Journal:
+    found = journal.JournalStore(tmp_path / "data" / "journal").get(workflow_id)
+    assert found is not None
+    return found
+
+
+def prepared(tmp_path: Path, sandbox: SandboxTarget, workflow_id: str) -> journal.Journal:
+    """A journal of /etc and /opt on ``sandbox``, prepared (phase ``executing``)."""
+    book = journal.JournalStore(tmp_path / "journal").create(journal.Header(
+        workflow_id=workflow_id, action="install", integration="app", target="sandbox",
+        target_identity=sandbox.identity, paths=["/etc", "/opt"],
+        ignore=list(DEFAULT_IGNORE), predicted=False, pid=os.getpid(),
+        created=datetime.now(UTC)))
+    asyncio.run(journal_probe.prepare(sandbox, book))
+    return book
+
+
+def run_observed(sandbox: SandboxTarget, book: journal.Journal, script: str,
+                 **kwargs: Any) -> tuple[RunResult, list[tuple[str, str]]]:
+    lines: list[tuple[str, str]] = []
+    result = asyncio.run(journal_probe.run_observed(
+        sandbox, book, script, book.workflow_id, on_output=lambda *line: lines.append(line),
+        **kwargs))
+    return result, lines
+
+
+def test_the_script_and_what_it_changed_in_one_run(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    sh(sandbox, "mkdir -p /etc/app && echo a=1 > /etc/app/app.conf")
+    book = prepared(tmp_path, sandbox, "w2")
+    sleep = unique_sleep()
+    prologue = PROLOGUE.format(version="test", integration="app", action="install",
+                               method="m")
+    script = (prologue + 'echo "changing with $TOKEN"\necho a=2 > /etc/app/app.conf\n'
+              f"setsid sleep {sleep} </dev/null >/dev/null 2>&1 &\n"
+              "echo to-stderr >&2\nfalse\necho never\n")
+    calls = count_calls(sandbox)
+    result, lines = run_observed(sandbox, book, script, env={"TOKEN": "s3cret"}, timeout=60)
+    assert calls == ["run"]
+    assert result.exit_code == 1 and not result.timed_out
+    failed = summarize(result, Redactor()).failed_line
+    assert failed == script.splitlines().index("false") + 1
+    assert result.stdout == "changing with s3cret\n"
+    assert result.stderr.startswith("to-stderr\nworkflow-agent: failed at line ")
+    assert sorted(lines) == sorted(
+        [("stdout", line) for line in result.stdout.splitlines()]
+        + [("stderr", line) for line in result.stderr.splitlines()])
+    state = book.read()
+    assert state.phase == "executed"
+    # The sleep the script started, marked, is its only process: not the wrapper that
+    # ran it, not its guard, not the probes after it.
+    [changed, started] = state.changes
+    assert changed.describe() == "~ file /etc/app/app.conf (modified)"
+    assert started.kind == "process" and started.op == "started"
+    assert started.process is not None and started.process.marked
+    assert started.process.argv == ["sleep", sleep]
+    report = asyncio.run(roll_back(sandbox, Staged().select(
+        journal.JournalStore(tmp_path / "journal"), book), "staged"))
+    assert report.ok, report.problems
+    assert sh(sandbox, "cat /etc/app/app.conf") == "a=1\n"
+    assert wait_until(lambda: not host_pids_with(f"sleep\0{sleep}".encode()))
+
+
+def test_a_script_that_times_out_is_observed_and_rolled_back(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    book = prepared(tmp_path, sandbox, "w3")
+    sleep = unique_sleep()
+    script = (f"mkdir -p /opt/slow && echo x > /opt/slow/file\n"
+              f"setsid sleep {sleep} </dev/null >/dev/null 2>&1 &\n"
+              f"echo waiting\nsleep {sleep}\n")
+    calls = count_calls(sandbox)
+    result, lines = run_observed(sandbox, book, script, timeout=2)
+    assert calls == ["run"]
+    assert result.timed_out and result.exit_code == 124 and result.stdout == "waiting\n"
+    assert lines == [("stdout", "waiting")]
+    state = book.read()
+    assert state.phase == "executed"
+    assert {e.describe() for e in state.changes if e.kind == "file"} == {
+        "+ file /opt/slow (created)", "+ file /opt/slow/file (created)"}
+    # The foreground sleep died with the script; the detached one is the script's.
+    [started] = [e for e in state.changes if e.kind == "process"]
+    assert started.process is not None and started.process.argv == ["sleep", sleep]
+    report = asyncio.run(roll_back(sandbox, Staged().select(
+        journal.JournalStore(tmp_path / "journal"), book), "staged"))
+    assert report.ok, report.problems
+    assert sh(sandbox, "ls /opt") == ""
+    assert wait_until(lambda: not host_pids_with(f"sleep\0{sleep}".encode()))
+
+
+def test_when_the_run_ends_before_the_script_what_it_changed_is_read_in_a_run_of_its_own(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    book = prepared(tmp_path, sandbox, "w4")
+    # The script kills the shell running it: the read after it never happens.
+    calls = count_calls(sandbox)
+    result, _ = run_observed(sandbox, book, "mkdir /opt/cut\necho bye\nkill -KILL $PPID\n"
+                             "sleep 30\n", timeout=60)
+    assert calls == ["run", "run"]
+    assert not result.ok and result.stdout == "bye\n"
+    state = book.read()
+    assert state.phase == "executed"
+    assert [e.describe() for e in state.changes] == ["+ file /opt/cut (created)"]

@@ -9,13 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from workflow_agent.execution.journal import (
+    Entry,
     Header,
     Journal,
     JournalStore,
     ProcessInfo,
-    observed,
 )
-from workflow_agent.verification.snapshot import Snapshot
+from workflow_agent.execution.journal_probe import observed
+from workflow_agent.verification.snapshot import FileEntry, Snapshot
 
 
 def process(pid: int, exe: str, *, daemon: bool = True, marked: bool = False,
@@ -136,3 +137,28 @@ def test_a_deleted_journal_leaves_nothing_unfinished(tmp_path: Path) -> None:
     store = JournalStore(tmp_path / "journal")
     shutil.rmtree(executing(store, "gone").directory)
     assert open_ids(store) == []
+
+
+# -- names that are not UTF-8 ----------------------------------------------------------------
+
+
+def test_names_that_are_not_utf8_are_written_and_read_back_as_they_were(
+    tmp_path: Path
+) -> None:
+    odd = "/etc/app-\udcff.conf"  # the byte 0xff, as file names are read from a target
+    entry = FileEntry(type="f", mode=0o640, uid=0, gid=0, size=3, sha256="0" * 64)
+    pre = Snapshot(files={odd: entry, "/etc/plain": entry}, users={"r\udcfe": "r\udcfe:x"})
+    saved = [Entry(id=1, kind="file", op="modified", name=odd, before=entry, backup=True)]
+    running = [ProcessInfo(pid=5, start="9", uid=0, gid=0, exe="/usr/bin/x\udcfe",
+                           argv=["x\udcfe", "--flag=\udcff"], cwd="/")]
+    store = JournalStore(tmp_path / "journal")
+    journal = store.create(header("w1").model_copy(update={"paths": ["/etc", odd]}))
+    journal.record_prepared(pre, None, saved, running)
+    journal.add_entries([Entry(id=2, kind="file", op="created", name="/etc/new-\udcfe")])
+    assert (journal.directory / "journal.jsonl").read_bytes().isascii()
+    state = Journal(journal.directory).read()
+    assert state.header.paths == ["/etc", odd]
+    assert state.entries[0] == saved[0] and state.entries[1].name == "/etc/new-\udcfe"
+    assert state.processes == running
+    assert journal.pre_snapshot() == pre
+    assert state.entries[1].describe() == "+ file /etc/new-\\xfe (created)"

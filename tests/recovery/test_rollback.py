@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from helpers import plugin
 from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import WorkflowRequest
 from workflow_agent.config import WorkflowConfiguration
@@ -44,9 +45,10 @@ def agent_for(tmp_path: Path, **settings: Any) -> WorkflowAgent:
 
 
 def run(agent: WorkflowAgent, target: SandboxTarget, action: str = "install",
-        **fields: Any) -> WorkflowState:
-    request = WorkflowRequest(action=action, integration=NODE,  # type: ignore[arg-type]
-                              target="sandbox", target_object=target, **fields)
+        integration: str = NODE, **fields: Any) -> WorkflowState:
+    request = WorkflowRequest(action=action,  # type: ignore[arg-type]
+                              integration=integration, target="sandbox",
+                              target_object=target, **fields)
     return asyncio.run(agent.run(request))
 
 
@@ -233,3 +235,56 @@ def test_a_later_rollback_does_not_overwrite_edits_made_since_unless_forced(
                  rollback_of=installed.workflow_id, force=True)
     assert forced.exit_code == 0, forced.error
     assert diff(before, snapshot(sandbox)).is_empty
+
+
+ODD = "/etc/prometheus-node-exporter-$'\\xff'.conf"  # a name that is not UTF-8, in bash
+ODD_NAME = "/etc/prometheus-node-exporter-\udcff.conf"  # the same, as read back
+
+
+def odd_file(sandbox: SandboxTarget) -> str:
+    """Make ``ODD`` (content not UTF-8 either, mode 640); its ``stat`` line."""
+    sh(sandbox, f"printf 'ARGS=1\\n\\376\\n' > {ODD}; chmod 640 {ODD}")
+    return sh(sandbox, f"stat -c '%a %s %y' {ODD}")
+
+
+def test_a_file_name_that_is_not_utf8_is_journaled_and_backed_up(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    stat = odd_file(sandbox)
+    before = asyncio.run(take_snapshot(sandbox, paths=["/etc", "/opt"]))
+    assert ODD_NAME in before.files
+    plugins = plugin(tmp_path, "plain", "mkdir -p /opt/plain\necho 1 > /opt/plain/x\n")
+    state = run(agent_for(tmp_path, plugin_dirs=[plugins], fail_after_step=2), sandbox,
+                integration="plain")
+    assert state.status == "failed" and state.rehearsal is not None
+    assert state.rollback is not None and state.rollback.ok, state.rollback
+    journal = JournalStore(tmp_path / "data" / "journal").get(state.workflow_id)
+    assert journal is not None and ODD_NAME in journal.pre_snapshot().files
+    assert ODD_NAME in journal.backup_members()
+    assert ODD_NAME in {entry.name for entry in journal.read().entries}
+    assert sh(sandbox, f"stat -c '%a %s %y' {ODD}") == stat
+    assert diff(before, asyncio.run(take_snapshot(sandbox, paths=["/etc", "/opt"]))).is_empty
+
+
+def test_a_file_name_that_is_not_utf8_is_restored_byte_for_byte(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    stat = odd_file(sandbox)
+    before = asyncio.run(take_snapshot(sandbox, paths=["/etc", "/opt"]))
+    plugins = plugin(tmp_path, "bytes", f"echo 'ARGS=2' > {ODD}\n"
+                     "echo new > /etc/created-$'\\xfe'.conf\nfalse\n")
+    state = run(agent_for(tmp_path, plugin_dirs=[plugins], rehearse=False), sandbox,
+                integration="bytes")
+    assert state.status == "failed" and state.runs["install"].exit_code == 1
+    assert state.rollback is not None and state.rollback.ok, state.rollback
+    assert set(state.changes) >= {
+        "~ file /etc/prometheus-node-exporter-\\xff.conf (modified)",
+        "+ file /etc/created-\\xfe.conf (created)"}
+    journal = JournalStore(tmp_path / "data" / "journal").get(state.workflow_id)
+    assert journal is not None
+    assert {e.name for e in journal.read().changes} == {
+        ODD_NAME, "/etc/created-\udcfe.conf"}
+    assert sh(sandbox, f"od -An -c {ODD}").split() == [
+        "A", "R", "G", "S", "=", "1", "\\n", "376", "\\n"]
+    assert sh(sandbox, f"stat -c '%a %s %y' {ODD}") == stat
+    assert diff(before, asyncio.run(take_snapshot(sandbox, paths=["/etc", "/opt"]))).is_empty

@@ -15,6 +15,7 @@ from helpers import host_pids_with, unique_sleep, wait_until
 from lab import SUDO_USER, SshLab
 from target_contract import (
     check_env_never_reaches_a_command_line,
+    check_run_then_parts,
     check_timeout_kills_the_whole_process_tree,
 )
 from workflow_agent.execution.ssh import SshTarget
@@ -66,6 +67,11 @@ def test_scripts_run_as_root_in_the_base_environment(ssh_lab: SshLab, user: str)
 def test_timeout_kills_the_whole_process_tree(ssh_lab: SshLab, user: str) -> None:
     result = on_target(ssh_lab, user, check_timeout_kills_the_whole_process_tree)
     assert result.stdout == "started\n" and result.stderr == ""
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_a_script_then_read_only_parts_in_one_run(ssh_lab: SshLab, user: str) -> None:
+    on_target(ssh_lab, user, check_run_then_parts)
 
 
 def test_a_daemon_holding_the_pipes_does_not_hold_the_run(ssh_lab: SshLab) -> None:

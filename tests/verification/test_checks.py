@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import TypeAdapter
@@ -23,6 +23,7 @@ from pydantic import TypeAdapter
 from helpers import free_port
 from workflow_agent.execution.local import LocalTarget
 from workflow_agent.execution.sandbox import SandboxTarget
+from workflow_agent.execution.target import RunResult
 from workflow_agent.verification.checks import (
     CheckResult,
     CheckSpec,
@@ -421,3 +422,28 @@ def test_parse_http_response_chunked_and_garbage() -> None:
     assert response.status == 200 and response.body == b"hello world"
     with pytest.raises(ValueError, match="not an HTTP response"):
         parse_http_response(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+
+def test_script_checks_share_one_run_per_attempt(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "app.conf"
+    config.write_text(f"port={port}\n")
+    target = LocalTarget()
+    runs: list[str] = []
+    real = target.run
+
+    async def counted(script: str, **kwargs: Any) -> RunResult:
+        runs.append(script)
+        return await real(script, **kwargs)
+
+    target.run = counted  # type: ignore[method-assign]
+    checks: list[CheckSpec] = [PortListening(port=port),
+                               FileContains(path=str(config), text=f"port={port}")]
+    with http_server(port, delay=1.0):
+        listening, contains = asyncio.run(run_checks(target, checks, timeout=10,
+                                                     interval=0.2))
+    assert listening.passed and contains.passed, (listening.detail, contains.detail)
+    # Both in the first run; the port alone in the others, once per attempt.
+    assert listening.attempts > 1 and contains.attempts == 1
+    assert len(runs) == listening.attempts
+    assert str(config) in runs[0] and all(str(config) not in script for script in runs[1:])

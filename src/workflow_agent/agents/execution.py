@@ -2,8 +2,8 @@
 
 Gathers facts, takes the pre-install baseline, saves the change journal's pre-state,
 and runs scripts, streaming their output as ``workflow.output`` events (secrets
-masked). Each of these reads from the target in one run: over SSH every run is a
-session and a round trip.
+masked). Each of these is one run on the target (over SSH every run is a round trip):
+a journaled script's run also reads what it changed (``journal_probe.run_observed``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from workflow_agent.bus import Message, MessageBus
 from workflow_agent.errors import InvalidInputError
-from workflow_agent.execution import journal
+from workflow_agent.execution import journal, journal_probe
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.rehearsal import Rehearsal, rehearse, supports_rehearsal
 from workflow_agent.execution.target import OutputCallback, RunResult, run_parts
@@ -94,7 +94,7 @@ class RehearseRequest:
 @dataclass(frozen=True)
 class RunRequest:
     """Run ``script`` on the workflow's target; with ``journal``, record what it changed
-    there (its ``executing`` phase must already be on disk)."""
+    there, read in the same run (its ``executing`` phase must already be on disk)."""
 
     workflow_id: str
     stage: str
@@ -183,25 +183,24 @@ class ExecutionAgent:
 
     async def _journal(self, message: Message) -> list[journal.Entry]:
         request: JournalRequest = message.payload
-        return await journal.prepare(self.pool.get(request.workflow_id),
-                                     journal.Journal(request.journal), request.predicted,
-                                     self._masked)
+        return await journal_probe.prepare(self.pool.get(request.workflow_id),
+                                           journal.Journal(request.journal),
+                                           request.predicted, self._masked)
 
     async def _run(self, message: Message) -> RunResult:
         request: RunRequest = message.payload
         target = self.pool.get(request.workflow_id)
         forward, pending = self._forwarder(request.workflow_id, request.stage)
-        env = dict(request.env)
-        if request.journal is not None:
-            env[journal.RUN_MARKER] = request.workflow_id
-        result = await target.run(
-            request.script.text, env=env, timeout=request.timeout, on_output=forward
-        )
+        if request.journal is None:
+            result = await target.run(request.script.text, env=request.env,
+                                      timeout=request.timeout, on_output=forward)
+        else:
+            result = await journal_probe.run_observed(
+                target, journal.Journal(request.journal), request.script.text,
+                request.workflow_id, env=request.env, timeout=request.timeout,
+                on_output=forward, mask=self._masked)
         if pending:
             await asyncio.gather(*pending)
-        if request.journal is not None:
-            await journal.observe(target, journal.Journal(request.journal),
-                                  request.workflow_id, self._masked)
         return result
 
     def _masked(self, process: journal.ProcessInfo) -> journal.ProcessInfo:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workflow_agent.bus import Message, MessageBus
-from workflow_agent.execution.journal import Journal, JournalStore, observe
+from workflow_agent.execution.journal import Journal, JournalStore
+from workflow_agent.execution.journal_probe import observe
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.recovery.rollback import RollbackReport, roll_back, strategy_named
 

@@ -1,4 +1,9 @@
-"""The verification agent: does the integration work, and did uninstall leave anything?"""
+"""The verification agent: does the integration work, and did uninstall leave anything?
+
+Every run is a round trip: the verify script runs with the first attempt of the checks
+that are scripts (``run_then_parts``), then ``run_checks`` retries what still fails,
+one run per attempt for those checks.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,14 @@ from dataclasses import dataclass, field
 
 from workflow_agent.bus import Message, MessageBus
 from workflow_agent.execution.pool import TargetPool
-from workflow_agent.execution.target import RunResult
+from workflow_agent.execution.target import RunResult, run_then_parts
 from workflow_agent.scripting.render import RenderedScript
-from workflow_agent.verification.checks import Check, CheckResult, run_checks
+from workflow_agent.verification.checks import (
+    Check,
+    CheckResult,
+    batched_scripts,
+    run_checks,
+)
 from workflow_agent.verification.snapshot import (
     DEFAULT_IGNORE,
     Snapshot,
@@ -76,12 +86,13 @@ class VerificationAgent:
     async def _verify(self, message: Message) -> VerifyReply:
         request: VerifyRequest = message.payload
         target = self.pool.get(request.workflow_id)
-        script_result = None
+        checks = list(request.checks)
+        script_result = first = None
         if request.script is not None:
-            script_result = await target.run(
-                request.script.text, env=request.env, timeout=request.script_timeout
-            )
-        results = await run_checks(target, list(request.checks), timeout=request.timeout)
+            script_result, first = await run_then_parts(
+                target, request.script.text, batched_scripts(checks), env=request.env,
+                timeout=request.script_timeout, parts_timeout=max(request.timeout, 5.0))
+        results = await run_checks(target, checks, timeout=request.timeout, first=first)
         return VerifyReply(results, script_result)
 
     async def _leftovers(self, message: Message) -> LeftoversReply:

@@ -1,29 +1,26 @@
 """The write-ahead change journal: what a workflow is about to change, saved before it does.
 
-Before an install (or uninstall) script runs for real, ``prepare`` saves, on this
-machine and durably, from ONE run on the target (``run_parts``):
+One folder per workflow, ``DATA_DIR/journal/WORKFLOW_ID/``, written on this machine;
+what is read from the target to fill it is ``journal_probe``'s. Before an install (or
+uninstall) script runs for real, ``Journal.record_prepared`` saves, durably:
 
 * ``pre.json``: a snapshot of the integration's watched paths and of every path the
   rehearsal predicted would change: file types, modes, owners, hashes, the package set,
   users and groups;
 * ``backup.tar``: the content, mode, owner, timestamps and extended attributes of every
-  existing file and link the script may modify or delete: each one the rehearsal
-  predicted, plus every file and link under ``/etc`` in the watched paths (configuration
-  is where unpredicted edits hurt most, and it is small); made by ``tar`` on the target,
-  which selects them itself (walking as the snapshot does) and streams the archive back
-  base64 on standard output, so it works on any target that can run a script;
+  existing file and link the script may modify or delete (the tar made on the target);
 * the processes running on the target, so the services the script starts or stops are
   known afterwards;
 * ``journal.jsonl``: a header, one entry per backed-up path, then the ``executing``
   phase: only after that line is on disk does the script start.
 
-After the script (succeeded or not), ``observe`` compares a second snapshot and process
-list (one run) with the first and appends one entry per change actually made: paths
-created, modified, deleted or re-permissioned (each marked restorable or not: a
-modification the journal had no backup for cannot be undone), packages, users, groups,
-processes started and stopped. The recovery manager (``recovery/``) undoes entries
-newest first and appends what it did. The journal is append-only and never rewritten;
-its folder stays until the user deletes it, so a failed rollback can be retried.
+After the script (succeeded or not), ``Journal.record_observed`` appends one entry per
+change actually made: paths created, modified, deleted or re-permissioned (each marked
+restorable or not: a modification the journal had no backup for cannot be undone),
+packages, users, groups, processes started and stopped. The recovery manager
+(``recovery/``) undoes entries newest first and appends what it did. The journal is
+append-only and never rewritten; its folder stays until the user deletes it, so a failed
+rollback can be retried.
 
 A crash at any point leaves a journal whose last phase says how far it got:
 ``prepared`` (nothing changed yet), ``executing`` (the script may have changed anything
@@ -40,6 +37,10 @@ before an unfinished phase is, and removed after a finished one (``committed``, 
 not the ``phase`` file. Data directories from before the index get it built by one full
 scan, the first time it is needed.
 
+Names are bytes on the target: a path or a command line that is not UTF-8 is held with
+surrogate escapes (``surrogateescape``), and written to ``journal.jsonl`` and
+``pre.json`` as JSON ``\\udcXX`` escapes (ASCII), read back as they were.
+
 Durability: everything undoing needs (pre.json, backup.tar, the saved entries, the
 process list, the index file) is fsynced, with the folders holding it, before the
 ``executing`` line, which is fsynced itself; a new journal's header is not, as nothing
@@ -48,38 +49,25 @@ depends on it before then. Writing blocks on fsync: the async paths do it in a t
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
+import contextlib
 import hashlib
-import io
 import json
 import os
-import shlex
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticSerializationError
 
-from workflow_agent.errors import ExecutionFailedError, HistoryError
-from workflow_agent.execution.target import RunResult, Target, run_parts
+from workflow_agent.errors import HistoryError
 from workflow_agent.storage.spool import append_durably
-from workflow_agent.verification.snapshot import (
-    DEFAULT_HASH_LIMIT,
-    FileEntry,
-    FileType,
-    Snapshot,
-    SnapshotProbe,
-    decode,
-    diff,
-    take_snapshot,
-)
+from workflow_agent.verification.snapshot import FileEntry, Snapshot
 
 Phase = Literal[
     "prepared", "executing", "executed", "committed", "kept",
@@ -92,10 +80,10 @@ EntryKind = Literal["file", "package", "user", "group", "process"]
 Operation = Literal["created", "modified", "deleted", "metadata", "added", "removed",
                     "changed", "started", "stopped"]
 
-_SHELLS = frozenset({"bash", "sh", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
-
-#: Configuration lives here: every file and link under it in the watched paths is saved.
-CONFIG_ROOT = "/etc/"
+def printable(name: str) -> str:
+    """``name`` for people (and for JSON that must be UTF-8): the bytes that are not
+    UTF-8 (surrogate escapes) shown as ``\\xHH``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class ProcessInfo(BaseModel):
@@ -126,7 +114,7 @@ class ProcessInfo(BaseModel):
     def describe(self) -> str:
         """``NAME (pid N)``."""
         name = os.path.basename(self.argv[0]) if self.argv else self.exe
-        return f"{name} (pid {self.pid})"
+        return f"{printable(name)} (pid {self.pid})"
 
 
 class Entry(BaseModel):
@@ -160,7 +148,7 @@ class Entry(BaseModel):
             extra = f" {extra}" if extra else ""
         elif self.kind == "file" and not self.restorable:
             extra = " [no backup: cannot be restored]"
-        return f"{mark} {self.kind} {self.name} ({self.op}){extra}"
+        return f"{mark} {self.kind} {printable(self.name)} ({self.op}){extra}"
 
 
 class Header(BaseModel):
@@ -313,7 +301,7 @@ class Journal:
         Blocks on fsync: async code runs it in a thread.
         """
         try:
-            self._write("pre.json", pre.model_dump_json().encode(), sync=True)
+            self._write("pre.json", _snapshot_json(pre), sync=True)
             if backup is not None:
                 self._write("backup.tar", backup, sync=True)
             append_durably(self.directory / "journal.jsonl", _lines([
@@ -391,7 +379,10 @@ class Journal:
 
     def pre_snapshot(self) -> Snapshot:
         """The snapshot taken before the change."""
-        return Snapshot.model_validate_json((self.directory / "pre.json").read_bytes())
+        data = (self.directory / "pre.json").read_bytes()
+        if b"\\ud" in data:  # escaped surrogates, which pydantic's JSON parser refuses
+            return Snapshot.model_validate(json.loads(data))
+        return Snapshot.model_validate_json(data)
 
     def backup_members(self) -> dict[str, tarfile.TarInfo]:
         """The saved files by absolute path."""
@@ -546,289 +537,6 @@ class JournalSummary(NamedTuple):
         return self.phase in UNFINISHED
 
 
-# -- on the target ------------------------------------------------------------------------
-
-# Selects what backup_paths will expect, on the target itself (the configuration files
-# walked as the snapshot walks them, the predicted paths that exist), and streams their
-# tar. --no-recursion: a directory in the list stands for its own mode and owner only.
-_BACKUP = r"""set -o pipefail
-export LC_ALL=C
-{walk}{{
-  (( ${{#paths[@]}} )) && walk \( -type f -o -type l \) -print0
-  for p in {predicted}; do
-    if [ -e "$p" ] || [ -L "$p" ]; then printf '%s\0' "$p"; fi
-  done
-}} | sort -zu | tar --create --file - --no-recursion --null --files-from - \
-  --absolute-names --numeric-owner --xattrs --acls --format=posix | base64 -w 4096
-"""
-
-#: The environment variable every journaled script runs with: the processes it starts
-#: (and that do not clear their environment) can be told apart from everything else.
-RUN_MARKER = "WORKFLOW_AGENT_RUN"
-
-# Bash builtins only inside the loop (a busy host has hundreds of processes; a fork each
-# would cost a second). Per process: pid, start time, uid, gid, unit, marked, argc, argv;
-# then one `find` prints every process's exe and cwd link. NUL-separated throughout.
-# Kernel threads (empty cmdline) and this script's own processes are left out: the
-# script's shell ($$), the subshell it may run in (run_parts) and their children.
-_PROCESSES = r"""set -o pipefail
-marker=%(marker)s
-self=$$ part=$BASHPID
-{
-links=()
-for d in /proc/[0-9]*; do
-  pid=${d#/proc/}
-  [ "$pid" = "$self" ] && continue
-  args=(); mapfile -d '' args < "$d/cmdline" 2>/dev/null || continue
-  (( ${#args[@]} )) || continue
-  read -r stat < "$d/stat" 2>/dev/null || continue
-  read -r -a f <<< "${stat##*) }"
-  [ "${f[1]}" = "$self" ] || [ "${f[1]}" = "$part" ] && continue
-  uid="" gid=""
-  while read -r key value _; do
-    case $key in Uid:) uid=$value ;; Gid:) gid=$value; break ;; esac
-  done < "$d/status" 2>/dev/null
-  unit="" cg=""
-  read -r cg < "$d/cgroup" 2>/dev/null
-  case $cg in 0::*.service) unit=${cg##*/} ;; esac
-  marked=0
-  if [ -n "$marker" ]; then
-    envs=(); mapfile -d '' envs < "$d/environ" 2>/dev/null
-    for e in "${envs[@]}"; do [ "$e" = "$marker" ] && { marked=1; break; }; done
-  fi
-  links+=("$d/exe" "$d/cwd")
-  printf 'P\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0' "$pid" "${f[19]}" "$uid" \
-    "$gid" "$unit" "$marked" "${f[1]}" "${f[3]}" "${#args[@]}"
-  printf '%%s\0' "${args[@]}"
-done
-printf 'L\0'
-(( ${#links[@]} )) && find "${links[@]}" -maxdepth 0 -printf '%%p\0%%l\0' 2>/dev/null
-printf 'END\0'
-} | base64 -w 4096
-"""
-
-
-def backup_paths(pre: Snapshot, predicted: Iterable[str]) -> list[str]:
-    """What to save before the change: the predicted paths and the configuration files."""
-    chosen = set(predicted)
-    chosen.update(path for path, entry in pre.files.items()
-                  if path.startswith(CONFIG_ROOT) and entry.type in ("f", "l"))
-    return sorted(chosen)
-
-
-def _backup_script(probe: SnapshotProbe, predicted: Sequence[str]) -> str:
-    """The script saving ``backup_paths(pre, predicted)`` for the ``pre`` that ``probe``
-    takes, as a tar, base64 on stdout."""
-    return _BACKUP.format(walk=probe.walk(CONFIG_ROOT),
-                          predicted=" ".join(shlex.quote(p) for p in predicted) or "''")
-
-
-def _saved(result: RunResult, pre: Snapshot, predicted: Sequence[str], where: str
-           ) -> tuple[bytes | None, list[Entry]]:
-    """The tar ``_backup_script`` printed (None when it holds nothing) and one entry per
-    saved path, with its state read from the archive itself."""
-    failed = f"could not save the files the install will change on {where}: "
-    if not result.ok:
-        raise ExecutionFailedError(failed + " ".join(result.stderr.split())[-400:],
-                                   hint="Nothing was changed on the target.")
-    try:
-        data = base64.b64decode("".join(result.stdout.split()))
-        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-            entries = [Entry(id=number, kind="file", op="modified",
-                             name="/" + member.name.lstrip("/"),
-                             before=_tar_entry(archive, member), backup=True)
-                       for number, member in enumerate(archive.getmembers(), 1)]
-    except (binascii.Error, tarfile.TarError) as exc:
-        raise ExecutionFailedError(failed + f"the archive is garbled ({exc})",
-                                   hint="Nothing was changed on the target.") from exc
-    # Both lists were made in one run, a moment apart: a path the snapshot listed and
-    # the tar lacks was deleted meanwhile, and can't be saved; sockets tar skips. A path
-    # the tar holds and the snapshot lacks was created meanwhile: saved once too many.
-    saved = {entry.name for entry in entries}
-    missing = [path for path in backup_paths(pre, predicted)
-               if path in pre.files and pre.files[path].type != "s" and path not in saved]
-    if missing:
-        raise ExecutionFailedError(
-            failed + f"{', '.join(missing[:5])} vanished while being saved",
-            hint="Nothing was changed on the target. Something else is changing it: "
-            "try again once it is done.")
-    return (data if entries else None), entries
-
-
-def _processes_script(marker: str = "") -> str:
-    """The script listing the processes on a target (kernel threads left out), flagging
-    those whose environment holds ``marker`` (``NAME=VALUE``); base64 on stdout."""
-    return _PROCESSES % {"marker": shlex.quote(marker)}
-
-
-def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
-    """The processes ``result`` (of ``_processes_script``, run on ``where``) lists."""
-    if result.exit_code != 0:
-        raise ExecutionFailedError(f"could not list the processes on {where}: "
-                                   + " ".join(result.stderr.split())[-300:])
-    fields = decode(result.stdout)
-    records: list[list[str]] = []
-    i = 0
-    while i < len(fields) and fields[i] == "P":
-        argc = int(fields[i + 9])
-        records.append(fields[i + 1 : i + 10 + argc])
-        i += 10 + argc
-    if fields[i : i + 1] != ["L"] or "END" not in fields[i:]:
-        raise ExecutionFailedError(f"the process list from {where} is garbled")
-    end = fields.index("END", i)
-    links = dict(zip(fields[i + 1 : end : 2], fields[i + 2 : end : 2], strict=False))
-    found: list[ProcessInfo] = []
-    for pid, start, uid, gid, unit, marked, ppid, session, _argc, *argv in records:
-        if not (uid.isdigit() and gid.isdigit()):
-            continue  # exited while it was read
-        found.append(ProcessInfo(
-            pid=int(pid), start=start, uid=int(uid), gid=int(gid),
-            exe=links.get(f"/proc/{pid}/exe", ""), cwd=links.get(f"/proc/{pid}/cwd") or "/",
-            argv=argv, unit=unit or None, marked=marked == "1",
-            daemon=ppid in ("0", "1") or session == pid or bool(unit),
-        ))
-    return found
-
-
-async def processes(target: Target, marker: str = "") -> list[ProcessInfo]:
-    """The processes running on ``target`` (kernel threads left out); ``marker``
-    (``NAME=VALUE``) flags those whose environment holds it."""
-    result = await target.run(_processes_script(marker), timeout=60)
-    return _parse_processes(result, target.identity)
-
-
-async def snapshot(target: Target, header: Header) -> Snapshot:
-    """Snapshot the journal's paths on ``target``."""
-    return await take_snapshot(target, paths=header.paths, ignore=header.ignore)
-
-
-async def prepare(
-    target: Target, journal: Journal, predicted: Sequence[str] = (),
-    mask: Callable[[ProcessInfo], ProcessInfo] = lambda process: process,
-) -> list[Entry]:
-    """Save what undoing ``journal``'s workflow needs, from one run on ``target``: the
-    snapshot, the backups (``backup_paths``), the processes (``mask`` hides secrets in
-    their command lines); then the ``executing`` phase. Returns the saved entries."""
-    probe = SnapshotProbe.of(journal.header.paths, journal.header.ignore)
-    listed, saving, running = await run_parts(
-        target, [probe.script, _backup_script(probe, predicted), _processes_script()])
-    pre = probe.parse(listed, target.identity)
-    backup, saved = _saved(saving, pre, predicted, target.identity)
-    before = [mask(p) for p in _parse_processes(running, target.identity)]
-    await asyncio.to_thread(journal.record_prepared, pre, backup, saved, before)
-    return saved
-
-
-async def observe(
-    target: Target, journal: Journal, workflow_id: str,
-    mask: Callable[[ProcessInfo], ProcessInfo] = lambda process: process,
-) -> list[Entry]:
-    """Append what the script actually changed (phase ``executed``), from one run on
-    ``target``; ``mask`` hides secrets in the command lines of processes before they
-    are written."""
-    state = journal.read()
-    probe = SnapshotProbe.of(state.header.paths, state.header.ignore)
-    listed, running = await run_parts(
-        target, [probe.script, _processes_script(f"{RUN_MARKER}={workflow_id}")])
-    post = probe.parse(listed, target.identity)
-    after = _parse_processes(running, target.identity)
-    entries = observed(journal.pre_snapshot(), post, state.entries[: state.saved],
-                       state.processes, [mask(p) for p in after],
-                       first_id=len(state.entries) + 1)
-    await asyncio.to_thread(journal.record_observed, entries)
-    return entries
-
-
-def observed(
-    pre: Snapshot,
-    post: Snapshot,
-    saved: Sequence[Entry],
-    before: Sequence[ProcessInfo],
-    after: Sequence[ProcessInfo],
-    *,
-    first_id: int,
-) -> list[Entry]:
-    """The changes actually made, as entries to append after the saved ones.
-
-    A new process counts as started by the script when it carries the run marker or its
-    program is a file the script created; an old process that is gone counts as stopped
-    by it when the script started the same program again (a restart). Anything else
-    coming and going on a busy host is none of the journal's business.
-    """
-    change = diff(pre, post)
-    backed = {entry.name for entry in saved}
-    entries: list[Entry] = []
-
-    def add(**fields: Any) -> None:
-        entries.append(Entry(id=first_id + len(entries), **fields))
-
-    for path, entry in sorted(change.added.items()):
-        add(kind="file", op="created", name=path, after=entry)
-    for path, modified in sorted(change.modified.items()):
-        op = "modified" if modified.content else "metadata"
-        # Mode and owner can always be put back; bytes only from a backup.
-        add(kind="file", op=op, name=path, before=modified.before, after=modified.after,
-            backup=path in backed, restorable=path in backed or op == "metadata")
-    for path, entry in sorted(change.removed.items()):
-        add(kind="file", op="deleted", name=path, before=entry, backup=path in backed,
-            restorable=path in backed or entry.type == "d")
-    for kind in ("user", "group"):
-        for name in sorted(getattr(change, f"{kind}s_added")):
-            add(kind=kind, op="added", name=name)
-        for name, line in sorted(getattr(change, f"{kind}s_removed").items()):
-            add(kind=kind, op="removed", name=name, line_before=line)
-        for name, (old, _new) in sorted(getattr(change, f"{kind}s_changed").items()):
-            add(kind=kind, op="changed", name=name, line_before=old)
-    for name, version in sorted(change.packages_added.items()):
-        add(kind="package", op="added", name=name, version_after=version)
-    for name, version in sorted(change.packages_removed.items()):
-        add(kind="package", op="removed", name=name, version_before=version)
-    for name, (old, new) in sorted(change.packages_changed.items()):
-        add(kind="package", op="changed", name=name, version_before=old, version_after=new)
-    was = {p.key for p in before}
-    started = [p for p in after if p.key not in was and (p.marked or p.exe in change.added)]
-    # A restart: a detached service gone, and the script started the same program, as
-    # the same user, detached again. Shells never count: an unrelated login ending
-    # while the script runs must not be "restarted" by a rollback.
-    restarted = {(p.exe, p.uid) for p in started
-                 if p.daemon and os.path.basename(p.exe) not in _SHELLS}
-    still = {p.key for p in after}
-    for process in before:
-        if process.key not in still and process.daemon and (process.exe, process.uid) in restarted:
-            add(kind="process", op="stopped", name=process.describe(), process=process)
-    for process in started:
-        add(kind="process", op="started", name=process.describe(), process=process)
-    return entries
-
-
-def _tar_entry(archive: tarfile.TarFile, member: tarfile.TarInfo) -> FileEntry:
-    """The ``FileEntry`` of a saved path, as the snapshot would have recorded it."""
-    kind: FileType = ("d" if member.isdir() else "l" if member.issym()
-                      else "f" if member.isfile() else "c")
-    sha256 = mtime = None
-    if member.isfile():
-        if member.size < DEFAULT_HASH_LIMIT:
-            handle = archive.extractfile(member)
-            assert handle is not None
-            sha256 = hashlib.sha256(handle.read()).hexdigest()
-        else:
-            mtime = _mtime(member)
-    return FileEntry.model_construct(
-        type=kind, mode=member.mode & 0o7777, uid=member.uid, gid=member.gid,
-        size=member.size, sha256=sha256, mtime=mtime,
-        target=member.linkname if member.issym() else None,
-    )
-
-
-def _mtime(member: tarfile.TarInfo) -> str:
-    """The modification time as ``find -printf %T@`` prints it (pax keeps nanoseconds)."""
-    exact = member.pax_headers.get("mtime")
-    if exact is None:
-        return f"{int(member.mtime)}.0000000000"
-    seconds, _, fraction = exact.partition(".")
-    return f"{seconds}.{fraction.ljust(10, '0')[:10]}"
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat()
 
@@ -842,8 +550,19 @@ def _unwritable(directory: Path, exc: OSError) -> HistoryError:
 
 
 def _lines(records: Iterable[dict[str, Any]]) -> bytes:
-    return b"".join((json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
-                    for record in records)
+    # ASCII: names that are not UTF-8 (surrogate escapes) become \\udcXX escapes.
+    return b"".join((json.dumps(record, default=str) + "\n").encode() for record in records)
+
+
+def _snapshot_json(snapshot: Snapshot) -> bytes:
+    """``snapshot`` as JSON, names that are not UTF-8 kept: pydantic's fast encoder
+    refuses surrogate escapes in values and replaces them with U+FFFD in keys (file
+    names), so then the json module's (slower) ASCII encoding is used instead."""
+    with contextlib.suppress(PydanticSerializationError):  # a value holding one
+        data = snapshot.model_dump_json()
+        if "\ufffd" not in data:  # else a key held one
+            return data.encode()
+    return json.dumps(snapshot.model_dump()).encode()
 
 
 def _entry_records(entries: Iterable[Entry]) -> Iterable[dict[str, Any]]:

@@ -105,6 +105,7 @@ async def run_process(
         except asyncio.CancelledError:
             _kill_group(proc.pid)
             await asyncio.shield(_exited(proc.pid))
+            proc.wait()  # it has exited: this only reaps it
             raise
         code = proc.wait()  # it has exited: this only reaps it
         # What the script printed last may still sit in the pipes; a daemon it left

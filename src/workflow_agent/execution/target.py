@@ -5,8 +5,12 @@ the target and run with ``bash`` under a clean environment (``BASE_ENV`` plus wh
 caller passes), standard input from ``/dev/null``. Secrets travel only in ``env``, never
 in the script text or a process argument.
 
-A run costs a round trip, and over SSH a session and a runner on the host: ``run_parts``
-runs several independent read-only scripts in one run and hands each its own result.
+A run costs a round trip, and over SSH a runner on the host: ``run_parts`` runs several
+independent read-only scripts in one run and hands each its own result;
+``run_then_parts`` runs a script as ``Target.run`` would, then such read-only parts, in
+one run, keeping the script's output, status and timeout its own.
+
+``quote`` quotes a word for any of these scripts, bytes that are not UTF-8 included.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import shlex
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar
 
@@ -146,6 +150,20 @@ class Target(ABC):
         return self._facts
 
 
+def quote(word: str) -> str:
+    """``shlex.quote`` for a script run on a target, a word holding bytes that are not
+    UTF-8 included: such a word (read with ``surrogateescape``, as file names from the
+    target are) is written ``$'...'`` with every byte that is not printable ASCII as
+    ``\\xHH``, so the script text stays UTF-8 and bash gets the original bytes back."""
+    try:
+        word.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = word.encode("utf-8", "surrogateescape")
+        return "$'" + "".join(chr(byte) if 0x20 <= byte < 0x7F and byte not in b"\\'"
+                              else f"\\x{byte:02x}" for byte in raw) + "'"
+    return shlex.quote(word)
+
+
 # Each part runs in a subshell of its own, through eval so that even a syntax error
 # stays in its part; after it, the wrapper prints a frame line on stdout
 # (``<RS>part-NONCE INDEX STATUS``) and on stderr (``<RS>part-NONCE INDEX``), each after
@@ -156,6 +174,30 @@ s=$?
 printf '\\n\\036part-{nonce} {index} %d\\n' "$s"
 printf '\\n\\036part-{nonce} {index}\\n' >&2
 """
+
+
+def _framed(scripts: Sequence[str], nonce: str) -> str:
+    """The text running ``scripts`` as parts, framed with ``nonce``."""
+    return "".join(_PART.format(script=shlex.quote(script), nonce=nonce, index=index)
+                   for index, script in enumerate(scripts))
+
+
+def _unframed(whole: RunResult, count: int, nonce: str) -> list[RunResult]:
+    """The ``count`` parts' results in ``whole``, the output of ``_framed`` parts."""
+    frame = f"\n\x1epart-{nonce} \\d+"
+    stdouts = re.split(frame + r" (-?\d+)\n", whole.stdout)  # text, status, text, ...
+    stderrs = re.split(frame + r"\n", whole.stderr)
+    results = []
+    for index in range(count):
+        stdout = stdouts[2 * index] if 2 * index < len(stdouts) else ""
+        stderr = stderrs[index] if index < len(stderrs) else ""
+        if 2 * index + 1 < len(stdouts):
+            results.append(RunResult(int(stdouts[2 * index + 1]), stdout, stderr,
+                                     whole.duration))
+        else:  # the run ended before this part did
+            results.append(RunResult(whole.exit_code or -1, stdout, stderr, whole.duration,
+                                     timed_out=whole.timed_out))
+    return results
 
 
 async def run_parts(
@@ -174,22 +216,149 @@ async def run_parts(
     (or -1) and what it printed so far; ``duration`` is the whole run's.
     """
     nonce = secrets.token_hex(8)
-    whole = await target.run(
-        "".join(_PART.format(script=shlex.quote(script), nonce=nonce, index=index)
-                for index, script in enumerate(scripts)),
-        env=env, timeout=timeout,
-    )
-    frame = f"\n\x1epart-{nonce} \\d+"
-    stdouts = re.split(frame + r" (-?\d+)\n", whole.stdout)  # text, status, text, ...
-    stderrs = re.split(frame + r"\n", whole.stderr)
-    results = []
-    for index in range(len(scripts)):
-        stdout = stdouts[2 * index] if 2 * index < len(stdouts) else ""
-        stderr = stderrs[index] if index < len(stderrs) else ""
-        if 2 * index + 1 < len(stdouts):
-            results.append(RunResult(int(stdouts[2 * index + 1]), stdout, stderr,
-                                     whole.duration))
-        else:  # the run ended before this part did
-            results.append(RunResult(whole.exit_code or -1, stdout, stderr, whole.duration,
-                                     timed_out=whole.timed_out))
-    return results
+    whole = await target.run(_framed(scripts, nonce), env=env, timeout=timeout)
+    return _unframed(whole, len(scripts), nonce)
+
+
+# The script is written through a quoted here-document (no expansion; the delimiter is
+# random) to a file in a private directory, and runs as `bash FILE` as on every target,
+# as a job of its own (set -m: its own process group), its environment the run's plus
+# the marker. A guard, a job of its own too, reads a FIFO only this shell holds open
+# for writing: a line means the script ended; the time running out, or end of file (the
+# target killed this shell: a timeout of the whole run, or a cancellation) make it
+# SIGKILL the script's process group, as the target itself would kill a script. Then
+# the caller's variables are dropped, and the frame line printed on both streams (after
+# a newline of its own, as the parts' frames); the parts follow.
+_THEN = """d=$(mktemp -d /tmp/workflow-agent-XXXXXXXXXX) && mkfifo "$d/guard" &&
+  exec 5<>"$d/guard" 6<"$d/guard" || exit 125
+cat > "$d/script" <<'{end}'
+{script}{end}
+set -m
+{marker}bash "$d/script" </dev/null 5>&- 6<&- &
+pid=$!
+{{ read -r -t {timeout} _; s=$?; (( s )) || exit 0; (( s > 128 )) && : > "$d/timeout"
+  kill -KILL -- -"$pid"; (( s > 128 )) || rm -rf -- "$d"; }} <&6 >/dev/null 2>&1 5>&- 6<&- &
+guard=$!
+set +m
+exec 6<&-
+wait "$pid" 2>/dev/null
+s=$?
+echo >&5
+exec 5>&-
+wait "$guard"
+[ -e "$d/timeout" ] && s=timeout
+rm -rf -- "$d"
+{unset}printf '\\n\\036script-{nonce} %s\\n' "$s"
+printf '\\n\\036script-{nonce}\\n' >&2
+"""
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _ScriptOutput:
+    """The output callback of a ``run_then_parts`` run: the lines before a stream's frame
+    line are the script's (forwarded as they come), the lines after it the parts'.
+
+    The newline the wrapper prints before a frame makes an empty line when the script's
+    last line ended with one of its own: an empty line is held back until the next line
+    shows it is not that one.
+    """
+
+    def __init__(self, nonce: str, forward: OutputCallback | None) -> None:
+        self.frame = f"\x1escript-{nonce}"
+        self.script = OutputCollector(forward)
+        self.rest: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.framed: set[str] = set()
+        self.held: set[str] = set()
+        #: What the frame on stdout says: the script's exit status, or ``timeout``.
+        self.status: str | None = None
+        self.ended = 0.0
+
+    def __call__(self, stream: str, line: str) -> None:
+        if stream in self.framed:
+            self.rest[stream].append(line)
+        elif line == self.frame or line.startswith(self.frame + " "):
+            self.framed.add(stream)
+            self.held.discard(stream)
+            if stream == "stdout":
+                self.status = line[len(self.frame) + 1:]
+                self.ended = time.monotonic()
+        else:
+            if stream in self.held:
+                self.script(stream, "")
+            if line:
+                self.held.discard(stream)
+                self.script(stream, line)
+            else:
+                self.held.add(stream)
+
+    def script_result(self, whole: RunResult) -> RunResult:
+        """The script's result; without a frame (the wrapper failed, or was killed) the
+        whole run's, a timeout of the whole run being the script's."""
+        for stream in self.held - self.framed:  # genuine: no frame followed
+            self.script(stream, "")
+        if self.status is None:
+            return self.script.result(124 if whole.timed_out else whole.exit_code,
+                                      timed_out=whole.timed_out)
+        timed_out = self.status == "timeout"
+        result = self.script.result(124 if timed_out else int(self.status),
+                                    timed_out=timed_out)
+        return replace(result, duration=self.ended - self.script.started)
+
+    def parts_result(self, whole: RunResult) -> RunResult:
+        """What the parts printed, with the whole run's status (for ``_unframed``)."""
+        return replace(whole, stdout="".join(line + "\n" for line in self.rest["stdout"]),
+                       stderr="".join(line + "\n" for line in self.rest["stderr"]))
+
+
+async def run_then_parts(
+    target: Target,
+    script: str,
+    parts: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600.0,
+    parts_timeout: float = 600.0,
+    on_output: OutputCallback | None = None,
+    marker: str = "",
+) -> tuple[RunResult, list[RunResult]]:
+    """Run ``script`` as ``target.run`` would, then the read-only ``parts`` as
+    ``run_parts`` does, in ONE ``target.run``: the script's result, and one per part.
+
+    The script runs as ``bash FILE``, stdin ``/dev/null``, with ``env`` (which travels
+    as ``target.run`` passes it, never in the run's text), plus ``marker``
+    (``NAME=VALUE``, written in the run's text: nothing secret) that neither the wrapper
+    nor the parts carry. Its output alone streams to ``on_output`` and makes its
+    result; ``timeout`` bounds it (its process group is killed then, as ``target.run``
+    kills a script: exit 124, ``timed_out``). The parts run without ``env``; the whole
+    run gets ``timeout + parts_timeout``. The script's process group is its own: a
+    guard kills it when the run ends before the script does (a cancellation).
+
+    Parts the run never finished are reported as ``run_parts`` does, all of them when
+    the script's own end was not seen (the wrapper could not set the script up: exit
+    125, or was killed).
+    """
+    nonce = secrets.token_hex(8)
+    name, _, value = marker.partition("=")
+    bad = [name for name in [*(env or {}), *([name] if marker else [])]
+           if not _NAME.fullmatch(name)]
+    if bad:  # names are written in the run's text
+        raise ValueError(f"not an environment variable name: {bad[0]!r}")
+    if marker:
+        marker = f"{name}={shlex.quote(value)} "
+    # Only the caller's names are in the text; BASE_ENV's values are nothing secret.
+    unset = [name for name in env or {} if name not in BASE_ENV]
+    restore = [f"{name}={shlex.quote(BASE_ENV[name])}" for name in env or {}
+               if name in BASE_ENV]
+    text = _THEN.format(
+        end=f"WORKFLOW_AGENT_SCRIPT_{nonce}",
+        script=script if script.endswith("\n") or not script else script + "\n",
+        marker=marker, timeout=f"{timeout:.3f}", nonce=nonce,
+        unset=(f"unset -v {' '.join(unset)}\n" if unset else "")
+        + (f"export {' '.join(restore)}\n" if restore else ""),
+    ) + _framed(parts, nonce)
+    output = _ScriptOutput(nonce, on_output)
+    whole = await target.run(text, env=env, timeout=timeout + parts_timeout,
+                             on_output=output)
+    return (output.script_result(whole),
+            _unframed(output.parts_result(whole), len(parts), nonce))

@@ -7,15 +7,17 @@ files it created are removed and files it modified or deleted are restored from 
 backup (content, mode, owner, timestamps, extended attributes), and finally processes it
 stopped are started again.
 
-Each undo is then verified against the pre-change snapshot: a restored file must match
-its saved hash, mode and owner, a created one must be gone, the package set and the
-users and groups must be as before. What could not be restored is reported path by path;
-the journal and its backup stay as they are, so the rollback can be retried.
+Each undo is then verified against the pre-change snapshot, read with the processes in
+one run: a restored file must match its saved hash, mode and owner, a created one must
+be gone, the package set and the users and groups must be as before. What could not be
+restored is reported path by path; the journal and its backup stay as they are, so the
+rollback can be retried. Names that are not UTF-8 reach the target byte for byte
+(``quote``).
 """
 
 from __future__ import annotations
 
-import shlex
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -30,11 +32,17 @@ from workflow_agent.execution.journal import (
     JournalState,
     JournalStore,
     UndoRecord,
-    processes,
-    snapshot,
+    printable,
 )
-from workflow_agent.execution.target import Target
-from workflow_agent.verification.snapshot import FileEntry, Snapshot, compare, diff
+from workflow_agent.execution.journal_probe import read_state
+from workflow_agent.execution.target import Target, quote
+from workflow_agent.verification.snapshot import (
+    FileEntry,
+    Snapshot,
+    compare,
+    diff,
+    take_snapshot,
+)
 
 
 class RollbackReport(BaseModel):
@@ -185,11 +193,11 @@ async def roll_back(target: Target, selections: Sequence[Selection], strategy: s
         if check_drift and not any(phase.startswith("roll")
                                    for phase, _, _ in selection.state.phases):
             await _refuse_drift(target, selection)
-        journal.set_phase("rolling-back", f"{strategy}: {len(selection.entries)} change(s)")
+        await asyncio.to_thread(journal.set_phase, "rolling-back",
+                                f"{strategy}: {len(selection.entries)} change(s)")
         failures, output = await _undo(target, journal, selection.entries)
         pre = journal.pre_snapshot()
-        post = await snapshot(target, selection.state.header)
-        now = await processes(target)
+        post, now = await read_state(target, selection.state.header)
         alive, running = {p.key for p in now}, {p.exe for p in now}
         records = []
         for entry in sorted(selection.entries, key=lambda e: -e.id):
@@ -200,13 +208,14 @@ async def roll_back(target: Target, selections: Sequence[Selection], strategy: s
                 report.problems.append(f"{line}: {failed}")
             else:
                 report.undone.append(line)
-        journal.add_undos(records)
+        await asyncio.to_thread(journal.add_undos, records)
         if report.problems and output:
             report.problems.append(f"undo output: {output}")
         if whole:
             report.unrecorded += _unrecorded(pre, post, selection.entries)
-        journal.set_phase("rolled-back" if not report.problems else "rollback-failed",
-                          "; ".join(report.problems)[:2000])
+        await asyncio.to_thread(
+            journal.set_phase, "rolled-back" if not report.problems else "rollback-failed",
+            "; ".join(report.problems)[:2000])
         if report.problems:
             break  # an earlier journal's pre-state assumes this one was undone
     report.duration = time.monotonic() - started
@@ -226,28 +235,28 @@ async def _undo(target: Target, journal: Journal, entries: Sequence[Entry]
     for entry in newest_first:
         if entry.kind == "process" and entry.op == "started" and entry.process:
             steps.append(_STOP.format(pid=entry.process.pid,
-                                      start=shlex.quote(entry.process.start)))
+                                      start=quote(entry.process.start)))
     purge = [e.name for e in newest_first if e.kind == "package" and e.op == "added"]
     if purge:
-        steps.append(_PURGE.format(names=" ".join(shlex.quote(n) for n in purge)))
+        steps.append(_PURGE.format(names=" ".join(quote(n) for n in purge)))
     back = [f"{e.name}={e.version_before}" for e in newest_first
             if e.kind == "package" and e.op in ("removed", "changed") and e.version_before]
     if back:
-        steps.append(_REINSTALL.format(specs=" ".join(shlex.quote(s) for s in back)))
+        steps.append(_REINSTALL.format(specs=" ".join(quote(s) for s in back)))
     for entry in newest_first:
         if entry.kind in ("user", "group") and entry.op == "added":
             command = "userdel" if entry.kind == "user" else "groupdel"
             getent = "passwd" if entry.kind == "user" else "group"
-            steps.append(f"if getent {getent} {shlex.quote(entry.name)} >/dev/null; then "
-                         f"{command} {shlex.quote(entry.name)} || true; fi")
+            steps.append(f"if getent {getent} {quote(entry.name)} >/dev/null; then "
+                         f"{command} {quote(entry.name)} || true; fi")
     created = [e for e in newest_first if e.kind == "file" and e.op == "created"]
     # Files and links first, then directories deepest first (rmdir only empties).
     for entry in created:
         if entry.after is None or entry.after.type != "d":
-            steps.append(f"rm -f -- {shlex.quote(entry.name)}")
+            steps.append(f"rm -f -- {quote(entry.name)}")
     for entry in sorted((e for e in created if e.after and e.after.type == "d"),
                         key=lambda e: -e.name.count("/")):
-        steps.append(f"rmdir -- {shlex.quote(entry.name)} 2>/dev/null || true")
+        steps.append(f"rmdir -- {quote(entry.name)} 2>/dev/null || true")
     for entry in newest_first:
         if entry.kind != "file" or entry.op == "created":
             continue
@@ -256,7 +265,7 @@ async def _undo(target: Target, journal: Journal, entries: Sequence[Entry]
         elif entry.before is not None and entry.op == "metadata":
             steps.append(_chmod(entry.name, entry.before))
         elif entry.before is not None and entry.op == "deleted" and entry.before.type == "d":
-            steps.append(f"mkdir -p -- {shlex.quote(entry.name)} && "
+            steps.append(f"mkdir -p -- {quote(entry.name)} && "
                          + _chmod(entry.name, entry.before))
         elif entry.backup:
             failures[entry.id] = "its backup is missing from the journal's backup.tar"
@@ -273,8 +282,8 @@ async def _undo(target: Target, journal: Journal, entries: Sequence[Entry]
         else:
             remote_tar = f"/var/tmp/workflow-agent-restore-{journal.workflow_id}.tar"
             await target.put(remote_tar, journal.backup_path.read_bytes(), mode=0o600)
-            listed = " ".join(shlex.quote(path) for path in restore)
-            steps.append(_RESTORE.format(tar=shlex.quote(remote_tar), paths=listed))
+            listed = " ".join(quote(path) for path in restore)
+            steps.append(_RESTORE.format(tar=quote(remote_tar), paths=listed))
     for entry in newest_first:
         if entry.kind == "process" and entry.op == "stopped" and entry.process:
             steps.append(_start(entry))
@@ -282,7 +291,7 @@ async def _undo(target: Target, journal: Journal, entries: Sequence[Entry]
         return failures, ""
     script = "set -uo pipefail\nfailed=0\n" + "\n".join(steps) + "\n"
     if remote_tar:
-        script += f"rm -f -- {shlex.quote(remote_tar)}\n"
+        script += f"rm -f -- {quote(remote_tar)}\n"
     result = await target.run(script + "exit $failed\n", timeout=900)
     # Verification decides what is still wrong; the output only explains it.
     tail = "" if result.ok else " ".join((result.stdout + result.stderr).split())[-600:]
@@ -310,7 +319,7 @@ _RESTORE = """tar --extract --file {tar} --absolute-names --same-owner --same-pe
 
 
 def _chmod(path: str, entry: FileEntry) -> str:
-    quoted = shlex.quote(path)
+    quoted = quote(path)
     return (f"chown -h {entry.uid}:{entry.gid} -- {quoted} && "
             f"{{ [ -L {quoted} ] || chmod {entry.mode:04o} -- {quoted}; }} || failed=1")
 
@@ -319,13 +328,13 @@ def _start(entry: Entry) -> str:
     """Start a stopped process again: through its systemd unit, or as it ran."""
     process = entry.process
     assert process is not None
-    direct = (f"( cd {shlex.quote(process.cwd)} 2>/dev/null || cd /; "
+    direct = (f"( cd {quote(process.cwd)} 2>/dev/null || cd /; "
               f"setsid setpriv --reuid={process.uid} --regid={process.gid} --clear-groups "
-              f"-- {shlex.quote(process.exe)} "
-              + " ".join(shlex.quote(a) for a in process.argv[1:])
+              f"-- {quote(process.exe)} "
+              + " ".join(quote(a) for a in process.argv[1:])
               + " </dev/null >/dev/null 2>&1 & )")
     if process.unit:
-        unit = shlex.quote(process.unit)
+        unit = quote(process.unit)
         return (f"if [ -d /run/systemd/system ]; then systemctl start {unit} || failed=1; "
                 f"else {direct}; fi")
     return direct
@@ -368,14 +377,15 @@ def _verify(entry: Entry, pre: Snapshot, post: Snapshot, alive: set[tuple[int, s
 
 async def _refuse_drift(target: Target, selection: Selection) -> None:
     """Refuse to undo changes whose result was changed again since the workflow ran."""
-    now = await snapshot(target, selection.state.header)
+    header = selection.state.header
+    now = await take_snapshot(target, paths=header.paths, ignore=header.ignore)
     changed = []
     for entry in selection.entries:
         if entry.kind != "file" or entry.after is None:
             continue
         current = now.files.get(entry.name)
         if current is None or compare(entry.after, current) is not None:
-            changed.append(entry.name)
+            changed.append(printable(entry.name))
     if changed:
         workflow = selection.state.header.workflow_id[:8]
         raise RollbackRefusedError(
@@ -392,7 +402,7 @@ def _unrecorded(pre: Snapshot, post: Snapshot, entries: Sequence[Entry]) -> list
     made by something else since (or by the script, where the journal could not see)."""
     names = {(e.kind, e.name) for e in entries}
     change = diff(pre, post)
-    out = [f"{mark} {path}" for mark, paths in
+    out = [f"{mark} {printable(path)}" for mark, paths in
            (("+", change.added), ("-", change.removed), ("~", change.modified))
            for path in sorted(paths) if ("file", path) not in names]
     for mark, packages in (("+", change.packages_added), ("-", change.packages_removed),

@@ -1,10 +1,16 @@
 """Typed checks that prove an integration works, run on the target through bash.
 
-Each probe is one bash script run with ``Target.run`` using only bash, /proc, ``/dev/tcp``
+Each probe is one bash script run on the target using only bash, /proc, ``/dev/tcp``
 and coreutils (minimal targets have no curl, ss, ps or python); its output is parsed
 here. Probes that return arbitrary bytes (process tables, HTTP responses, file contents)
 pipe them through ``base64`` so the bytes arrive intact and in short lines whatever they
 contain. ``run_checks`` retries failing checks until a deadline: daemons take a moment.
+
+Every run is a round trip (over SSH, to a runner on the host): the checks that are one
+read-only script (``ScriptCheck``: package, process, port, file) are run together, ONE
+``run_parts`` per attempt of all those still failing. The HTTP checks (``http_get``)
+run on their own, one run per attempt each: a server that never answers must not hold
+the other checks up.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
+from workflow_agent.execution.target import run_parts
 from workflow_agent.validators import Regex
 from workflow_agent.verification.exposition import Sample, parse_exposition
 from workflow_agent.verification.http import MAX_BODY, HttpFailure, check_url, http_get
@@ -34,7 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECK_TYPES", "Check", "CheckResult", "CheckSpec", "CheckSpecError", "FileContains",
     "HttpEndpoint", "PackageInstalled", "PortListening", "ProcessRunning", "PrometheusMetrics",
-    "Sample", "parse_check", "parse_exposition", "run_checks",
+    "Sample", "ScriptCheck", "batched_scripts", "parse_check", "parse_exposition",
+    "run_checks",
 ]
 
 
@@ -106,6 +114,23 @@ class Check(BaseModel, ABC):
         return result
 
 
+class ScriptCheck(Check, ABC):
+    """A check that is one read-only bash script and the judgement of its result, so
+    that several can share a run (``run_parts``). The script runs in a subshell of a
+    wrapper shell: it must not take ``$$`` for its own process."""
+
+    @property
+    @abstractmethod
+    def script(self) -> str:
+        """The probe script."""
+
+    @abstractmethod
+    def _judge(self, result: RunResult) -> _Outcome: ...
+
+    async def _probe(self, target: Target, timeout: float) -> _Outcome:
+        return self._judge(await target.run(self.script, timeout=timeout))
+
+
 def _failure(result: RunResult, what: str) -> _Outcome:
     if result.timed_out:
         return _Outcome(False, f"{what} timed out after {result.duration:.1f}s on the target")
@@ -117,7 +142,7 @@ def _b64(stdout: str) -> bytes:
     return base64.b64decode("".join(stdout.split()))
 
 
-class PackageInstalled(Check):
+class PackageInstalled(ScriptCheck):
     """The package is installed (dpkg status ``install ok installed``; ``rpm -q`` fallback)."""
 
     type: Literal["package_installed"] = "package_installed"
@@ -127,16 +152,18 @@ class PackageInstalled(Check):
     def label(self) -> str:
         return f"package {self.package} installed"
 
-    async def _probe(self, target: Target, timeout: float) -> _Outcome:
+    @property
+    def script(self) -> str:
         pkg = shlex.quote(self.package)
-        script = f"""
+        return f"""
 if command -v dpkg-query >/dev/null 2>&1; then
   echo dpkg; dpkg-query -W -f '${{Status}}\\t${{Version}}\\n' {pkg} 2>&1 || true
 elif command -v rpm >/dev/null 2>&1; then
   echo rpm; rpm -q --qf '%{{NAME}}\\t%{{VERSION}}-%{{RELEASE}}\\n' {pkg} 2>&1 || true
 else echo none; fi
 """
-        result = await target.run(script, timeout=timeout)
+
+    def _judge(self, result: RunResult) -> _Outcome:
         if not result.ok:
             return _failure(result, "package query")
         manager, *lines = result.stdout.splitlines() or ["none"]
@@ -155,7 +182,7 @@ else echo none; fi
         return _Outcome(False, f"{self.package} is not installed ({'; '.join(statuses)})")
 
 
-class ProcessRunning(Check):
+class ProcessRunning(ScriptCheck):
     """A live process whose comm or basename of argv[0] is ``name``; reports the pids."""
 
     type: Literal["process_running"] = "process_running"
@@ -165,20 +192,24 @@ class ProcessRunning(Check):
     def label(self) -> str:
         return f"process {self.name} running"
 
-    async def _probe(self, target: Target, timeout: float) -> _Outcome:
+    @property
+    def script(self) -> str:
         # pid, /proc/PID/stat and argv[0] as NUL-terminated fields. The script's own shells
-        # are skipped so a check for "bash" does not find itself.
-        script = r"""set -o pipefail
+        # (the run's, the part's subshell, the loop's) are skipped so a check for "bash"
+        # does not find itself.
+        return r"""set -o pipefail
+part=$BASHPID
 for d in /proc/[0-9]*; do
   pid=${d#/proc/}
-  [ "$pid" = "$$" ] || [ "$pid" = "$BASHPID" ] && continue
+  [ "$pid" = "$$" ] || [ "$pid" = "$part" ] || [ "$pid" = "$BASHPID" ] && continue
   IFS= read -r st 2>/dev/null <"$d/stat" || continue
   a0=
   IFS= read -r -d '' a0 2>/dev/null <"$d/cmdline"
   printf '%s\0%s\0%s\0' "$pid" "$st" "$a0"
 done | base64
 """
-        result = await target.run(script, timeout=timeout)
+
+    def _judge(self, result: RunResult) -> _Outcome:
         if not result.ok:
             return _failure(result, "process scan")
         fields = _b64(result.stdout).decode("utf-8", "replace").split("\0")
@@ -213,7 +244,7 @@ def _decode_proc_address(hexaddr: str, little_endian: bool) -> _IPAddress:
     return ipaddress.ip_address(raw)
 
 
-class PortListening(Check):
+class PortListening(ScriptCheck):
     """A TCP socket in LISTEN state on ``port`` (optionally reachable on ``host``)."""
 
     type: Literal["port_listening"] = "port_listening"
@@ -244,16 +275,18 @@ class PortListening(Check):
         wildcard = addr.is_unspecified and (addr.version == want.version or addr.version == 6)
         return wildcard or addr == want
 
-    async def _probe(self, target: Target, timeout: float) -> _Outcome:
+    @property
+    def script(self) -> str:
         # Socket owners too: a sandbox sharing the host's network sees the host's sockets,
         # and a port some other namespace's process holds proves nothing about the target.
-        script = r"""printf '\1\0' | od -An -tx2
+        return r"""printf '\1\0' | od -An -tx2
 echo "--uid $(id -u)"
 echo '--tcp'; cat /proc/net/tcp 2>/dev/null
 echo '--tcp6'; cat /proc/net/tcp6 2>/dev/null
 echo '--owners'; find /proc/[0-9]*/fd -lname 'socket:*' -printf '%h %l\n' 2>/dev/null
 true"""
-        result = await target.run(script, timeout=timeout)
+
+    def _judge(self, result: RunResult) -> _Outcome:
         if not result.ok:
             return _failure(result, "socket scan")
         first, *lines = result.stdout.splitlines()
@@ -363,7 +396,7 @@ class PrometheusMetrics(Check):
         return _Outcome(True, f"all {len(self.metrics)} metrics present; {seen}")
 
 
-class FileContains(Check):
+class FileContains(ScriptCheck):
     """``path`` is a regular file containing ``text`` and matching ``regex`` (if given).
 
     ``regex`` is a Python regular expression searched with ``re.MULTILINE``.
@@ -380,14 +413,16 @@ class FileContains(Check):
         what += [f"matches /{self.regex}/"] if self.regex is not None else []
         return f"file {self.path} " + (" and ".join(what) or "exists")
 
-    async def _probe(self, target: Target, timeout: float) -> _Outcome:
+    @property
+    def script(self) -> str:
         path = shlex.quote(self.path)
-        script = f"""set -o pipefail
+        return f"""set -o pipefail
 [ -e {path} ] || exit 3
 [ -f {path} ] || exit 4
 head -c {MAX_BODY} -- {path} | base64
 """
-        result = await target.run(script, timeout=timeout)
+
+    def _judge(self, result: RunResult) -> _Outcome:
         if result.exit_code in (3, 4) and not result.timed_out:
             missing = result.exit_code == 3
             return _Outcome(False, "does not exist" if missing else "not a regular file")
@@ -472,19 +507,77 @@ async def _until_passes(
         await asyncio.sleep(interval)
 
 
-async def run_checks(
-    target: Target, checks: Sequence[Check], *, timeout: float = 15.0, interval: float = 0.5
+async def _together_until_pass(
+    target: Target, checks: Sequence[ScriptCheck], deadline: float, interval: float,
+    first: Sequence[RunResult] | None,
 ) -> list[CheckResult]:
-    """Run ``checks`` concurrently, retrying each failing one every ``interval`` seconds
-    until it passes or ``timeout`` seconds have passed. Results are in ``checks`` order."""
+    """``_until_passes`` for several script checks at once: each attempt is one run of
+    the scripts of the checks still failing (the first one's results may be ``first``);
+    a check that passed (or cannot pass) is not run again."""
+    started, attempts = time.monotonic(), 0
+    done: dict[int, CheckResult] = {}
+    pending = list(range(len(checks)))
+    while pending:
+        attempts += 1
+        if first is not None:
+            results, first = list(first), None
+        else:
+            budget = max(deadline - time.monotonic(), 5.0)
+            results = await run_parts(target, [checks[i].script for i in pending],
+                                      timeout=budget)
+        now = time.monotonic()
+        retrying = []
+        for index, result in zip(pending, results, strict=True):
+            check = checks[index]
+            outcome = check._judge(result)
+            if outcome.passed or not outcome.retry or now + interval > deadline:
+                done[index] = CheckResult(
+                    name=check.label, type=check.type, passed=outcome.passed,
+                    detail=outcome.detail, duration=now - started, attempts=attempts)
+            else:
+                retrying.append(index)
+        pending = retrying
+        if pending:
+            await asyncio.sleep(interval)
+    return [done[index] for index in range(len(checks))]
+
+
+def batched_scripts(checks: Sequence[Check]) -> list[str]:
+    """The scripts ``run_checks`` runs together in an attempt (those of the
+    ``ScriptCheck`` among ``checks``, in order): what its ``first`` holds the results of."""
+    return [check.script for check in checks if isinstance(check, ScriptCheck)]
+
+
+async def run_checks(
+    target: Target, checks: Sequence[Check], *, timeout: float = 15.0, interval: float = 0.5,
+    first: Sequence[RunResult] | None = None,
+) -> list[CheckResult]:
+    """Run ``checks``, retrying each failing one every ``interval`` seconds until it
+    passes or ``timeout`` seconds have passed: the script checks together (one run per
+    attempt), each other check concurrently with them. Results are in ``checks`` order.
+
+    ``first``: the results of the first attempt of the script checks (of
+    ``batched_scripts(checks)``), when the caller ran them in a run of its own.
+    """
     deadline = time.monotonic() + timeout
-    tasks = [asyncio.ensure_future(_until_passes(target, c, deadline, interval)) for c in checks]
+    scripted = [check for check in checks if isinstance(check, ScriptCheck)]
+    others = [check for check in checks if not isinstance(check, ScriptCheck)]
+    if first is not None and len(first) != len(scripted):
+        raise ValueError(f"{len(first)} first results for {len(scripted)} script checks")
+    together = asyncio.ensure_future(
+        _together_until_pass(target, scripted, deadline, interval, first))
+    alone = [asyncio.ensure_future(_until_passes(target, check, deadline, interval))
+             for check in others]
     try:
-        return list(await asyncio.gather(*tasks))
+        await asyncio.gather(together, *alone)
     except BaseException:
         # gather leaves the other probes running when one raises (say, the target went
         # away) or when we are cancelled: stop them before passing the error on.
-        for task in tasks:
+        for task in (together, *alone):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(together, *alone, return_exceptions=True)
         raise
+    scripted_results = iter(together.result())
+    other_results = iter(task.result() for task in alone)
+    return [next(scripted_results) if isinstance(check, ScriptCheck) else next(other_results)
+            for check in checks]
