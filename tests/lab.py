@@ -168,6 +168,8 @@ class SshLab:
         self.hosts: list[LabHost] = []
         self.directory = Path()
         self.bridge_address = ""
+        #: The bridge's interface name (``wl<lab id>br``), once started.
+        self.bridge = ""
         self.started_in = 0.0
         self._owned: _Owned | None = None
         self._finalizer: weakref.finalize[[_Owned], SshLab] | None = None
@@ -253,7 +255,7 @@ class SshLab:
         lab_id = owned.directory.name[-6:].lower().replace("_", "x")
         subnet = _free_subnet()
         self.bridge_address = f"{subnet}.1"
-        owned.bridge = f"wl{lab_id}br"
+        owned.bridge = self.bridge = f"wl{lab_id}br"
         owned.record()
         _ip_batch([f"link add {owned.bridge} type bridge",
                    f"addr add {self.bridge_address}/24 dev {owned.bridge}",

@@ -44,7 +44,7 @@ def test_hosts_are_separate_machines(ssh_lab: SshLab) -> None:
 def test_a_lab_tears_down_completely(sandbox_rootfs: Path) -> None:
     lab = SshLab(3)
     lab.start()
-    bridge = f"wl{lab.directory.name[-6:].lower()}br"
+    bridge = lab.bridge
     holders = [host.holder_pid for host in lab.hosts]
     assert bridge in _links() and all(holders)
     assert host_pids_with(f"bind={lab.bridge_address}".encode())  # the apt forwarder
