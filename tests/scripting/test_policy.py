@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -320,3 +323,20 @@ def test_arbitrary_text_never_raises(script: str) -> None:
 def test_arbitrary_bash_fragments_never_raise(script: str) -> None:
     findings = check_policy(script, secret_env=[SECRET])
     assert all(f.line >= 1 and f.code in RULES for f in findings)
+
+
+#: Random text found by test_arbitrary_text_never_raises that made tree-sitter-bash's
+#: scanner crash the process (most runs): a character beyond U+FFFF after a "{".
+SCANNER_CRASHER = "\u00fc\u00ef9~\u00cc\x84\x07\u00c5\x85{\U0010dd079\u00b8oC\x1b"
+
+
+def test_text_that_crashed_the_bash_scanner_is_checked_in_one_piece() -> None:
+    code = ("from workflow_agent.scripting.policy import check_policy\n"
+            f"s = {SCANNER_CRASHER!r}\n"
+            "for extra in ('', '\\n', ' ', 'x'):\n"
+            "    check_policy(s + extra, secret_env=[]); check_policy(extra + s, secret_env=[])\n"
+            "print('done')\n")
+    for _ in range(5):  # the crash did not happen every time
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=False)
+        assert (result.returncode, result.stdout) == (0, "done\n"), result.stderr[-500:]

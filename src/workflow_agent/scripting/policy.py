@@ -22,7 +22,7 @@ from workflow_agent.scripting.shellwords import (
     descendants,
     interpreter_kind,
     node_text,
-    parser,
+    parse,
     program_source,
     render_parts,
     resolve_command,
@@ -351,7 +351,7 @@ def _mode_rule(mode: str) -> str | None:
 def _check(script: str, secrets: frozenset[str], depth: int) -> list[Finding]:
     # surrogatepass: any str must encode; tree-sitter copes with the resulting odd bytes.
     source = script.encode("utf-8", "surrogatepass")
-    return _Checker(source, secrets, depth).run(parser().parse(source).root_node)
+    return _Checker(source, secrets, depth).run(parse(source).root_node)
 
 
 def check_policy(script: str, *, secret_env: Collection[str]) -> list[Finding]:

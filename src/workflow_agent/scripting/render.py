@@ -287,10 +287,10 @@ INJECTED_FAILURE_EXIT = 86
 def script_steps(text: str) -> list[tuple[int, int]]:
     """The steps of a rendered script: its top-level commands after the prologue, as
     ``(start, end)`` byte offsets of the UTF-8 text."""
-    from workflow_agent.scripting.shellwords import parser
+    from workflow_agent.scripting.shellwords import parse
 
     data = text.encode()
-    tree = parser().parse(data)
+    tree = parse(data)
     statements = [child for child in tree.root_node.named_children if child.type != "comment"]
     # The prologue's own commands (set, trap) are not steps of the integration.
     prologue_commands = sum(1 for line in PROLOGUE.splitlines()

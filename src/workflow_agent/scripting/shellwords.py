@@ -84,7 +84,7 @@ def _language() -> tree_sitter.Language:
 _local = threading.local()
 
 
-def parser() -> tree_sitter.Parser:
+def _parser() -> tree_sitter.Parser:
     """This thread's bash parser: a Parser must not be shared between threads, and
     validation runs in worker threads."""
     found: tree_sitter.Parser | None = getattr(_local, "parser", None)
@@ -93,7 +93,24 @@ def parser() -> tree_sitter.Parser:
     return found
 
 
-#: A node of the syntax tree ``parser()`` produces.
+#: Characters outside Unicode's basic plane (4 bytes in UTF-8) and surrogates: on some
+#: of them tree-sitter-bash's scanner (0.23.3 to 0.25.1) reads memory it must not and
+#: crashes the process (found by the policy's hypothesis test: about one run in two of
+#: 3,000 random texts; none in 18,000 with them replaced).
+_SCANNER_CRASHERS = re.compile(rb"[\xf0-\xf4][\x80-\xbf]{3}|\xed[\xa0-\xbf][\x80-\xbf]")
+
+
+def parse(source: bytes) -> tree_sitter.Tree:
+    """The syntax tree of ``source`` (UTF-8). Each character the scanner cannot be
+    trusted with (see ``_SCANNER_CRASHERS``) is parsed as that many ``x`` bytes:
+    offsets, lines and columns stay those of ``source``, and such a character (an
+    emoji, say) shows as ``xxxx`` in node text; no command, path or variable name the
+    policy looks at is made of them."""
+    safe = _SCANNER_CRASHERS.sub(lambda match: b"x" * len(match[0]), source)
+    return _parser().parse(safe)
+
+
+#: A node of the syntax tree ``parse()`` produces.
 Node = tree_sitter.Node
 
 
