@@ -181,8 +181,8 @@ def _finding(
     )
 
 
-def _syntax_layer(script: bytes, bash: str | None, line_count: int) -> tuple[list[Finding], bool]:
-    """Run ``bash -n``; returns (findings, cacheable)."""
+def _syntax_layer(path: Path, bash: str | None, line_count: int) -> tuple[list[Finding], bool]:
+    """Run ``bash -n`` on the script at ``path``; returns (findings, cacheable)."""
     if bash is None:
         return [
             _finding(
@@ -194,27 +194,24 @@ def _syntax_layer(script: bytes, bash: str | None, line_count: int) -> tuple[lis
                 "skipped; install bash on this host.",
             )
         ], True
-    with tempfile.TemporaryDirectory(prefix="workflow-agent-validate-") as tmp:
-        path = Path(tmp) / "script.sh"
-        path.write_bytes(script)
-        try:
-            proc = subprocess.run(
-                [bash, "-n", str(path)],
-                capture_output=True,
-                timeout=_BASH_TIMEOUT_S,
-                env={**os.environ, "LC_ALL": "C"},  # messages must be English to be parsed
-                check=False,
+    try:
+        proc = subprocess.run(
+            [bash, "-n", str(path)],
+            capture_output=True,
+            timeout=_BASH_TIMEOUT_S,
+            env={**os.environ, "LC_ALL": "C"},  # messages must be English to be parsed
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return [
+            _finding(
+                "syntax",
+                "error",
+                1,
+                "syntax.timeout",
+                f"`bash -n` did not finish within {_BASH_TIMEOUT_S:.0f} s.",
             )
-        except subprocess.TimeoutExpired:
-            return [
-                _finding(
-                    "syntax",
-                    "error",
-                    1,
-                    "syntax.timeout",
-                    f"`bash -n` did not finish within {_BASH_TIMEOUT_S:.0f} s.",
-                )
-            ], False
+        ], False
     findings: list[Finding] = []
     stderr = proc.stderr.decode("utf-8", "replace").replace(str(path), "script")
     for raw in stderr.splitlines():
@@ -247,9 +244,10 @@ def _syntax_layer(script: bytes, bash: str | None, line_count: int) -> tuple[lis
 
 
 def _shellcheck_layer(
-    scripts: Sequence[bytes], binary: Path | None
+    scripts: Sequence[Path], binary: Path | None
 ) -> list[tuple[list[Finding], bool]]:
-    """Run one shellcheck over ``scripts``; per script (findings, cacheable)."""
+    """Run one shellcheck over the scripts at ``scripts``; per script (findings,
+    cacheable)."""
     if binary is None:
         skipped = _finding(
             "shellcheck", "warning", 1, "shellcheck.skipped",
@@ -263,19 +261,15 @@ def _shellcheck_layer(
         finding = _finding("shellcheck", "error", 1, "shellcheck.failed", message)
         return [([finding], False) for _ in scripts]
 
-    with tempfile.TemporaryDirectory(prefix="wa-shellcheck-") as folder:
-        files = [os.path.join(folder, f"{index}.sh") for index in range(len(scripts))]
-        for name, data in zip(files, scripts, strict=True):
-            Path(name).write_bytes(data)
-        argv = [str(binary), "--norc", "-f", "json1", "-s", "bash", "-e", _EXCLUDED_CHECKS,
-                *files]
-        try:
-            proc = subprocess.run(argv, capture_output=True,
-                                  timeout=_SHELLCHECK_TIMEOUT_S * max(1, len(scripts) / 10))
-        except subprocess.TimeoutExpired:
-            return failed(f"shellcheck did not finish within {_SHELLCHECK_TIMEOUT_S:.0f} s.")
-        except OSError as exc:
-            return failed(f"shellcheck at {binary} could not be started: {exc}")
+    files = [str(path) for path in scripts]
+    argv = [str(binary), "--norc", "-f", "json1", "-s", "bash", "-e", _EXCLUDED_CHECKS, *files]
+    try:
+        proc = subprocess.run(argv, capture_output=True,
+                              timeout=_SHELLCHECK_TIMEOUT_S * max(1, len(scripts) / 10))
+    except subprocess.TimeoutExpired:
+        return failed(f"shellcheck did not finish within {_SHELLCHECK_TIMEOUT_S:.0f} s.")
+    except OSError as exc:
+        return failed(f"shellcheck at {binary} could not be started: {exc}")
     # 0 = clean, 1 = comments found; anything else means shellcheck itself failed.
     problem = proc.stderr.decode("utf-8", "replace").strip()
     output = None
@@ -370,15 +364,19 @@ def validate_scripts(
         # Imported here so a cache hit does not pay for loading tree-sitter.
         from workflow_agent.scripting.policy import check_policy
 
-        # bash -n per script and one shellcheck over them all run side by side, the
-        # policy checks meanwhile here; shellcheck's findings on a script bash cannot
-        # parse are dropped (they would only repeat the parse error).
-        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-            shellchecked = pool.submit(_shellcheck_layer, [data for _, _, data, _ in todo],
-                                       shellcheck)
-            parsing = [pool.submit(_syntax_layer, data, bash,
+        # Each script is written once; bash -n per script and one shellcheck over them
+        # all run side by side, the policy checks meanwhile here; shellcheck's findings
+        # on a script bash cannot parse are dropped (they would only repeat the parse
+        # error).
+        with (tempfile.TemporaryDirectory(prefix="workflow-agent-validate-") as folder,
+              ThreadPoolExecutor(max_workers=_WORKERS) as pool):
+            paths = [Path(folder) / f"{index}.sh" for index in range(len(todo))]
+            for path, (_, _, data, _) in zip(paths, todo, strict=True):
+                path.write_bytes(data)
+            shellchecked = pool.submit(_shellcheck_layer, paths, shellcheck)
+            parsing = [pool.submit(_syntax_layer, path, bash,
                                    max(1, len(script.text.splitlines())))
-                       for _, script, data, _ in todo]
+                       for path, (_, script, _, _) in zip(paths, todo, strict=True)]
             policies = [check_policy(script.text, secret_env=sorted(set(script.secret_env)))
                         for _, script, _, _ in todo]
             syntax = [future.result() for future in parsing]
