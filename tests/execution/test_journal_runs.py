@@ -167,6 +167,16 @@ def run_observed(sandbox: SandboxTarget, book: journal.Journal, script: str,
     return result, lines
 
 
+def rolled_back(tmp_path: Path, sandbox: SandboxTarget, book: journal.Journal,
+                sleep: str) -> None:
+    """Undo ``book``'s workflow: the rollback succeeds and the ``sleep`` the script
+    started is gone."""
+    report = asyncio.run(roll_back(sandbox, Staged().select(
+        journal.JournalStore(tmp_path / "journal"), book), "staged"))
+    assert report.ok, report.problems
+    assert wait_until(lambda: not host_pids_with(f"sleep\0{sleep}".encode()))
+
+
 def test_the_script_and_what_it_changed_in_one_run(
     tmp_path: Path, sandbox: SandboxTarget
 ) -> None:
@@ -198,11 +208,8 @@ def test_the_script_and_what_it_changed_in_one_run(
     assert started.kind == "process" and started.op == "started"
     assert started.process is not None and started.process.marked
     assert started.process.argv == ["sleep", sleep]
-    report = asyncio.run(roll_back(sandbox, Staged().select(
-        journal.JournalStore(tmp_path / "journal"), book), "staged"))
-    assert report.ok, report.problems
+    rolled_back(tmp_path, sandbox, book, sleep)
     assert sh(sandbox, "cat /etc/app/app.conf") == "a=1\n"
-    assert wait_until(lambda: not host_pids_with(f"sleep\0{sleep}".encode()))
 
 
 def test_a_script_that_times_out_is_observed_and_rolled_back(
@@ -225,11 +232,8 @@ def test_a_script_that_times_out_is_observed_and_rolled_back(
     # The foreground sleep died with the script; the detached one is the script's.
     [started] = [e for e in state.changes if e.kind == "process"]
     assert started.process is not None and started.process.argv == ["sleep", sleep]
-    report = asyncio.run(roll_back(sandbox, Staged().select(
-        journal.JournalStore(tmp_path / "journal"), book), "staged"))
-    assert report.ok, report.problems
+    rolled_back(tmp_path, sandbox, book, sleep)
     assert sh(sandbox, "ls /opt") == ""
-    assert wait_until(lambda: not host_pids_with(f"sleep\0{sleep}".encode()))
 
 
 def test_when_the_run_ends_before_the_script_what_it_changed_is_read_in_a_run_of_its_own(
