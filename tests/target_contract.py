@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from helpers import host_pids_with, unique_sleep, wait_until
-from workflow_agent.execution.target import RunResult, Target, run_then_parts
+from workflow_agent.execution.target import RunResult, Target
 
 #: Echoes the secret, says it is waiting (on stderr), and waits for /tmp/go.
 WAITS_WITH_A_SECRET = (
@@ -92,8 +92,8 @@ async def check_run_then_parts(target: Target) -> None:
     still run; a cancellation kills the script's tree too; nothing is left in /tmp."""
     token = f"wa-secret-{secrets.token_hex(16)}"
     lines: list[tuple[str, str]] = []
-    result, parts = await run_then_parts(
-        target, 'echo "got:$WA_SECRET mark:${WA_MARK-none}"\necho to-stderr >&2\n'
+    result, parts = await target.run_then_parts(
+        'echo "got:$WA_SECRET mark:${WA_MARK-none}"\necho to-stderr >&2\n'
         'echo\nprintf "last"\nexit 3',
         ['echo "part:${WA_SECRET-unset} mark:${WA_MARK-none}"', "echo bad >&2; exit 4"],
         env={"WA_SECRET": token}, timeout=30, marker="WA_MARK=m1",
@@ -109,8 +109,8 @@ async def check_run_then_parts(target: Target) -> None:
     marker = unique_sleep()
     needle = f"sleep\0{marker}".encode()
     began = time.monotonic()
-    result, [after] = await run_then_parts(
-        target, f"sleep {marker} &\necho started\nsleep {marker}\necho never\n",
+    result, [after] = await target.run_then_parts(
+        f"sleep {marker} &\necho started\nsleep {marker}\necho never\n",
         ["echo after"], timeout=2)
     assert result.timed_out and result.exit_code == 124 and result.stdout == "started\n"
     assert 1.9 < result.duration < 15 and time.monotonic() - began < 15
@@ -118,8 +118,8 @@ async def check_run_then_parts(target: Target) -> None:
     assert wait_until(lambda: not host_pids_with(needle)), "a sleep survived the timeout"
 
     started = asyncio.Event()
-    task = asyncio.create_task(run_then_parts(
-        target, f"sleep {marker} &\necho started\nsleep {marker}\n", ["echo after"],
+    task = asyncio.create_task(target.run_then_parts(
+        f"sleep {marker} &\necho started\nsleep {marker}\n", ["echo after"],
         timeout=60, on_output=lambda stream, line: started.set()))
     await asyncio.wait_for(started.wait(), 30)
     await asyncio.sleep(0.2)  # let the foreground sleep start too

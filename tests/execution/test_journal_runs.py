@@ -159,12 +159,12 @@ def prepared(tmp_path: Path, sandbox: SandboxTarget, workflow_id: str) -> journa
 
 
 def run_observed(sandbox: SandboxTarget, book: journal.Journal, script: str,
-                 **kwargs: Any) -> tuple[RunResult, list[tuple[str, str]]]:
+                 **kwargs: Any) -> tuple[RunResult, list[tuple[str, str]], list[RunResult]]:
     lines: list[tuple[str, str]] = []
-    result = asyncio.run(journal_probe.run_observed(
+    result, probed = asyncio.run(journal_probe.run_observed(
         sandbox, book, script, book.workflow_id, on_output=lambda *line: lines.append(line),
         **kwargs))
-    return result, lines
+    return result, lines, probed
 
 
 def rolled_back(tmp_path: Path, sandbox: SandboxTarget, book: journal.Journal,
@@ -189,8 +189,10 @@ def test_the_script_and_what_it_changed_in_one_run(
               f"setsid sleep {sleep} </dev/null >/dev/null 2>&1 &\n"
               "echo to-stderr >&2\nfalse\necho never\n")
     calls = count_calls(sandbox)
-    result, lines = run_observed(sandbox, book, script, env={"TOKEN": "s3cret"}, timeout=60)
+    result, lines, [probed] = run_observed(sandbox, book, script, env={"TOKEN": "s3cret"},
+                                           timeout=60, probes=["cat /etc/app/app.conf"])
     assert calls == ["run"]
+    assert (probed.exit_code, probed.stdout) == (0, "a=2\n")  # read after the script
     assert result.exit_code == 1 and not result.timed_out
     failed = summarize(result, Redactor()).failed_line
     assert failed == script.splitlines().index("false") + 1
@@ -221,7 +223,7 @@ def test_a_script_that_times_out_is_observed_and_rolled_back(
               f"setsid sleep {sleep} </dev/null >/dev/null 2>&1 &\n"
               f"echo waiting\nsleep {sleep}\n")
     calls = count_calls(sandbox)
-    result, lines = run_observed(sandbox, book, script, timeout=2)
+    result, lines, _ = run_observed(sandbox, book, script, timeout=2)
     assert calls == ["run"]
     assert result.timed_out and result.exit_code == 124 and result.stdout == "waiting\n"
     assert lines == [("stdout", "waiting")]
@@ -242,7 +244,7 @@ def test_when_the_run_ends_before_the_script_what_it_changed_is_read_in_a_run_of
     book = prepared(tmp_path, sandbox, "w4")
     # The script kills the shell running it: the read after it never happens.
     calls = count_calls(sandbox)
-    result, _ = run_observed(sandbox, book, "mkdir /opt/cut\necho bye\nkill -KILL $PPID\n"
+    result, _, _ = run_observed(sandbox, book, "mkdir /opt/cut\necho bye\nkill -KILL $PPID\n"
                              "sleep 30\n", timeout=60)
     assert calls == ["run", "run"]
     assert not result.ok and result.stdout == "bye\n"

@@ -11,7 +11,7 @@ import pytest
 
 from workflow_agent.agents.execution import summarize
 from workflow_agent.execution.local import LocalTarget
-from workflow_agent.execution.target import RunResult, quote, run_parts, run_then_parts
+from workflow_agent.execution.target import RunResult, quote, run_parts
 from workflow_agent.scripting.render import PROLOGUE
 from workflow_agent.secrets import Redactor
 
@@ -72,8 +72,8 @@ def test_a_syntax_error_stays_in_its_part() -> None:
 def then_parts(script: str, parts: list[str], **kwargs: Any) -> tuple[
         RunResult, list[RunResult], list[tuple[str, str]]]:
     lines: list[tuple[str, str]] = []
-    result, results = asyncio.run(run_then_parts(
-        LocalTarget(), script, parts, on_output=lambda *line: lines.append(line), **kwargs))
+    result, results = asyncio.run(LocalTarget().run_then_parts(
+        script, parts, on_output=lambda *line: lines.append(line), **kwargs))
     return result, results, lines
 
 

@@ -34,7 +34,7 @@ def replay(stdout: bytes, stderr: bytes, cut: int) -> RunResult:
             for piece in (data[:cut], data[cut:cut + 1], data[cut + 1:]):
                 if piece:
                     session.data_received(piece, kind)  # type: ignore[arg-type]
-        assert run.pgid == 77 and session.run is None
+        assert run.pgid == 77 and not session.runs
         return run.sink.result(await run.done)
 
     return asyncio.run(body())
@@ -49,3 +49,34 @@ def test_output_comes_back_the_same_however_it_is_split(output: bytes) -> None:
     for cut in range(len(data) + 1):
         result = replay(data, stream(output, 3), cut)
         assert (result.exit_code, result.stdout, result.stderr) == (3, expected, expected)
+
+
+def test_queued_runs_each_get_their_own_output_however_it_is_split() -> None:
+    """A script and the parts after it are queued at once: the bytes after one run's end
+    marker (even in the same chunk) are the next run's."""
+    ids = ["a" * 32, "b" * 32]
+    outputs = [b"first\nno newline", b"second\n"]
+
+    def whole(kind: str) -> bytes:
+        return b"".join((f"\x1ewa-pid {run_id} {7 + i}\n".encode() if kind == "err" else b"")
+                        + output + f"\n\x1ewa-end {run_id} {i}\n".encode()
+                        for i, (run_id, output) in enumerate(zip(ids, outputs, strict=True)))
+
+    async def body(cut: int) -> list[RunResult]:
+        session = ShellSession()
+        session.data_received(b"\x1ewa-shell 42 /tmp/d\n", asyncssh.EXTENDED_DATA_STDERR)
+        runs = [ShellRun(run_id, OutputCollector()) for run_id in ids]
+        for run in runs:
+            session.begin(run)
+        for data, kind in ((whole("out"), None), (whole("err"), asyncssh.EXTENDED_DATA_STDERR)):
+            for piece in (data[:cut], data[cut:]):
+                if piece:
+                    session.data_received(piece, kind)  # type: ignore[arg-type]
+        assert [run.pgid for run in runs] == [7, 8] and not session.runs
+        return [run.sink.result(await run.done) for run in runs]
+
+    for cut in range(len(whole("err")) + 1):
+        first, second = asyncio.run(body(cut))
+        assert (first.exit_code, first.stdout, first.stderr) == (
+            0, "first\nno newline\n", "first\nno newline\n")
+        assert (second.exit_code, second.stdout, second.stderr) == (1, "second\n", "second\n")

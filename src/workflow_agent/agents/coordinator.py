@@ -59,7 +59,7 @@ from workflow_agent.execution.journal import Entry, Header, Journal, JournalStor
 from workflow_agent.execution.lock import TargetLock
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.rehearsal import Rehearsal, supports_rehearsal
-from workflow_agent.execution.target import Target
+from workflow_agent.execution.target import RunResult, Target
 from workflow_agent.integrations.params import ResolvedParams, resolve_params
 from workflow_agent.integrations.registry import Integration
 from workflow_agent.recovery.failures import insert_snippets
@@ -74,6 +74,7 @@ from workflow_agent.state import (
     WorkflowState,
     now,
 )
+from workflow_agent.verification.checks import batched_scripts
 from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot
 
 if TYPE_CHECKING:
@@ -176,6 +177,8 @@ class _Run:
     generation: generator.Generation | None = None
     #: Fixes learned from earlier failures that this run applies (improvement agent).
     fixes: improvement.FixPlan | None = None
+    #: The first attempt of verify's script checks, read in the install script's run.
+    first_checks: list[RunResult] | None = None
 
 
 class Coordinator:
@@ -884,13 +887,22 @@ class Coordinator:
         script = state.scripts[action]
         if action == "install" and self.config.fail_after_step is not None:
             script = fail_after_step(script, self.config.fail_after_step)
-        result = await self.bus.request(
+        probes: list[str] = []
+        if action == "install" and "verify" not in state.scripts:
+            # verify's script checks, first attempt: read right after the script.
+            assert run.integration is not None
+            probes = batched_scripts(
+                render_checks(run.integration.definition.checks, run.params.values))
+        reply: execution.RunReply = await self.bus.request(
             execution.RUN,
             execution.RunRequest(state.workflow_id, "execute", script,
                                  self._timeout(run, action), run.params.secret_env,
-                                 run.journal.directory if run.journal else None),
+                                 run.journal.directory if run.journal else None, probes),
             timeout=self.config.bus_timeout,
         )
+        result = reply.result
+        if probes:
+            run.first_checks = reply.probes
         summary = execution.summarize(result, self.redactor)
         runs = {**state.runs, action: summary}
         output = Artifact("output", action,
@@ -943,7 +955,7 @@ class Coordinator:
             verification.VerifyRequest(
                 state.workflow_id, checks, self.config.verify_timeout,
                 state.scripts.get("verify"), self._timeout(run, "verify"),
-                run.params.secret_env,
+                run.params.secret_env, run.first_checks,
             ),
             timeout=self.config.bus_timeout,
         )

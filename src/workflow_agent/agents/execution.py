@@ -94,7 +94,9 @@ class RehearseRequest:
 @dataclass(frozen=True)
 class RunRequest:
     """Run ``script`` on the workflow's target; with ``journal``, record what it changed
-    there, read in the same run (its ``executing`` phase must already be on disk)."""
+    there, read in the same run (its ``executing`` phase must already be on disk).
+    ``probes``: read-only scripts (verify's script checks) run right after, in the same
+    run: their results are the checks' first attempt, without a round trip of its own."""
 
     workflow_id: str
     stage: str
@@ -102,6 +104,15 @@ class RunRequest:
     timeout: float
     env: Mapping[str, str] = field(default_factory=dict)
     journal: Path | None = None
+    probes: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class RunReply:
+    """The script's result and, one each, the request's ``probes``' results."""
+
+    result: RunResult
+    probes: list[RunResult] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -187,21 +198,27 @@ class ExecutionAgent:
                                            journal.Journal(request.journal),
                                            request.predicted, self._masked)
 
-    async def _run(self, message: Message) -> RunResult:
+    async def _run(self, message: Message) -> RunReply:
         request: RunRequest = message.payload
         target = self.pool.get(request.workflow_id)
         forward, pending = self._forwarder(request.workflow_id, request.stage)
-        if request.journal is None:
-            result = await target.run(request.script.text, env=request.env,
-                                      timeout=request.timeout, on_output=forward)
-        else:
-            result = await journal_probe.run_observed(
+        probes: list[RunResult] = []
+        if request.journal is not None:
+            result, probes = await journal_probe.run_observed(
                 target, journal.Journal(request.journal), request.script.text,
                 request.workflow_id, env=request.env, timeout=request.timeout,
-                on_output=forward, mask=self._masked)
+                on_output=forward, mask=self._masked, probes=request.probes)
+        elif request.probes:
+            result, probes = await target.run_then_parts(
+                request.script.text, request.probes, env=request.env,
+                timeout=request.timeout, parts_timeout=journal_probe.OBSERVE_TIMEOUT,
+                on_output=forward)
+        else:
+            result = await target.run(request.script.text, env=request.env,
+                                      timeout=request.timeout, on_output=forward)
         if pending:
             await asyncio.gather(*pending)
-        return result
+        return RunReply(result, probes)
 
     def _masked(self, process: journal.ProcessInfo) -> journal.ProcessInfo:
         """A process with secrets masked in its command line, fit for the journal."""

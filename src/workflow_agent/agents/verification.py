@@ -1,8 +1,9 @@
 """The verification agent: does the integration work, and did uninstall leave anything?
 
 Every run is a round trip: the verify script runs with the first attempt of the checks
-that are scripts (``run_then_parts``), then ``run_checks`` retries what still fails,
-one run per attempt for those checks.
+that are scripts (``run_then_parts``), or an install's script did (the request's
+``first``), then ``run_checks`` retries what still fails, one run per attempt for
+those checks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 from workflow_agent.bus import Message, MessageBus
 from workflow_agent.execution.pool import TargetPool
-from workflow_agent.execution.target import RunResult, run_then_parts
+from workflow_agent.execution.target import RunResult
 from workflow_agent.scripting.render import RenderedScript
 from workflow_agent.verification.checks import (
     Check,
@@ -42,6 +43,8 @@ class VerifyRequest:
     script: RenderedScript | None = None
     script_timeout: float = 60.0
     env: Mapping[str, str] = field(default_factory=dict)
+    #: The first attempt of the script checks (``batched_scripts``), already read.
+    first: Sequence[RunResult] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,10 @@ class VerificationAgent:
         request: VerifyRequest = message.payload
         target = self.pool.get(request.workflow_id)
         checks = list(request.checks)
-        script_result = first = None
+        script_result, first = None, request.first
         if request.script is not None:
-            script_result, first = await run_then_parts(
-                target, request.script.text, batched_scripts(checks), env=request.env,
+            script_result, first = await target.run_then_parts(
+                request.script.text, batched_scripts(checks), env=request.env,
                 timeout=request.script_timeout, parts_timeout=max(request.timeout, 5.0))
         results = await run_checks(target, checks, timeout=request.timeout, first=first)
         return VerifyReply(results, script_result)

@@ -41,7 +41,6 @@ from workflow_agent.execution.target import (
     Target,
     quote,
     run_parts,
-    run_then_parts,
 )
 from workflow_agent.verification.snapshot import (
     DEFAULT_HASH_LIMIT,
@@ -235,18 +234,20 @@ async def run_observed(
     target: Target, journal: Journal, script: str, workflow_id: str, *,
     env: Mapping[str, str] | None = None, timeout: float = 600.0,
     on_output: OutputCallback | None = None, mask: Mask = _unmasked,
-) -> RunResult:
+    probes: Sequence[str] = (),
+) -> tuple[RunResult, list[RunResult]]:
     """Run ``script`` on ``target`` as ``target.run`` would (``env``, ``timeout``, its
     output alone to ``on_output`` and in the result), its processes marked with the run
     marker, then append what it changed (phase ``executed``), read in the same run, or
     in one of its own (``observe``) when that part of the run failed. Returns the
-    script's result; ``mask`` hides secrets in the command lines of processes."""
+    script's result and those of the read-only ``probes``, run after the observation in
+    the same run; ``mask`` hides secrets in the command lines of processes."""
     state = await asyncio.to_thread(journal.read)
     probe = SnapshotProbe.of(state.header.paths, state.header.ignore)
     marker = f"{RUN_MARKER}={workflow_id}"
-    result, (listed, running) = await run_then_parts(
-        target, script, [probe.script, _processes_script(marker)], env=env, timeout=timeout,
-        parts_timeout=OBSERVE_TIMEOUT, on_output=on_output, marker=marker)
+    result, (listed, running, *probed) = await target.run_then_parts(
+        script, [probe.script, _processes_script(marker), *probes], env=env,
+        timeout=timeout, parts_timeout=OBSERVE_TIMEOUT, on_output=on_output, marker=marker)
     try:
         post, after = _read(probe, listed, running, target.identity)
     except ExecutionFailedError as exc:
@@ -254,7 +255,7 @@ async def run_observed(
         await observe(target, journal, workflow_id, mask)
     else:
         await asyncio.to_thread(_record, journal, state, post, [mask(p) for p in after])
-    return result
+    return result, probed
 
 
 async def observe(

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import re
+import secrets
 import shlex
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from workflow_agent.errors import InvalidInputError, TargetError, TargetUnreacha
 from workflow_agent.execution.ssh_runner import (
     SHELL,
     SHELL_FAILED,
+    DirectTcp,
     ShellRun,
     ShellSession,
     env_lines,
@@ -41,7 +43,9 @@ from workflow_agent.execution.target import (
     OutputCollector,
     RunResult,
     Target,
+    framed_parts,
     script_env,
+    unframed_parts,
 )
 
 if TYPE_CHECKING:
@@ -187,8 +191,8 @@ class SshTarget(Target):
         try:
             if settings.jump_host:
                 jump = parse_ssh_spec(settings.jump_host, default_user=self.address.user)
-                self._jump = await self._connect(jump, options)
-                options = {**options, "tunnel": self._jump}
+                self._jump = await self._connect(jump, {**options, "tunnel": DirectTcp()})
+            options = {**options, "tunnel": self._jump or DirectTcp()}
             self._conn = await self._connect(self.address, options)
             self._loop = asyncio.get_running_loop()
             await self._probe()
@@ -205,7 +209,7 @@ class SshTarget(Target):
     async def _connect(
         self, address: SshAddress, options: Mapping[str, object]
     ) -> asyncssh.SSHClientConnection:
-        via = " via the jump host" if "tunnel" in options else ""
+        via = " via the jump host" if options["tunnel"] is self._jump else ""
         try:
             return await asyncssh.connect(
                 address.host, address.port, username=address.user, **options
@@ -396,33 +400,69 @@ class SshTarget(Target):
         on_output: OutputCallback | None = None,
     ) -> RunResult:
         env_bytes = env_lines(script_env(env))
-        sink = OutputCollector(on_output)
         async with self._shell() as (chan, shell):
-            run = ShellRun(uuid.uuid4().hex, sink)
-            shell.begin(run)
-            try:
-                chan.write(run.request(env_bytes, script.encode("utf-8")))
-            except (asyncssh.Error, OSError) as exc:
-                raise self._lost(exc) from exc
-            ends: list[asyncio.Future[Any]] = [run.done, shell.closed]
-            ended = asyncio.ensure_future(asyncio.wait(ends,
-                                                       return_when=asyncio.FIRST_COMPLETED))
-            try:
-                await asyncio.wait_for(ended, timeout)
-            except TimeoutError:
-                await self._kill_run(chan, shell, run)
-                return sink.result(124, timed_out=True)
-            except asyncio.CancelledError:
-                await asyncio.shield(self._kill_run(chan, shell, run))
-                raise
-            if not run.done.done():
-                if shell.exit_status == SHELL_FAILED:
-                    raise TargetError(f"could not start the script on {self.identity}: "
-                                      + _tail(run.sink.stderr),
-                                      hint="The host needs bash, coreutils and a writable "
-                                      "/tmp.")
-                raise self._lost(shell.closed.result())
-            return sink.result(run.done.result())
+            run = self._send(chan, shell, env_bytes, script, OutputCollector(on_output))
+            return await self._finish(chan, shell, run, timeout)
+
+    async def run_then_parts(
+        self,
+        script: str,
+        parts: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600.0,
+        parts_timeout: float = 600.0,
+        on_output: OutputCallback | None = None,
+        marker: str = "",
+    ) -> tuple[RunResult, list[RunResult]]:
+        """As ``Target.run_then_parts``, without its wrapper: the script and the parts
+        are two runs queued on one runner shell at once (one round trip). A script that
+        times out is killed as ``run`` kills one; the parts run after it all the same."""
+        script_vars = script_env(env)
+        if marker:
+            name, _, value = marker.partition("=")
+            script_vars[name] = value  # env_lines checks the name
+        nonce = secrets.token_hex(8)
+        async with self._shell() as (chan, shell):
+            first = self._send(chan, shell, env_lines(script_vars), script,
+                               OutputCollector(on_output))
+            then = self._send(chan, shell, env_lines(script_env(None)),
+                              framed_parts(parts, nonce), OutputCollector())
+            result = await self._finish(chan, shell, first, timeout)
+            whole = await self._finish(chan, shell, then, parts_timeout)
+        return result, unframed_parts(whole, len(parts), nonce)
+
+    def _send(self, chan: asyncssh.SSHClientChannel[bytes], shell: ShellSession,
+              env_bytes: bytes, script: str, sink: OutputCollector) -> ShellRun:
+        """Queue a run of ``script`` on ``shell``."""
+        run = ShellRun(uuid.uuid4().hex, sink)
+        shell.begin(run)
+        try:
+            chan.write(run.request(env_bytes, script.encode("utf-8")))
+        except (asyncssh.Error, OSError) as exc:
+            raise self._lost(exc) from exc
+        return run
+
+    async def _finish(self, chan: asyncssh.SSHClientChannel[bytes], shell: ShellSession,
+                      run: ShellRun, timeout: float) -> RunResult:
+        """``run``'s result once it ended, or was killed after ``timeout`` seconds."""
+        ends: list[asyncio.Future[Any]] = [run.done, shell.closed]
+        ended = asyncio.ensure_future(asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED))
+        try:
+            await asyncio.wait_for(ended, timeout)
+        except TimeoutError:
+            await self._kill_run(chan, shell, run)
+            return run.sink.result(124, timed_out=True)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._kill_run(chan, shell, run))
+            raise
+        if not run.done.done():
+            if shell.exit_status == SHELL_FAILED:
+                raise TargetError(f"could not start the script on {self.identity}: "
+                                  + _tail(run.sink.stderr),
+                                  hint="The host needs bash, coreutils and a writable /tmp.")
+            raise self._lost(shell.closed.result())
+        return run.sink.result(run.done.result())
 
     @contextlib.asynccontextmanager
     async def _shell(self) -> AsyncIterator[tuple[asyncssh.SSHClientChannel[bytes], ShellSession]]:
@@ -437,7 +477,7 @@ class SshTarget(Target):
             try:
                 yield pair
             finally:
-                if pair[1].alive and pair[1].run is None:
+                if pair[1].idle:
                     self._idle_shells.append(pair)
                 else:
                     pair[0].close()
@@ -490,7 +530,7 @@ class SshTarget(Target):
         ends: list[asyncio.Future[Any]] = [run.done, shell.closed]
         await asyncio.wait(ends, timeout=_KILL_WAIT, return_when=asyncio.FIRST_COMPLETED)
         if not run.done.done():
-            shell.run = None
+            shell.runs.clear()
             chan.close()
 
     # -- files ------------------------------------------------------------------------

@@ -141,6 +141,59 @@ class Target(ABC):
     async def get(self, path: str) -> bytes:
         """Read ``path`` from the target; ``FileNotFoundError`` when absent."""
 
+    async def run_then_parts(
+        self,
+        script: str,
+        parts: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600.0,
+        parts_timeout: float = 600.0,
+        on_output: OutputCallback | None = None,
+        marker: str = "",
+    ) -> tuple[RunResult, list[RunResult]]:
+        """Run ``script`` as ``run`` would, then the read-only ``parts`` as
+        ``run_parts`` does, in ONE ``run`` (a target may do it its own way, in one round
+        trip as well): the script's result, and one per part.
+
+        The script runs as ``bash FILE``, stdin ``/dev/null``, with ``env`` (which travels
+        as ``target.run`` passes it, never in the run's text), plus ``marker``
+        (``NAME=VALUE``, written in the run's text: nothing secret) that neither the wrapper
+        nor the parts carry. Its output alone streams to ``on_output`` and makes its
+        result; ``timeout`` bounds it (its process group is killed then, as ``target.run``
+        kills a script: exit 124, ``timed_out``). The parts run without ``env``; the whole
+        run gets ``timeout + parts_timeout``. The script's process group is its own: a
+        guard kills it when the run ends before the script does (a cancellation).
+
+        Parts the run never finished are reported as ``run_parts`` does, all of them when
+        the script's own end was not seen (the wrapper could not set the script up: exit
+        125, or was killed).
+        """
+        nonce = secrets.token_hex(8)
+        name, _, value = marker.partition("=")
+        bad = [name for name in [*(env or {}), *([name] if marker else [])]
+               if not _NAME.fullmatch(name)]
+        if bad:  # names are written in the run's text
+            raise ValueError(f"not an environment variable name: {bad[0]!r}")
+        if marker:
+            marker = f"{name}={shlex.quote(value)} "
+        # Only the caller's names are in the text; BASE_ENV's values are nothing secret.
+        unset = [name for name in env or {} if name not in BASE_ENV]
+        restore = [f"{name}={shlex.quote(BASE_ENV[name])}" for name in env or {}
+                   if name in BASE_ENV]
+        text = _THEN.format(
+            end=f"WORKFLOW_AGENT_SCRIPT_{nonce}",
+            script=script if script.endswith("\n") or not script else script + "\n",
+            marker=marker, timeout=f"{timeout:.3f}", nonce=nonce,
+            unset=(f"unset -v {' '.join(unset)}\n" if unset else "")
+            + (f"export {' '.join(restore)}\n" if restore else ""),
+        ) + framed_parts(parts, nonce)
+        output = _ScriptOutput(nonce, on_output)
+        whole = await self.run(text, env=env, timeout=timeout + parts_timeout,
+                               on_output=output)
+        return (output.script_result(whole),
+                unframed_parts(output.parts_result(whole), len(parts), nonce))
+
     async def facts(self, *, refresh: bool = False) -> Facts:
         """Facts about the target, gathered once per target object unless ``refresh``."""
         if self._facts is None or refresh:
@@ -176,13 +229,13 @@ printf '\\n\\036part-{nonce} {index}\\n' >&2
 """
 
 
-def _framed(scripts: Sequence[str], nonce: str) -> str:
+def framed_parts(scripts: Sequence[str], nonce: str) -> str:
     """The text running ``scripts`` as parts, framed with ``nonce``."""
     return "".join(_PART.format(script=shlex.quote(script), nonce=nonce, index=index)
                    for index, script in enumerate(scripts))
 
 
-def _unframed(whole: RunResult, count: int, nonce: str) -> list[RunResult]:
+def unframed_parts(whole: RunResult, count: int, nonce: str) -> list[RunResult]:
     """The ``count`` parts' results in ``whole``, the output of ``_framed`` parts."""
     frame = f"\n\x1epart-{nonce} \\d+"
     stdouts = re.split(frame + r" (-?\d+)\n", whole.stdout)  # text, status, text, ...
@@ -216,8 +269,8 @@ async def run_parts(
     (or -1) and what it printed so far; ``duration`` is the whole run's.
     """
     nonce = secrets.token_hex(8)
-    whole = await target.run(_framed(scripts, nonce), env=env, timeout=timeout)
-    return _unframed(whole, len(scripts), nonce)
+    whole = await target.run(framed_parts(scripts, nonce), env=env, timeout=timeout)
+    return unframed_parts(whole, len(scripts), nonce)
 
 
 # The script is written through a quoted here-document (no expansion; the delimiter is
@@ -306,59 +359,6 @@ class _ScriptOutput:
         return replace(result, duration=self.ended - self.script.started)
 
     def parts_result(self, whole: RunResult) -> RunResult:
-        """What the parts printed, with the whole run's status (for ``_unframed``)."""
+        """What the parts printed, with the whole run's status (for ``unframed_parts``)."""
         return replace(whole, stdout="".join(line + "\n" for line in self.rest["stdout"]),
                        stderr="".join(line + "\n" for line in self.rest["stderr"]))
-
-
-async def run_then_parts(
-    target: Target,
-    script: str,
-    parts: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    timeout: float = 600.0,
-    parts_timeout: float = 600.0,
-    on_output: OutputCallback | None = None,
-    marker: str = "",
-) -> tuple[RunResult, list[RunResult]]:
-    """Run ``script`` as ``target.run`` would, then the read-only ``parts`` as
-    ``run_parts`` does, in ONE ``target.run``: the script's result, and one per part.
-
-    The script runs as ``bash FILE``, stdin ``/dev/null``, with ``env`` (which travels
-    as ``target.run`` passes it, never in the run's text), plus ``marker``
-    (``NAME=VALUE``, written in the run's text: nothing secret) that neither the wrapper
-    nor the parts carry. Its output alone streams to ``on_output`` and makes its
-    result; ``timeout`` bounds it (its process group is killed then, as ``target.run``
-    kills a script: exit 124, ``timed_out``). The parts run without ``env``; the whole
-    run gets ``timeout + parts_timeout``. The script's process group is its own: a
-    guard kills it when the run ends before the script does (a cancellation).
-
-    Parts the run never finished are reported as ``run_parts`` does, all of them when
-    the script's own end was not seen (the wrapper could not set the script up: exit
-    125, or was killed).
-    """
-    nonce = secrets.token_hex(8)
-    name, _, value = marker.partition("=")
-    bad = [name for name in [*(env or {}), *([name] if marker else [])]
-           if not _NAME.fullmatch(name)]
-    if bad:  # names are written in the run's text
-        raise ValueError(f"not an environment variable name: {bad[0]!r}")
-    if marker:
-        marker = f"{name}={shlex.quote(value)} "
-    # Only the caller's names are in the text; BASE_ENV's values are nothing secret.
-    unset = [name for name in env or {} if name not in BASE_ENV]
-    restore = [f"{name}={shlex.quote(BASE_ENV[name])}" for name in env or {}
-               if name in BASE_ENV]
-    text = _THEN.format(
-        end=f"WORKFLOW_AGENT_SCRIPT_{nonce}",
-        script=script if script.endswith("\n") or not script else script + "\n",
-        marker=marker, timeout=f"{timeout:.3f}", nonce=nonce,
-        unset=(f"unset -v {' '.join(unset)}\n" if unset else "")
-        + (f"export {' '.join(restore)}\n" if restore else ""),
-    ) + _framed(parts, nonce)
-    output = _ScriptOutput(nonce, on_output)
-    whole = await target.run(text, env=env, timeout=timeout + parts_timeout,
-                             on_output=output)
-    return (output.script_result(whole),
-            _unframed(output.parts_result(whole), len(parts), nonce))
