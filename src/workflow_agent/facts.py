@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from workflow_agent.errors import TargetUnreachableError
 
 if TYPE_CHECKING:
-    from workflow_agent.execution.target import Target
+    from workflow_agent.execution.target import RunResult, Target
 
 InitSystem = Literal["systemd", "sysv", "none"]
 
@@ -21,6 +21,9 @@ InitSystem = Literal["systemd", "sysv", "none"]
 # "status<TAB>name<TAB>version" line per package (dpkg's status abbreviation: "ii"
 # installed, "rc" removed with only its configuration files left). Bash builtins where
 # they do: three programs run (uname, dpkg, dpkg-query), as a fleet runs this on every host.
+#: How long the facts script may take.
+FACTS_TIMEOUT = 60.0
+
 FACTS_SCRIPT = r"""
 . /etc/os-release 2>/dev/null || true
 echo "distro=${ID:-unknown}"
@@ -139,10 +142,14 @@ def parse_facts(output: str) -> Facts:
 
 async def gather_facts(target: Target) -> Facts:
     """Run ``FACTS_SCRIPT`` on ``target`` and parse what it prints."""
-    result = await target.run(FACTS_SCRIPT, timeout=60)
+    return facts_from(await target.run(FACTS_SCRIPT, timeout=FACTS_TIMEOUT), target.identity)
+
+
+def facts_from(result: RunResult, where: str) -> Facts:
+    """The facts a run of ``FACTS_SCRIPT`` on ``where`` printed."""
     if not result.ok:
         raise TargetUnreachableError(
-            f"could not gather facts from {target.identity}: exit {result.exit_code}: "
+            f"could not gather facts from {where}: exit {result.exit_code}: "
             f"{result.stderr.strip()[-500:]}",
             hint="Check that the target runs bash and that you can run commands on it.",
         )

@@ -5,8 +5,10 @@ read of what it changed. Real sandboxes, real apt."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
 from workflow_agent.execution import journal, journal_probe
 from workflow_agent.execution.sandbox import SandboxTarget
-from workflow_agent.execution.target import RunResult, Target
+from workflow_agent.execution.target import RunResult, Target, run_parts
 from workflow_agent.recovery.rollback import Staged, roll_back
 from workflow_agent.scripting.render import PROLOGUE
 from workflow_agent.secrets import Redactor
@@ -99,10 +101,12 @@ def test_prepare_and_observe_each_read_the_target_in_one_run(
     assert book.read().phase == "executed"
 
 
+@pytest.mark.parametrize("rehearse", [None, False])
 def test_a_journaled_install_reads_the_target_once_per_stage(
-    tmp_path: Path, sandbox: SandboxTarget
+    tmp_path: Path, sandbox: SandboxTarget, rehearse: bool | None
 ) -> None:
-    config = WorkflowConfiguration(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+    config = WorkflowConfiguration(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
+                                   rehearse=rehearse)
     agent = WorkflowAgent(Container(config))
     calls = count_calls(sandbox)
     per_stage: dict[str, int] = {}
@@ -126,10 +130,13 @@ def test_a_journaled_install_reads_the_target_once_per_stage(
     # Facts; the baseline (snapshot + which uninstall paths exist); the journal
     # (snapshot, backup, processes); the script, then what it changed (snapshot,
     # processes); the verify script, then the first try of the package, process and
-    # port checks: one run each. The metrics check fetches in a run of its own.
+    # port checks: one run each. The metrics check fetches in a run of its own. Without
+    # a rehearsal, the facts' run reads what the journal saves too.
     assert {stage: per_stage[stage] for stage in (
         "facts", "baseline", "journal", "execute", "verify")} == {
-        "facts": 1, "baseline": 1, "journal": 1, "execute": 1, "verify": 2}
+        "facts": 1, "baseline": 1, "journal": 1 if rehearse is None else 0, "execute": 1,
+        "verify": 2}
+    assert book_of(tmp_path, state.workflow_id).read().saved > 0
     # The output recorded and streamed is the script's, nothing of what ran after it.
     [recorded] = [artifact.content for artifact
                   in agent.container.history.get_workflow(state.workflow_id).artifacts
@@ -139,6 +146,36 @@ def test_a_journaled_install_reads_the_target_once_per_stage(
     assert "Setting up prometheus-node-exporter" in recorded
     assert [e.describe() for e in book_of(tmp_path, state.workflow_id).read().changes
             if e.kind == "process" and "exporter" not in e.name] == []
+
+
+def test_a_read_ahead_is_what_the_journal_saves_unless_it_is_stale(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    sh(sandbox, "mkdir -p /etc/app && echo a=1 > /etc/app/app.conf")
+    paths, ignore = ["/etc/app"], list(DEFAULT_IGNORE)
+    parts = asyncio.run(run_parts(sandbox, journal_probe.before_parts(paths, ignore)))
+    ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), tuple(parts))
+    sh(sandbox, "echo a=2 > /etc/app/app.conf")
+    store = journal.JournalStore(tmp_path / "journal")
+    calls = count_calls(sandbox)
+
+    def saved(workflow_id: str, before: journal_probe.Before, watched: list[str]) -> bytes:
+        book = store.create(journal.Header(
+            workflow_id=workflow_id, action="install", integration="app",
+            target="sandbox", target_identity=sandbox.identity, paths=watched,
+            ignore=ignore, predicted=False, pid=os.getpid(), created=datetime.now(UTC)))
+        asyncio.run(journal_probe.prepare(sandbox, book, ahead=before))
+        book.set_phase("committed")
+        return book.pre_snapshot().files["/etc/app/app.conf"].sha256 or ""
+
+    # Fresh and for this journal: no run, and what it read (a=1) is what is saved.
+    assert saved("w5", ahead, paths) == hashlib.sha256(b"a=1\n").hexdigest()
+    assert calls == []
+    # Too old (a prompt waited), or for other paths: the target is read again (a=2).
+    stale = replace(ahead, read_at=ahead.read_at - journal_probe.AHEAD_MAX_AGE - 1)
+    assert saved("w6", stale, paths) == hashlib.sha256(b"a=2\n").hexdigest()
+    assert saved("w7", ahead, ["/etc/app", "/opt"]) == hashlib.sha256(b"a=2\n").hexdigest()
+    assert calls == ["run", "run"]
 
 
 def book_of(tmp_path: Path, workflow_id: str) -> journal.Journal:

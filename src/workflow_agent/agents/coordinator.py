@@ -27,7 +27,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ from workflow_agent.errors import (
     VerificationFailedError,
     WorkflowAgentError,
 )
+from workflow_agent.execution import journal_probe
 from workflow_agent.execution.journal import Entry, Header, Journal, JournalStore
 from workflow_agent.execution.lock import TargetLock
 from workflow_agent.execution.pool import TargetPool
@@ -179,6 +180,8 @@ class _Run:
     fixes: improvement.FixPlan | None = None
     #: The first attempt of verify's script checks, read in the install script's run.
     first_checks: list[RunResult] | None = None
+    #: What preparing the journal reads, read ahead with the facts.
+    ahead: journal_probe.Before | None = None
 
 
 class Coordinator:
@@ -277,7 +280,7 @@ class Coordinator:
         if action == "rollback":
             return await self._rollback_stages(state, run, confirm)
         state = await self._stage(state, "validate", lambda s: self._validate(s, run))
-        state = await self._stage(state, "facts", self._facts)
+        state = await self._stage(state, "facts", lambda s: self._facts(s, run))
         state = await self._stage(state, "knowledge", lambda s: self._knowledge(s, run))
         state = await self._stage(state, "strategy", lambda s: self._strategy(s, run))
         state = await self._known_fixes(state, run)
@@ -316,6 +319,17 @@ class Coordinator:
         if action == "uninstall":
             state = await self._stage(state, "proof", lambda s: self._proof(s, run))
         return state
+
+    def _journals_ahead(self, state: WorkflowState, run: _Run) -> bool:
+        """Whether the facts' run also reads what the journal saves: an install that
+        will not rehearse (the rehearsal's paths would widen the journal) of an
+        integration already known (``--from-docs`` learns it after the facts). A read
+        that a prompt made stale is taken again (``journal_probe.prepare``)."""
+        if state.action != "install" or run.request.from_docs is not None:
+            return False
+        return self.config.rehearse is False or (
+            self.config.rehearse is None
+            and not supports_rehearsal(self.pool.get(state.workflow_id)))
 
     def _rehearses(self, state: WorkflowState, run: _Run) -> bool:
         """Whether this run rehearses: when asked; by default, installs where possible,
@@ -509,11 +523,16 @@ class Coordinator:
             detail={"params": masked, "target": target.identity},
         )
 
-    async def _facts(self, state: WorkflowState) -> _Outcome:
-        facts = await self.bus.request(
-            execution.FACTS, execution.FactsRequest(state.workflow_id),
+    async def _facts(self, state: WorkflowState, run: _Run) -> _Outcome:
+        scope = None
+        if self._journals_ahead(state, run):
+            assert run.integration is not None
+            scope = _journal_scope(run.integration, [])
+        reply: execution.FactsReply = await self.bus.request(
+            execution.FACTS, execution.FactsRequest(state.workflow_id, scope),
             timeout=self.config.bus_timeout,
         )
+        facts, run.ahead = reply.facts, reply.ahead
         summary = facts.summary()
         return _Outcome(
             changes={"facts": facts},
@@ -823,23 +842,23 @@ class Coordinator:
 
     async def _journal(self, state: WorkflowState, run: _Run) -> _Outcome:
         assert run.integration is not None and state.target_identity is not None
-        spec = run.integration.definition.uninstall
         predicted = [] if state.rehearsal is None else [
             change.path for change in state.rehearsal.files if change.kind != "created"]
         touched = [] if state.rehearsal is None else [c.path for c in state.rehearsal.files]
+        paths, ignore = _journal_scope(run.integration, touched)
         journal = run.journal = self.journals.create(Header(
             workflow_id=state.workflow_id, action=state.action,
             integration=state.integration, target=state.target,
-            target_identity=state.target_identity,
-            paths=sorted({*spec.watch, *spec.paths, *touched}),
-            ignore=[*DEFAULT_IGNORE, *spec.ignore], predicted=state.rehearsal is not None,
-            pid=os.getpid(), created=now(),
+            target_identity=state.target_identity, paths=paths, ignore=ignore,
+            predicted=state.rehearsal is not None, pid=os.getpid(), created=now(),
         ))
         saved: list[Entry] = await self.bus.request(
             execution.JOURNAL,
-            execution.JournalRequest(state.workflow_id, journal.directory, predicted),
+            execution.JournalRequest(state.workflow_id, journal.directory, predicted,
+                                     run.ahead),
             timeout=self.config.bus_timeout,
         )
+        run.ahead = None
         return _Outcome(
             detail={"saved": len(saved), "predicted": state.rehearsal is not None,
                     "journal": str(journal.directory)},
@@ -1013,6 +1032,14 @@ class Coordinator:
                 "hand or extend the integration's uninstall section.",
             ), outcome)
         return outcome
+
+
+def _journal_scope(integration: Integration, touched: Sequence[str]
+                   ) -> tuple[list[str], list[str]]:
+    """The paths an install's journal watches (``touched``: those a rehearsal saw
+    changed) and its ignore patterns."""
+    spec = integration.definition.uninstall
+    return sorted({*spec.watch, *spec.paths, *touched}), [*DEFAULT_IGNORE, *spec.ignore]
 
 
 def _package_names(snapshot: Snapshot) -> set[str]:

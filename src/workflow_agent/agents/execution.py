@@ -23,7 +23,7 @@ from workflow_agent.execution import journal, journal_probe
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.rehearsal import Rehearsal, rehearse, supports_rehearsal
 from workflow_agent.execution.target import OutputCallback, RunResult, run_parts
-from workflow_agent.facts import Facts
+from workflow_agent.facts import FACTS_SCRIPT, FACTS_TIMEOUT, Facts, facts_from
 from workflow_agent.scripting.render import FAILURE_MARKER, RenderedScript
 from workflow_agent.secrets import Redactor
 from workflow_agent.state import RunSummary
@@ -66,9 +66,20 @@ class OutputLine:
 
 @dataclass(frozen=True)
 class FactsRequest:
-    """Gather facts from the workflow's target."""
+    """Gather facts from the workflow's target; with ``journal`` (its paths and ignore
+    patterns), read what preparing that journal reads in the same run
+    (``journal_probe.Before``)."""
 
     workflow_id: str
+    journal: tuple[Sequence[str], Sequence[str]] | None = None
+
+
+@dataclass(frozen=True)
+class FactsReply:
+    """The facts, and the journal's read ahead when asked for."""
+
+    facts: Facts
+    ahead: journal_probe.Before | None = None
 
 
 @dataclass(frozen=True)
@@ -118,11 +129,13 @@ class RunReply:
 @dataclass(frozen=True)
 class JournalRequest:
     """Save what the workflow's target holds before ``journal``'s workflow changes it:
-    the snapshot, the backups (``predicted`` paths and configuration), the processes."""
+    the snapshot, the backups (``predicted`` paths and configuration), the processes
+    (read now, or ``ahead`` with the facts)."""
 
     workflow_id: str
     journal: Path
     predicted: Sequence[str] = ()
+    ahead: journal_probe.Before | None = None
 
 
 def summarize(result: RunResult, redactor: Redactor) -> RunSummary:
@@ -161,9 +174,17 @@ class ExecutionAgent:
         bus.serve(JOURNAL, self._journal)
         bus.serve(RUN, self._run)
 
-    async def _facts(self, message: Message) -> Facts:
+    async def _facts(self, message: Message) -> FactsReply:
         request: FactsRequest = message.payload
-        return await self.pool.get(request.workflow_id).facts(refresh=True)
+        target = self.pool.get(request.workflow_id)
+        if request.journal is None:
+            return FactsReply(await target.facts(refresh=True))
+        paths, ignore = request.journal
+        result, parts = await target.run_then_parts(
+            FACTS_SCRIPT, journal_probe.before_parts(paths, ignore), timeout=FACTS_TIMEOUT,
+            parts_timeout=journal_probe.OBSERVE_TIMEOUT)
+        ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), tuple(parts))
+        return FactsReply(facts_from(result, target.identity), ahead)
 
     async def _snapshot(self, message: Message) -> Baseline:
         request: SnapshotRequest = message.payload
@@ -196,7 +217,7 @@ class ExecutionAgent:
         request: JournalRequest = message.payload
         return await journal_probe.prepare(self.pool.get(request.workflow_id),
                                            journal.Journal(request.journal),
-                                           request.predicted, self._masked)
+                                           request.predicted, self._masked, request.ahead)
 
     async def _run(self, message: Message) -> RunReply:
         request: RunRequest = message.payload

@@ -1,7 +1,8 @@
 """What the change journal reads from the target: before the script, as it ends, and
 after an undo. The journal's files, store and index are ``journal``'s.
 
-``prepare`` saves, from ONE run on the target (``run_parts``), what undoing the
+``prepare`` saves, from ONE run on the target (``run_parts``; or read ahead with the
+facts, ``Before``, when nothing may wait in between), what undoing the
 workflow needs: a snapshot of the journal's paths (``pre.json``), the backup of every
 file the script may modify or delete (``backup.tar``: the predicted paths, plus every
 file and link under ``/etc`` in the watched paths, selected and archived by ``tar`` on
@@ -30,7 +31,9 @@ import io
 import logging
 import os
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from workflow_agent.errors import ExecutionFailedError
@@ -61,6 +64,9 @@ CONFIG_ROOT = "/etc/"
 
 #: How long reading the target after the script may take.
 OBSERVE_TIMEOUT = 600.0
+
+#: How old a read made ahead (``Before``) may be when the journal is prepared.
+AHEAD_MAX_AGE = 10.0
 
 #: Hides secrets in a process's command line before it is written to the journal.
 Mask = Callable[[ProcessInfo], ProcessInfo]
@@ -214,15 +220,46 @@ def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
     return found
 
 
+@dataclass(frozen=True)
+class Before:
+    """What ``prepare`` reads, read ahead in a run that had to be made anyway (the
+    facts'): the results of ``before_parts(paths, ignore, predicted)``, and when."""
+
+    paths: tuple[str, ...]
+    ignore: tuple[str, ...]
+    predicted: tuple[str, ...]
+    results: tuple[RunResult, ...]
+    read_at: float = field(default_factory=time.monotonic)
+
+
+def before_parts(paths: Sequence[str], ignore: Sequence[str],
+                 predicted: Sequence[str] = ()) -> list[str]:
+    """The read-only scripts whose results ``prepare`` saves: the snapshot, the backup,
+    the processes."""
+    probe = SnapshotProbe.of(paths, ignore)
+    return [probe.script, _backup_script(probe, predicted), _processes_script()]
+
+
 async def prepare(
     target: Target, journal: Journal, predicted: Sequence[str] = (), mask: Mask = _unmasked,
+    ahead: Before | None = None,
 ) -> list[Entry]:
     """Save what undoing ``journal``'s workflow needs, from one run on ``target``: the
     snapshot, the backups (``backup_paths``), the processes (``mask`` hides secrets in
-    their command lines); then the ``executing`` phase. Returns the saved entries."""
-    probe = SnapshotProbe.of(journal.header.paths, journal.header.ignore)
-    listed, saving, running = await run_parts(
-        target, [probe.script, _backup_script(probe, predicted), _processes_script()])
+    their command lines); then the ``executing`` phase. Returns the saved entries.
+
+    ``ahead``: the same read, made earlier under the workflow's lock; used instead of a
+    run when it covers exactly this journal and is at most ``AHEAD_MAX_AGE`` old (a
+    prompt that waited for a person makes it stale: the target is read again)."""
+    header = journal.header
+    probe = SnapshotProbe.of(header.paths, header.ignore)
+    if (ahead is not None and time.monotonic() - ahead.read_at <= AHEAD_MAX_AGE
+            and (ahead.paths, ahead.ignore, ahead.predicted)
+            == (tuple(header.paths), tuple(header.ignore), tuple(predicted))):
+        listed, saving, running = ahead.results
+    else:
+        listed, saving, running = await run_parts(
+            target, before_parts(header.paths, header.ignore, predicted))
     pre = probe.parse(listed, target.identity)
     backup, saved = _saved(saving, pre, predicted, target.identity)
     before = [mask(p) for p in _parse_processes(running, target.identity)]
