@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import re
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 
-from workflow_agent.errors import InvalidInputError
+from workflow_agent.errors import ExecutionFailedError, InvalidInputError
 from workflow_agent.execution.local import LocalTarget
-from workflow_agent.execution.target import run_parts
+from workflow_agent.execution.target import RunResult, run_parts
 from workflow_agent.verification.snapshot import (
     DEFAULT_IGNORE,
     FileEntry,
@@ -152,6 +155,101 @@ def test_max_files_guard(tree: Path) -> None:
         snap(tree, max_files=5)
     assert info.value.hint is not None and "max_files" in info.value.hint
     assert len(snap(tree, max_files=9).files) == 9
+    with pytest.raises(InvalidInputError, match="more than 8 entries"):
+        snap(tree, max_files=8)
+
+
+@pytest.mark.parametrize("subdirs", [19, 21, 200])
+def test_max_files_guard_when_few_entries_are_hashed(tmp_path: Path, subdirs: int) -> None:
+    # 20, 22 and 201 entries (the tree's own directory too): head cuts the listing at
+    # the 20th entry's first token, whether the walk has just ended or goes on.
+    for number in range(subdirs):
+        (tmp_path / f"d{number}").mkdir()
+    with pytest.raises(InvalidInputError, match="more than 19 entries"):
+        snap(tmp_path, max_files=19)
+    assert len(snap(tmp_path, max_files=subdirs + 1).files) == subdirs + 1
+
+
+def test_a_tree_too_large_stops_the_walk_at_the_limit(tmp_path: Path) -> None:
+    for number in range(500):
+        (tmp_path / f"f{number}").write_text(str(number))
+    probe = SnapshotProbe.of([str(tmp_path)], (), max_files=10)
+    result = asyncio.run(LocalTarget().run(probe.script))
+    # The script still ends well: the listing is cut after 8 * 10 + 1 tokens, and
+    # nothing is hashed.
+    assert result.exit_code == 0
+    tokens = decode(result.stdout)
+    assert tokens.index("PACKAGES") == 1 + 81
+    assert not any(len(token) > 66 and token[64:66] == "  " for token in tokens)
+    with pytest.raises(InvalidInputError):
+        probe.parse(result, "here")
+
+
+def test_files_hashed_in_several_batches(tmp_path: Path) -> None:
+    # ~270 bytes a path: find runs sha256sum every ~500 files.
+    contents = {tmp_path / f"{number:04}{'n' * 200}": str(number) for number in range(1200)}
+    for path, text in contents.items():
+        path.write_text(text)
+    probe = SnapshotProbe.of([str(tmp_path)], ())
+    files = probe.parse(asyncio.run(LocalTarget().run(probe.script)), "here").files
+    assert len(files) == 1201
+    for path, text in contents.items():
+        assert files[str(path)].sha256 == hashlib.sha256(text.encode()).hexdigest()
+
+
+def fake_result(*tokens: str) -> RunResult:
+    raw = b"".join(t.encode("utf-8", "surrogateescape") + b"\0" for t in tokens)
+    return RunResult(0, base64.b64encode(raw).decode(), "", 0.0)
+
+
+def test_listing_and_hashes_parse_in_any_order() -> None:
+    sha_a, sha_b = "a" * 64, "b" * 64
+    trailer = ("PACKAGES", "ii \tbash\t5.2\n", "PASSWD", "root:x:0:0::/root:/bin/bash",
+               "GROUP", "root:x:0:", "END")
+    entry = ("0", "0", "1", "123.0000000000")
+    probe = SnapshotProbe.of(["/x"], ())
+    snapshot = probe.parse(fake_result(
+        "wa-snapshot-2",
+        f"{sha_b}  /x/b",  # a hash before its entry
+        "d", "755", *entry, "/x", "",
+        "f", "644", *entry, "/x/a", "",
+        # Fields inside an entry may look like a hash or a marker: never read as such.
+        "l", "777", *entry, "/x/PACKAGES", f"{sha_a}  /x/c",
+        f"{sha_a}  /x/a",
+        "l", "777", *entry, "/x/link", "PACKAGES",
+        "f", "644", *entry, "/x/b", "",
+        *trailer,
+    ), "here")
+    assert set(snapshot.files) == {"/x", "/x/a", "/x/b", "/x/PACKAGES", "/x/link"}
+    assert (snapshot.files["/x/a"].sha256, snapshot.files["/x/b"].sha256) == (sha_a, sha_b)
+    assert snapshot.files["/x/PACKAGES"].target == f"{sha_a}  /x/c"
+    assert snapshot.files["/x/link"].target == "PACKAGES"
+    assert snapshot.packages == {"bash": "5.2"} and set(snapshot.users) == {"root"}
+    with pytest.raises(ExecutionFailedError, match="garbled"):
+        probe.parse(fake_result("wa-snapshot-2", "not a record", *trailer), "here")
+    with pytest.raises(ExecutionFailedError, match="incomplete"):
+        probe.parse(fake_result("wa-snapshot-1", *trailer), "here")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="mounting over /etc needs root and unshare")
+def test_passwd_without_a_last_newline_and_no_group_file(tmp_path: Path) -> None:
+    probe = SnapshotProbe.of([str(tmp_path)], ())
+    script = tmp_path / "snapshot.sh"
+    script.write_text(probe.script)
+    # printf's escapes: a newline, and Latin-1 bytes (not UTF-8); no newline at the end.
+    passwd = r"root:x:0:0:root:/root:/bin/bash\nodd:x:7:7:\351t\351:/:/bin/sh"
+    # A private mount namespace: /etc there holds just that passwd (no group file).
+    inner = f"mount -t tmpfs none /etc && printf {shlex.quote(passwd)} > /etc/passwd && " \
+            f"exec bash {shlex.quote(str(script))}"
+    result = asyncio.run(LocalTarget().run(f"exec unshare --mount bash -c {shlex.quote(inner)}"))
+    tokens = decode(result.stdout)
+    at = tokens.index("PASSWD")
+    assert tokens[at : at + 4] == ["PASSWD", "root:x:0:0:root:/root:/bin/bash\nodd:x:7:7:\udce9t"
+                                   "\udce9:/:/bin/sh", "GROUP", ""]
+    snapshot = probe.parse(result, "here")
+    assert snapshot.users["odd"] == "odd:x:7:7:\udce9t\udce9:/:/bin/sh"
+    assert snapshot.groups == {} and snapshot.warnings == []
 
 
 def test_non_utf8_file_names_survive(tree: Path) -> None:

@@ -16,6 +16,7 @@ directory itself). ``*`` does not cross ``/`` on purpose: ``/etc/*-`` must ignor
 from __future__ import annotations
 
 import base64
+import functools
 import posixpath
 import re
 import shlex
@@ -146,6 +147,7 @@ class SnapshotDiff(BaseModel):
         return out
 
 
+@functools.lru_cache(maxsize=1024)  # each probe converts the same few dozen patterns
 def _glob_regex(pattern: str) -> str:
     # The same text is a Python regex and a POSIX ERE for find -regex: only escapes and
     # constructs both engines read alike.
@@ -194,21 +196,26 @@ prune=({prune})
 walk() {{ find "${{paths[@]}}" -xdev -regextype posix-extended "${{prune[@]}}" "$@"; }}
 """
 
+#: Marks the output of ``_SCRIPT``; bump it when the layout changes.
+_FORMAT = "wa-snapshot-2"
+
+# One walk lists the entries (8 fields each), cut by head after max_files of them and
+# the first token of one more: then find dies of SIGPIPE at its next write and the tree
+# is refused without hashing it. Otherwise a second walk hashes the small regular files
+# ("<64 hex>  <path>" tokens). /etc/passwd and /etc/group are read by builtins, byte
+# for byte (mapfile keeps a last line without a newline), to spare a cat each;
+# 2>/dev/null comes first so that a missing file's error is silenced too.
 _SCRIPT = r"""set -o pipefail
 export LC_ALL=C
-{walk}{{
-  printf 'wa-snapshot-1\0'
-  n=0
+{walk}slurp() {{
+  local text=(); mapfile -d '' text 2>/dev/null < "$1"; printf '%s' "${{text[@]}}"
+}}
+{{
+  printf '{format}\0'
   if (( ${{#paths[@]}} )); then
-    n=$(walk -printf . 2>/dev/null | head -c {limit} | wc -c)
-  fi
-  if (( n > {max_files} )); then
-    printf 'TOO-MANY\0'
-  else
-    printf 'FILES\0'
-    (( n )) && walk -printf '%y\0%m\0%U\0%G\0%s\0%T@\0%p\0%l\0'
-    printf 'HASHES\0'
-    (( n )) && walk -type f -size -{hash_limit}c -exec sha256sum -z -- {{}} +
+    walk -printf '%y\0%m\0%U\0%G\0%s\0%T@\0%p\0%l\0' | head -z -n {limit}
+    (( PIPESTATUS[0] == 141 )) ||
+      walk -type f -size -{hash_limit}c -exec sha256sum -z -- {{}} +
   fi
   printf 'PACKAGES\0'
   if command -v dpkg-query >/dev/null 2>&1; then
@@ -216,8 +223,8 @@ export LC_ALL=C
   elif command -v rpm >/dev/null 2>&1; then
     rpm -qa --qf 'ii \t%{{NAME}}.%{{ARCH}}\t%{{EPOCHNUM}}:%{{VERSION}}-%{{RELEASE}}\n' 2>/dev/null
   fi
-  printf '\0PASSWD\0'; cat /etc/passwd 2>/dev/null
-  printf '\0GROUP\0'; cat /etc/group 2>/dev/null
+  printf '\0PASSWD\0'; slurp /etc/passwd
+  printf '\0GROUP\0'; slurp /etc/group
   printf '\0END\0'
 }} | base64 -w 4096
 """
@@ -291,8 +298,8 @@ class SnapshotProbe:
     @property
     def script(self) -> str:
         """The snapshot script; its output is base64 (``base64 -w 4096``)."""
-        return _SCRIPT.format(walk=self.walk(), limit=self.max_files + 1,
-                              max_files=self.max_files, hash_limit=self.hash_limit)
+        return _SCRIPT.format(walk=self.walk(), format=_FORMAT,
+                              limit=8 * self.max_files + 1, hash_limit=self.hash_limit)
 
     def parse(self, result: RunResult, where: str) -> Snapshot:
         """The snapshot ``result`` (of ``script``, run on ``where``) holds.
@@ -306,19 +313,20 @@ class SnapshotProbe:
             raise ExecutionFailedError(f"snapshot script failed on {where} ({reason}): "
                                        + " ".join(result.stderr.split())[-500:])
         tokens = decode(result.stdout)
-        if tokens[:1] != ["wa-snapshot-1"] or tokens[-2:] != ["END", ""]:
+        if tokens[:1] != [_FORMAT] or tokens[-2:] != ["END", ""]:
             raise ExecutionFailedError(f"snapshot output from {where} is incomplete")
-        if tokens[1] == "TOO-MANY":
+        skip = re.compile(self.ignore, re.DOTALL) if self.ignore else None
+        try:
+            snapshot = _parse(tokens, skip, result.stderr, self.max_files, self.hash_limit)
+        except (IndexError, ValueError) as exc:
+            raise ExecutionFailedError(f"snapshot output from {where} is garbled") from exc
+        if snapshot is None:
             raise InvalidInputError(
                 f"snapshot of {', '.join(self.paths)} would list more than {self.max_files} "
                 "entries",
                 hint="Snapshot narrower paths, add ignore patterns, or raise max_files.",
             )
-        skip = re.compile(self.ignore, re.DOTALL) if self.ignore else None
-        try:
-            return _parse(tokens, skip, result.stderr, self.hash_limit)
-        except (IndexError, ValueError) as exc:
-            raise ExecutionFailedError(f"snapshot output from {where} is garbled") from exc
+        return snapshot
 
 
 async def take_snapshot(
@@ -340,23 +348,45 @@ async def take_snapshot(
     return probe.parse(await target.run(probe.script, timeout=timeout), target.identity)
 
 
-def _parse(
-    tokens: list[str], skip: re.Pattern[str] | None, stderr: str, hash_limit: int
-) -> Snapshot:
-    # Layout: FILES (8 fields per entry) HASHES ("<64 hex>  <path>" each) PACKAGES <text>
-    # PASSWD <text> GROUP <text> END. Entry fields never equal a marker: the first is one
-    # letter, paths are absolute.
-    snapshot = Snapshot(warnings=stderr.splitlines())
-    i = 2
+def _listing(
+    tokens: list[str], max_files: int
+) -> tuple[list[list[str]], dict[str, str], int] | None:
+    """The walk's entries (8 fields each) and hashes (by path), and the index of the
+    PACKAGES marker after them; None when the walk had more than ``max_files`` entries.
+
+    A record starts with a one-letter type (an entry) or is one "<64 hex>  <path>" token
+    (a hash; sha256sum -z does not escape names): at a record's start neither can be the
+    marker.
+    """
     entries: list[list[str]] = []
-    while tokens[i] != "HASHES":
-        entries.append(tokens[i : i + 8])
-        i += 8
     hashes: dict[str, str] = {}
-    i += 1
+    i = 1
     while tokens[i] != "PACKAGES":
-        hashes[tokens[i][66:]] = tokens[i][:64]  # sha256sum -z does not escape names
-        i += 1
+        token = tokens[i]
+        if len(token) == 1:
+            if len(entries) == max_files:
+                return None  # head cut the walk at this entry
+            entries.append(tokens[i : i + 8])
+            i += 8
+        elif len(token) > 66 and token[64:66] == "  ":
+            hashes[token[66:]] = token[:64]
+            i += 1
+        else:
+            raise ValueError(f"neither an entry nor a hash: {token[:100]!r}")
+    return entries, hashes, i
+
+
+def _parse(
+    tokens: list[str], skip: re.Pattern[str] | None, stderr: str, max_files: int,
+    hash_limit: int,
+) -> Snapshot | None:
+    # Layout: the format marker, the walk's records (see _listing), PACKAGES <text>
+    # PASSWD <text> GROUP <text> END. None when the walk had more than max_files entries.
+    listing = _listing(tokens, max_files)
+    if listing is None:
+        return None
+    entries, hashes, i = listing
+    snapshot = Snapshot(warnings=stderr.splitlines())
     _parse_packages(tokens[i + 1], snapshot)
     if tokens[i + 2] != "PASSWD" or tokens[i + 4] != "GROUP":
         raise ValueError("sections out of order")
