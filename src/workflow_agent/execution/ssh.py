@@ -33,7 +33,6 @@ from workflow_agent.errors import InvalidInputError, TargetError, TargetUnreacha
 from workflow_agent.execution.ssh_runner import (
     SHELL,
     SHELL_FAILED,
-    DirectTcp,
     ShellRun,
     ShellSession,
     env_lines,
@@ -191,8 +190,8 @@ class SshTarget(Target):
         try:
             if settings.jump_host:
                 jump = parse_ssh_spec(settings.jump_host, default_user=self.address.user)
-                self._jump = await self._connect(jump, {**options, "tunnel": DirectTcp()})
-            options = {**options, "tunnel": self._jump or DirectTcp()}
+                self._jump = await self._connect(jump, options)
+                options = {**options, "tunnel": self._jump}
             self._conn = await self._connect(self.address, options)
             self._loop = asyncio.get_running_loop()
             await self._probe()
@@ -209,7 +208,7 @@ class SshTarget(Target):
     async def _connect(
         self, address: SshAddress, options: Mapping[str, object]
     ) -> asyncssh.SSHClientConnection:
-        via = " via the jump host" if options["tunnel"] is self._jump else ""
+        via = " via the jump host" if "tunnel" in options else ""
         try:
             return await asyncssh.connect(
                 address.host, address.port, username=address.user, **options

@@ -41,9 +41,8 @@ import re
 import shlex
 import signal as signals
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
 
 import asyncssh
 
@@ -253,101 +252,3 @@ def env_lines(env: Mapping[str, str]) -> bytes:
         lines.append(f"export {name}={shlex.quote(value)}\n")
     return "".join(lines).encode("utf-8")
 
-
-class DirectTcp:
-    """How an SSH connection reaches its host over TCP (passed to asyncssh as its
-    ``tunnel``), with every write of one event-loop turn leaving in one ``send``.
-
-    asyncssh writes each packet on its own, and an SSH_MSG_IGNORE before each data
-    packet, so a run's request costs two sends or more. On a loaded host a send is
-    where the kernel switches to the receiving sshd: measured on the 30-host lab, 1,617
-    sends took 0.46 s of the client's 2.4 s. Buffering until the loop's next turn adds no
-    wait (the loop was about to poll); it made them 1,229.
-    """
-
-    async def create_connection(
-        self, session_factory: Callable[[], asyncio.Protocol], host: str, port: int
-    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
-        loop = asyncio.get_running_loop()
-        transport, wrapper = await loop.create_connection(
-            lambda: _Coalescing(session_factory()), host, port)
-        return transport, wrapper.inner
-
-    def close(self) -> None:  # asyncssh closes its tunnel with the connection: nothing here
-        pass
-
-
-class _Coalescing(asyncio.Protocol):
-    """Hands ``inner`` a transport whose writes are joined per loop turn; everything
-    else passes through."""
-
-    def __init__(self, inner: asyncio.Protocol) -> None:
-        self.inner = inner
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.inner.connection_made(_JoinedWrites(cast(asyncio.Transport, transport)))
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-class _JoinedWrites(asyncio.Transport):
-    def __init__(self, transport: asyncio.Transport) -> None:
-        super().__init__()
-        self._transport = transport
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append(bytes(data))
-
-    def _flush(self) -> None:
-        data, self._pending = b"".join(self._pending), []
-        if data and not self._transport.is_closing():
-            self._transport.write(data)
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._pending = []
-        self._transport.abort()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._transport.set_write_buffer_limits(high, low)
-
-    def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
