@@ -374,22 +374,30 @@ class Bench:
 
 
 def hosts_cpu() -> float:
-    """CPU seconds used so far by the lab hosts' sshd (each host's listening sshd: its
-    own time plus that of every process below it that has ended: sessions, shells,
-    scripts). Processes still running (a daemon) are not counted."""
+    """CPU seconds used so far on the lab hosts: per host, its listening sshd's own time
+    plus that of every process below it that has ended (sessions, shells, scripts), and
+    the same of the host's PID 1 (its sandbox holder), which reaps what outlived its
+    parent: a shell whose session closed first. Processes still running (a daemon) are
+    not counted."""
     found = subprocess.run(["pgrep", "-x", "sshd"], capture_output=True, text=True,
                            check=False).stdout.split()
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in found:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat(pid)
             if Path(f"/proc/{fields[1]}/comm").read_text().strip() == "sshd":
                 continue  # a session: its time reaches its listening sshd when it ends
             total += sum(int(value) for value in fields[11:15])
+            total += sum(int(value) for value in _stat(fields[1])[11:15])  # the holder
         except (OSError, IndexError):
             continue
     return total / tick
+
+
+def _stat(pid: str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (field 4 first)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 # -- reading workflow-agent's history -----------------------------------------------------
