@@ -428,7 +428,11 @@ class SshTarget(Target):
             then = self._send(chan, shell, env_lines(script_env(None)),
                               framed_parts(parts, nonce), OutputCollector())
             result = await self._finish(chan, shell, first, timeout)
-            whole = await self._finish(chan, shell, then, parts_timeout)
+            if not first.done.done():
+                # The kill got no answer and the shell was dropped: the parts never ran.
+                whole = then.sink.result(-1, timed_out=True)
+            else:
+                whole = await self._finish(chan, shell, then, parts_timeout)
         return result, unframed_parts(whole, len(parts), nonce)
 
     def _send(self, chan: asyncssh.SSHClientChannel[bytes], shell: ShellSession,
