@@ -94,47 +94,54 @@ export LC_ALL=C
 #: (and that do not clear their environment) can be told apart from everything else.
 RUN_MARKER = "WORKFLOW_AGENT_RUN"
 
-# Bash builtins only inside the loop (a busy host has hundreds of processes; a fork each
-# would cost a second). Per process: pid, start time, uid, gid, unit, marked, argc, argv;
-# then one `find` prints every process's exe and cwd link. NUL-separated throughout.
-# Kernel threads (empty cmdline) and the run's own processes are left out: the run's
-# shell ($$: run_parts' or run_then_parts' wrapper), the subshell this part runs in and
-# their children (the other parts, and the wrapper's guard). The script run_then_parts
-# ran before has ended by then; what it left running is not the wrapper's child.
+# A fixed handful of programs read every process at once (2 to 3 greps, a find, base64,
+# whatever the number of processes); the client parses (``_parse_processes``). Bash
+# builtins on /proc files cost about a millisecond per process, a fork per process as
+# much. The pids are globbed once, relative to /proc (shorter arguments), before any of
+# the programs starts: none of them is listed. Sections, NUL-separated:
+#   S, $$, $BASHPID: the run's shell (run_parts' or run_then_parts' wrapper) and the
+#     subshell this part runs in. The client leaves out the shell, and the children of
+#     both (this subshell, the other parts, the wrapper's guard). The script
+#     run_then_parts ran before has ended by then; what it left running is not the
+#     wrapper's child.
+#   a record per argument of every cmdline (a kernel thread's, empty, prints none) and
+#     one per whole stat: "PID/cmdline:" or "PID/stat:", then the bytes. A file name
+#     holds no colon; a comm may hold anything but NUL: the client splits the stat after
+#     the last ") ".
+#   U, then one field of lines, no NUL in it: "PID/status:Uid:..." and "PID/status:Gid:..."
+#     (the real ids first; no other line of status matches) and "PID/cgroup:LINE" (every
+#     cgroup line starts with its hierarchy's number): two of each file (-m 2). The
+#     client takes the cgroup's first line, as ever: "0::" only on a cgroup v2 host.
+#   M, then "PID/environ" for every environment holding the marker (NAME=VALUE), when
+#     one is given: environments themselves never leave the host.
+#   L, then "PID/exe", its target, "PID/cwd", its target, for every pid; then END.
+# Processes come and go, and other users' environments are unreadable: errors are
+# dropped (grep exits 2 on them, find 1), but a program that could not run fails the
+# part, and the client checks that this subshell's own files were read.
 _PROCESSES = r"""set -o pipefail
+export LC_ALL=C
 marker=%(marker)s
+cd /proc && pids=([0-9]*) || exit
 self=$$ part=$BASHPID
+ran() { local s=$?; (( s <= 2 )) || { echo "$1 failed (exit status $s)" >&2; exit 1; }; }
 {
-links=()
-for d in /proc/[0-9]*; do
-  pid=${d#/proc/}
-  [ "$pid" = "$self" ] && continue
-  args=(); mapfile -d '' args < "$d/cmdline" 2>/dev/null || continue
-  (( ${#args[@]} )) || continue
-  read -r stat < "$d/stat" 2>/dev/null || continue
-  read -r -a f <<< "${stat##*) }"
-  [ "${f[1]}" = "$self" ] || [ "${f[1]}" = "$part" ] && continue
-  uid="" gid=""
-  while read -r key value _; do
-    case $key in Uid:) uid=$value ;; Gid:) gid=$value; break ;; esac
-  done < "$d/status" 2>/dev/null
-  unit="" cg=""
-  read -r cg < "$d/cgroup" 2>/dev/null
-  case $cg in 0::*.service) unit=${cg##*/} ;; esac
-  marked=0
-  if [ -n "$marker" ]; then
-    envs=(); mapfile -d '' envs < "$d/environ" 2>/dev/null
-    for e in "${envs[@]}"; do [ "$e" = "$marker" ] && { marked=1; break; }; done
-  fi
-  links+=("$d/exe" "$d/cwd")
-  printf 'P\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0%%s\0' "$pid" "${f[19]}" "$uid" \
-    "$gid" "$unit" "$marked" "${f[1]}" "${f[3]}" "${#args[@]}"
-  printf '%%s\0' "${args[@]}"
-done
+printf 'S\0%%s\0%%s\0' "$self" "$part"
+grep -a -z -H -e '' -- "${pids[@]/%%//cmdline}" "${pids[@]/%%//stat}" 2>/dev/null
+ran grep
+printf 'U\0'
+grep -a -H -m 2 -E -e '^(Uid|Gid):|^[0-9]' -- "${pids[@]/%%//status}" \
+  "${pids[@]/%%//cgroup}" 2>/dev/null
+ran grep
+printf '\0M\0'
+if [ -n "$marker" ]; then
+  grep -a -z -Z -l -x -F -e "$marker" -- "${pids[@]/%%//environ}" 2>/dev/null
+  ran grep
+fi
 printf 'L\0'
-(( ${#links[@]} )) && find "${links[@]}" -maxdepth 0 -printf '%%p\0%%l\0' 2>/dev/null
+find "${pids[@]/%%//exe}" "${pids[@]/%%//cwd}" -maxdepth 0 -printf '%%p\0%%l\0' 2>/dev/null
+ran find
 printf 'END\0'
-} | base64 -w 4096
+} </dev/null | base64 -w 4096
 """
 
 
@@ -187,7 +194,10 @@ def _saved(result: RunResult, pre: Snapshot, predicted: Sequence[str], where: st
 
 def _processes_script(marker: str = "") -> str:
     """The script listing the processes on a target (kernel threads left out), flagging
-    those whose environment holds ``marker`` (``NAME=VALUE``); base64 on stdout."""
+    those whose environment holds ``marker`` (``NAME=VALUE``); base64 on stdout.
+    ``ValueError`` for a marker holding a newline: grep would take it for two."""
+    if "\n" in marker:
+        raise ValueError(f"a run marker holds a newline: {marker!r}")
     return _PROCESSES % {"marker": quote(marker)}
 
 
@@ -196,25 +206,68 @@ def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
     if result.exit_code != 0:
         raise ExecutionFailedError(f"could not list the processes on {where}: "
                                    + " ".join(result.stderr.split())[-300:])
-    fields = decode(result.stdout)
-    records: list[list[str]] = []
-    i = 0
-    while i < len(fields) and fields[i] == "P":
-        argc = int(fields[i + 9])
-        records.append(fields[i + 1 : i + 10 + argc])
-        i += 10 + argc
-    if fields[i : i + 1] != ["L"] or "END" not in fields[i:]:
-        raise ExecutionFailedError(f"the process list from {where} is garbled")
-    end = fields.index("END", i)
-    links = dict(zip(fields[i + 1 : end : 2], fields[i + 2 : end : 2], strict=False))
+    garbled = ExecutionFailedError(f"the process list from {where} is garbled")
+    try:
+        fields = decode(result.stdout)
+    except binascii.Error as exc:  # base64 cut short, or mixed with other output
+        raise garbled from exc
+    # S $$ $BASHPID, records up to U, one field of lines, M, names up to L, pairs up to
+    # END: the last field but the empty one after its NUL. No record holds a marker:
+    # each starts with "PID/", and a link's path ("PID/exe") comes first in its pair.
+    try:
+        if fields[0] != "S" or fields[-2:] != ["END", ""]:
+            raise ValueError
+        shell, part = fields[1:3]
+        u = fields.index("U", 3)
+        if fields[u + 2] != "M":
+            raise ValueError
+        m = fields.index("L", u + 3)
+        pairs = fields[m + 1 : -2]
+        if len(pairs) % 2:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise garbled from None
+    argvs: dict[str, list[str]] = {}  # in the order listed: the glob's
+    stats: dict[str, list[str]] = {}
+    for record in fields[3:u]:
+        name, _, value = record.partition(":")  # a file name holds no colon
+        pid, _, kind = name.partition("/")
+        if kind == "cmdline":
+            argvs.setdefault(pid, []).append(value)
+        elif kind == "stat":  # the fields after the comm, whatever the comm holds
+            stats[pid] = value.rpartition(") ")[2].split()
+    ids: dict[str, dict[str, str]] = {}
+    cgroups: dict[str, str] = {}
+    for line in fields[u + 1].split("\n"):
+        name, _, value = line.partition(":")
+        pid, _, kind = name.partition("/")
+        if kind == "status" and len(words := value.split()) > 1:
+            ids.setdefault(pid, {})[words[0]] = words[1]  # the real uid or gid first
+        elif kind == "cgroup":
+            cgroups.setdefault(pid, value.strip(" \t"))  # the first line, as `read` has it
+    marked = {name.partition("/")[0] for name in fields[u + 3 : m]}
+    links = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    if not (part in argvs and part in stats and "Gid:" in ids.get(part, {})):
+        # This part's subshell lived throughout: a grep that read nothing at all (it
+        # exits 2 then, as when a process exits) must not pass for an empty host.
+        raise ExecutionFailedError(f"could not list the processes on {where}: "
+                                   f"grep read nothing of /proc/{part}, its own")
     found: list[ProcessInfo] = []
-    for pid, start, uid, gid, unit, marked, ppid, session, _argc, *argv in records:
-        if not (uid.isdigit() and gid.isdigit()):
-            continue  # exited while it was read
+    for pid, argv in argvs.items():
+        stat = stats.get(pid, [])
+        uid, gid = ids.get(pid, {}).get("Uid:", ""), ids.get(pid, {}).get("Gid:", "")
+        if pid == shell or len(stat) < 20 or not (uid.isdigit() and gid.isdigit()):
+            continue  # the run's shell, or exited while it was read
+        ppid, session, start = stat[1], stat[3], stat[19]
+        if ppid in (shell, part):
+            continue  # the run's own
+        cgroup = cgroups.get(pid, "")
+        unit = (cgroup.rpartition("/")[2]
+                if cgroup.startswith("0::") and cgroup.endswith(".service") else "")
         found.append(ProcessInfo(
             pid=int(pid), start=start, uid=int(uid), gid=int(gid),
-            exe=links.get(f"/proc/{pid}/exe", ""), cwd=links.get(f"/proc/{pid}/cwd") or "/",
-            argv=argv, unit=unit or None, marked=marked == "1",
+            exe=links.get(f"{pid}/exe", ""), cwd=links.get(f"{pid}/cwd") or "/",
+            argv=argv, unit=unit or None, marked=pid in marked,
             daemon=ppid in ("0", "1") or session == pid or bool(unit),
         ))
     return found
