@@ -179,10 +179,11 @@ class ExecutionAgent:
         target = self.pool.get(request.workflow_id)
         if request.journal is None:
             return FactsReply(await target.facts(refresh=True))
+        # Read-only all of them: parts of one run.
         paths, ignore = request.journal
-        result, parts = await target.run_then_parts(
-            FACTS_SCRIPT, journal_probe.before_parts(paths, ignore), timeout=FACTS_TIMEOUT,
-            parts_timeout=journal_probe.OBSERVE_TIMEOUT)
+        result, *parts = await run_parts(
+            target, [FACTS_SCRIPT, *journal_probe.before_parts(paths, ignore)],
+            timeout=FACTS_TIMEOUT + journal_probe.OBSERVE_TIMEOUT)
         ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), tuple(parts))
         return FactsReply(facts_from(result, target.identity), ahead)
 
