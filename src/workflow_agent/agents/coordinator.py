@@ -75,7 +75,7 @@ from workflow_agent.state import (
     WorkflowState,
     now,
 )
-from workflow_agent.verification.checks import batched_scripts
+from workflow_agent.verification.checks import Check, batched_scripts
 from workflow_agent.verification.snapshot import DEFAULT_IGNORE, Snapshot
 
 if TYPE_CHECKING:
@@ -178,6 +178,8 @@ class _Run:
     generation: generator.Generation | None = None
     #: Fixes learned from earlier failures that this run applies (improvement agent).
     fixes: improvement.FixPlan | None = None
+    #: The integration's checks with this run's parameters (``Coordinator._checks``).
+    checks: list[Check] | None = None
     #: The first attempt of verify's script checks, read in the install script's run.
     first_checks: list[RunResult] | None = None
     #: What preparing the journal reads, read ahead with the facts.
@@ -910,8 +912,7 @@ class Coordinator:
         if action == "install" and "verify" not in state.scripts:
             # verify's script checks, first attempt: read right after the script.
             assert run.integration is not None
-            probes = batched_scripts(
-                render_checks(run.integration.definition.checks, run.params.values))
+            probes = batched_scripts(self._checks(run))
         reply: execution.RunReply = await self.bus.request(
             execution.RUN,
             execution.RunRequest(state.workflow_id, "execute", script,
@@ -966,9 +967,17 @@ class Coordinator:
         run.baseline = run.baseline.model_copy(update={"added_packages": added})
         return [Artifact("baseline", "baseline", run.baseline.model_dump_json())]
 
+    @staticmethod
+    def _checks(run: _Run) -> list[Check]:
+        """The integration's checks with this run's parameters (rendered once)."""
+        if run.checks is None:
+            assert run.integration is not None and run.params is not None
+            run.checks = render_checks(run.integration.definition.checks, run.params.values)
+        return run.checks
+
     async def _verify(self, state: WorkflowState, run: _Run) -> _Outcome:
         assert run.integration is not None and run.params is not None
-        checks = render_checks(run.integration.definition.checks, run.params.values)
+        checks = self._checks(run)
         reply: verification.VerifyReply = await self.bus.request(
             verification.VERIFY,
             verification.VerifyRequest(
