@@ -24,6 +24,19 @@ InitSystem = Literal["systemd", "sysv", "none"]
 #: How long the facts script may take.
 FACTS_TIMEOUT = 60.0
 
+#: The package listing, as the facts and the snapshots print it (``verification.snapshot``
+#: reads it too): status, name (dpkg's with ``:arch`` where Multi-Arch needs it; rpm's
+#: ``NAME.ARCH``), version (rpm's with its epoch).
+PACKAGES_SCRIPT = r"""if command -v dpkg-query >/dev/null 2>&1; then
+  dpkg-query -W -f '${db:Status-Abbrev}\t${binary:Package}\t${Version}\n' 2>/dev/null
+elif command -v rpm >/dev/null 2>&1; then
+  rpm -qa --qf 'ii \t%{NAME}.%{ARCH}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n' 2>/dev/null
+fi
+"""
+
+#: Where the package listing starts in the facts' output.
+PACKAGES_MARK = "--packages--\n"
+
 FACTS_SCRIPT = r"""
 . /etc/os-release 2>/dev/null || true
 echo "distro=${ID:-unknown}"
@@ -46,12 +59,7 @@ else echo "init=none"; fi
 p=(); mapfile -d "" -n 1 p 2>/dev/null < /proc/1/cmdline
 echo "pid1=${p[0]-}"
 echo "--packages--"
-if command -v dpkg-query >/dev/null 2>&1; then
-  dpkg-query -W -f '${db:Status-Abbrev}\t${Package}\t${Version}\n' 2>/dev/null
-elif command -v rpm >/dev/null 2>&1; then
-  rpm -qa --qf 'ii \t%{NAME}\t%{VERSION}-%{RELEASE}\n'
-fi
-"""
+""" + PACKAGES_SCRIPT
 
 _FAMILIES = {
     "debian": "debian",
@@ -98,14 +106,20 @@ class Facts(BaseModel):
         return self.model_dump(exclude={"installed_packages", "config_only_packages"})
 
 
+def packages_listed(output: str) -> str:
+    """The package listing (``PACKAGES_SCRIPT``'s output) in the output of ``FACTS_SCRIPT``."""
+    return output.partition(PACKAGES_MARK)[2]
+
+
 def parse_facts(output: str) -> Facts:
     """Parse the output of ``FACTS_SCRIPT``."""
-    head, _, packages_text = output.partition("--packages--\n")
+    head, _, packages_text = output.partition(PACKAGES_MARK)
     values: dict[str, str] = {}
     for line in head.splitlines():
         key, sep, value = line.partition("=")
         if sep and key not in values:
             values[key] = value.strip()
+    dpkg = "dpkg_arch" in values
     packages: dict[str, str] = {}
     config_only: list[str] = []
     for line in packages_text.splitlines():
@@ -113,6 +127,12 @@ def parse_facts(output: str) -> Facts:
         name, sep, version = rest.partition("\t")
         if not sep:
             continue
+        # Facts name packages plainly: dpkg's "libc6:amd64" is libc6, rpm's "bash.x86_64"
+        # bash (at version "1:5.2-1" without its epoch).
+        if dpkg:
+            name = name.partition(":")[0]
+        else:
+            name, version = name.rpartition(".")[0] or name, version.partition(":")[2] or version
         if status.startswith("ii"):
             packages[name] = version
         elif status.startswith("rc"):

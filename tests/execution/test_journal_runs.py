@@ -25,10 +25,11 @@ from workflow_agent.container import Container
 from workflow_agent.execution import journal, journal_probe
 from workflow_agent.execution.sandbox import SandboxTarget
 from workflow_agent.execution.target import RunResult, Target, run_parts
+from workflow_agent.facts import FACTS_SCRIPT, packages_listed, parse_facts
 from workflow_agent.recovery.rollback import Staged, roll_back
 from workflow_agent.scripting.render import PROLOGUE
 from workflow_agent.secrets import Redactor
-from workflow_agent.verification.snapshot import DEFAULT_IGNORE, compare
+from workflow_agent.verification.snapshot import DEFAULT_IGNORE, compare, take_snapshot
 
 pytestmark = pytest.mark.sandbox
 
@@ -176,6 +177,32 @@ def test_a_read_ahead_is_what_the_journal_saves_unless_it_is_stale(
     assert saved("w6", stale, paths) == hashlib.sha256(b"a=2\n").hexdigest()
     assert saved("w7", ahead, ["/etc/app", "/opt"]) == hashlib.sha256(b"a=2\n").hexdigest()
     assert calls == ["run", "run"]
+
+
+def test_a_read_ahead_with_the_facts_lists_the_packages_once(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    paths, ignore = ["/etc/apt"], list(DEFAULT_IGNORE)
+    calls = count_calls(sandbox)
+    facts_run, *parts = asyncio.run(run_parts(
+        sandbox, [FACTS_SCRIPT, *journal_probe.before_parts(paths, ignore, packages=False)]))
+    assert calls == ["run"]
+    script = "\n".join(journal_probe.before_parts(paths, ignore, packages=False))
+    assert "dpkg-query" not in script and FACTS_SCRIPT.count("dpkg-query -W") == 1
+    facts = parse_facts(facts_run.stdout)
+    book = journal.JournalStore(tmp_path / "journal").create(journal.Header(
+        workflow_id="w8", action="install", integration="app", target="sandbox",
+        target_identity=sandbox.identity, paths=paths, ignore=ignore, predicted=False,
+        pid=os.getpid(), created=datetime.now(UTC)))
+    asyncio.run(journal_probe.prepare(sandbox, book, ahead=journal_probe.Before(
+        tuple(paths), tuple(ignore), (), tuple(parts), packages_listed(facts_run.stdout))))
+    # The same packages a snapshot of its own lists (dpkg's names: libc6:amd64)...
+    alone = asyncio.run(take_snapshot(sandbox, paths=paths, ignore=ignore))
+    assert book.pre_snapshot().packages == alone.packages
+    assert any(name.startswith("libc6:") for name in alone.packages)
+    # ...and the facts name them plainly, as ever.
+    assert {name.partition(":")[0] for name in alone.packages} == set(facts.installed_packages)
+    assert "libc6" in facts.installed_packages
 
 
 def book_of(tmp_path: Path, workflow_id: str) -> journal.Journal:

@@ -171,8 +171,11 @@ def test_max_files_guard_when_few_entries_are_hashed(tmp_path: Path, subdirs: in
 
 
 def test_a_tree_too_large_stops_the_walk_at_the_limit(tmp_path: Path) -> None:
-    for number in range(500):
-        (tmp_path / f"f{number}").write_text(str(number))
+    # A listing larger than a pipe holds (~300 KB): find is still writing when head has
+    # had enough, so it dies of SIGPIPE (a smaller one may be written in full first,
+    # and then hashed: the refusal is the same).
+    for number in range(3000):
+        (tmp_path / f"{number:04}{'n' * 60}").write_text(str(number))
     probe = SnapshotProbe.of([str(tmp_path)], (), max_files=10)
     result = asyncio.run(LocalTarget().run(probe.script))
     # The script still ends well: the listing is cut after 8 * 10 + 1 tokens, and

@@ -23,7 +23,7 @@ from workflow_agent.execution import journal, journal_probe
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.rehearsal import Rehearsal, rehearse, supports_rehearsal
 from workflow_agent.execution.target import OutputCallback, RunResult, run_parts
-from workflow_agent.facts import FACTS_SCRIPT, FACTS_TIMEOUT, Facts, facts_from
+from workflow_agent.facts import FACTS_SCRIPT, FACTS_TIMEOUT, Facts, facts_from, packages_listed
 from workflow_agent.scripting.render import FAILURE_MARKER, RenderedScript
 from workflow_agent.secrets import Redactor
 from workflow_agent.state import RunSummary
@@ -179,13 +179,16 @@ class ExecutionAgent:
         target = self.pool.get(request.workflow_id)
         if request.journal is None:
             return FactsReply(await target.facts(refresh=True))
-        # Read-only all of them: parts of one run.
+        # Read-only all of them: parts of one run. The packages are listed once, by the
+        # facts (dpkg-query costs a host a few ms, tens with a thousand packages).
         paths, ignore = request.journal
         result, *parts = await run_parts(
-            target, [FACTS_SCRIPT, *journal_probe.before_parts(paths, ignore)],
+            target, [FACTS_SCRIPT, *journal_probe.before_parts(paths, ignore, packages=False)],
             timeout=FACTS_TIMEOUT + journal_probe.OBSERVE_TIMEOUT)
-        ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), tuple(parts))
-        return FactsReply(facts_from(result, target.identity), ahead)
+        facts = facts_from(result, target.identity)
+        ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), tuple(parts),
+                                     packages_listed(result.stdout))
+        return FactsReply(facts, ahead)
 
     async def _snapshot(self, message: Message) -> Baseline:
         request: SnapshotRequest = message.payload

@@ -51,6 +51,7 @@ from workflow_agent.verification.snapshot import (
     FileType,
     Snapshot,
     SnapshotProbe,
+    add_packages,
     decode,
     diff,
 )
@@ -279,20 +280,22 @@ def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
 @dataclass(frozen=True)
 class Before:
     """What ``prepare`` reads, read ahead in a run that had to be made anyway (the
-    facts'): the results of ``before_parts(paths, ignore, predicted)``, and when."""
+    facts'): the results of ``before_parts(paths, ignore, predicted, ...)``, and when.
+    ``packages``: the package listing of that run, when the snapshot left it out."""
 
     paths: tuple[str, ...]
     ignore: tuple[str, ...]
     predicted: tuple[str, ...]
     results: tuple[RunResult, ...]
+    packages: str | None = None
     read_at: float = field(default_factory=time.monotonic)
 
 
 def before_parts(paths: Sequence[str], ignore: Sequence[str],
-                 predicted: Sequence[str] = ()) -> list[str]:
-    """The read-only scripts whose results ``prepare`` saves: the snapshot, the backup,
-    the processes."""
-    probe = SnapshotProbe.of(paths, ignore)
+                 predicted: Sequence[str] = (), *, packages: bool = True) -> list[str]:
+    """The read-only scripts whose results ``prepare`` saves: the snapshot (without the
+    package listing unless ``packages``), the backup, the processes."""
+    probe = SnapshotProbe.of(paths, ignore, packages=packages)
     return [probe.script, _backup_script(probe, predicted), _processes_script()]
 
 
@@ -313,10 +316,14 @@ async def prepare(
             and (ahead.paths, ahead.ignore, ahead.predicted)
             == (tuple(header.paths), tuple(header.ignore), tuple(predicted))):
         listed, saving, running = ahead.results
+        packages = ahead.packages
     else:
         listed, saving, running = await run_parts(
             target, before_parts(header.paths, header.ignore, predicted))
+        packages = None
     pre = probe.parse(listed, target.identity)
+    if packages is not None:
+        add_packages(packages, pre)
     backup, saved = _saved(saving, pre, predicted, target.identity)
     before = [mask(p) for p in _parse_processes(running, target.identity)]
     await asyncio.to_thread(journal.record_prepared, pre, backup, saved, before)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal, cast, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from workflow_agent.errors import ExecutionFailedError, InvalidInputError
+from workflow_agent.facts import PACKAGES_SCRIPT
 
 if TYPE_CHECKING:
     from workflow_agent.execution.target import RunResult, Target
@@ -200,8 +201,10 @@ walk() {{ find "${{paths[@]}}" -xdev -regextype posix-extended "${{prune[@]}}" "
 _FORMAT = "wa-snapshot-2"
 
 # One walk lists the entries (8 fields each), cut by head after max_files of them and
-# the first token of one more: then find dies of SIGPIPE at its next write and the tree
-# is refused without hashing it. Otherwise a second walk hashes the small regular files
+# the first token of one more: then find dies of SIGPIPE at its next write and a large
+# tree is refused without hashing it (a listing small enough to fit in the pipe may have
+# been written in full: then its few files are hashed, and it is refused all the same).
+# Otherwise a second walk hashes the small regular files
 # ("<64 hex>  <path>" tokens). /etc/passwd and /etc/group are read by builtins, byte
 # for byte (mapfile keeps a last line without a newline), to spare a cat each;
 # 2>/dev/null comes first so that a missing file's error is silenced too.
@@ -218,19 +221,15 @@ export LC_ALL=C
       walk -type f -size -{hash_limit}c -exec sha256sum -z -- {{}} +
   fi
   printf 'PACKAGES\0'
-  if command -v dpkg-query >/dev/null 2>&1; then
-    dpkg-query -W -f '${{db:Status-Abbrev}}\t${{binary:Package}}\t${{Version}}\n' 2>/dev/null
-  elif command -v rpm >/dev/null 2>&1; then
-    rpm -qa --qf 'ii \t%{{NAME}}.%{{ARCH}}\t%{{EPOCHNUM}}:%{{VERSION}}-%{{RELEASE}}\n' 2>/dev/null
-  fi
-  printf '\0PASSWD\0'; slurp /etc/passwd
+{packages}  printf '\0PASSWD\0'; slurp /etc/passwd
   printf '\0GROUP\0'; slurp /etc/group
   printf '\0END\0'
 }} | base64 -w 4096
 """
 
 
-def _parse_packages(text: str, snapshot: Snapshot) -> None:
+def add_packages(text: str, snapshot: Snapshot) -> None:
+    """Add the packages a package listing (``facts.PACKAGES_SCRIPT``'s output) holds."""
     for line in text.splitlines():
         status, _, rest = line.partition("\t")
         name, _, version = rest.partition("\t")
@@ -259,6 +258,9 @@ class SnapshotProbe:
     """``ignore_regex`` of the ignore patterns."""
     max_files: int = DEFAULT_MAX_FILES
     hash_limit: int = DEFAULT_HASH_LIMIT
+    packages: bool = True
+    """Whether the script lists the packages; a caller that listed them in the same run
+    (the facts do) adds them to the parsed snapshot with ``add_packages`` instead."""
 
     @classmethod
     def of(
@@ -268,12 +270,13 @@ class SnapshotProbe:
         *,
         max_files: int = DEFAULT_MAX_FILES,
         hash_limit: int = DEFAULT_HASH_LIMIT,
+        packages: bool = True,
     ) -> SnapshotProbe:
         """The probe for ``paths`` (absolute, else ``InvalidInputError``) and ``ignore``."""
         normalized = sorted({_normalize(p) for p in paths})
         folded = tuple(p for p in normalized
                        if not any(_under(p, q) for q in normalized if q != p))
-        return cls(folded, ignore_regex(ignore), max_files, hash_limit)
+        return cls(folded, ignore_regex(ignore), max_files, hash_limit, packages)
 
     def walk(self, within: str = "/") -> str:
         """Bash defining ``walk FIND-ARGS...``: ``find`` over the part of the snapshot
@@ -299,7 +302,8 @@ class SnapshotProbe:
     def script(self) -> str:
         """The snapshot script; its output is base64 (``base64 -w 4096``)."""
         return _SCRIPT.format(walk=self.walk(), format=_FORMAT,
-                              limit=8 * self.max_files + 1, hash_limit=self.hash_limit)
+                              limit=8 * self.max_files + 1, hash_limit=self.hash_limit,
+                              packages=PACKAGES_SCRIPT if self.packages else "")
 
     def parse(self, result: RunResult, where: str) -> Snapshot:
         """The snapshot ``result`` (of ``script``, run on ``where``) holds.
@@ -387,7 +391,7 @@ def _parse(
         return None
     entries, hashes, i = listing
     snapshot = Snapshot(warnings=stderr.splitlines())
-    _parse_packages(tokens[i + 1], snapshot)
+    add_packages(tokens[i + 1], snapshot)
     if tokens[i + 2] != "PASSWD" or tokens[i + 4] != "GROUP":
         raise ValueError("sections out of order")
     snapshot.users = _account_lines(tokens[i + 3])
