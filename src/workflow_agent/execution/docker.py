@@ -96,15 +96,19 @@ kill "$o" "$e" 2>/dev/null
 exit "$rc"
 """
 
-#: Kills the process group whose leader runs the script at ``$WA_RUN`` (passed in the
-#: environment, so this shell's own command line never matches), then removes its
-#: files. bash, not sh: dash's ``kill`` cannot signal a process group.
+#: Kills the process group of the launcher running the script at ``$WA_RUN`` (passed in
+#: the environment, so this shell's own command line never matches): the launcher, the
+#: script's bash and the cats. Only the launcher's: a job the script put in a group of
+#: its own is the script's to end (``Target.run_then_parts``' guard kills its script
+#: and removes its files when the script's bash dies; killed first, it left them).
+#: Then removes the launcher's files. bash, not sh: dash's ``kill`` cannot signal a
+#: process group.
 _KILL_SCRIPT = r"""
 for d in /proc/[0-9]*; do
   pid=${d#/proc/}
   [ "$pid" = "$$" ] && continue
   case "$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)" in
-    *"$WA_RUN"*) kill -KILL -- "-$pid" 2>/dev/null ;;
+    "/bin/bash -c "*" $WA_RUN ") kill -KILL -- "-$pid" 2>/dev/null ;;
   esac
 done
 rm -f -- "$WA_RUN" "$WA_RUN.out" "$WA_RUN.err"
