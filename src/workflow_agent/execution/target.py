@@ -7,8 +7,9 @@ in the script text or a process argument.
 
 A run costs a round trip, and over SSH a runner on the host: ``run_parts`` runs several
 independent read-only scripts in one run and hands each its own result;
-``run_then_parts`` runs a script as ``Target.run`` would, then such read-only parts, in
-one run, keeping the script's output, status and timeout its own.
+``Target.run_then_parts`` runs a script as ``Target.run`` would, then such read-only
+parts, in one run (or, over SSH, two runs queued at once: one round trip), keeping the
+script's output, status and timeout its own.
 
 ``quote`` quotes a word for any of these scripts, bytes that are not UTF-8 included.
 """
