@@ -17,10 +17,6 @@ if TYPE_CHECKING:
 
 InitSystem = Literal["systemd", "sysv", "none"]
 
-# Read-only. Prints "key=value" lines, then "--packages--" and one
-# "status<TAB>name<TAB>version" line per package (dpkg's status abbreviation: "ii"
-# installed, "rc" removed with only its configuration files left). Bash builtins where
-# they do: three programs run (uname, dpkg, dpkg-query), as a fleet runs this on every host.
 #: How long the facts script may take.
 FACTS_TIMEOUT = 60.0
 
@@ -37,6 +33,10 @@ fi
 #: Where the package listing starts in the facts' output.
 PACKAGES_MARK = "--packages--\n"
 
+# Read-only. Prints "key=value" lines, then "--packages--" and one
+# "status<TAB>name<TAB>version" line per package (dpkg's status abbreviation: "ii"
+# installed, "rc" removed with only its configuration files left). Bash builtins where
+# they do: three programs run (uname, dpkg, dpkg-query), as a fleet runs this on every host.
 FACTS_SCRIPT = r"""
 . /etc/os-release 2>/dev/null || true
 echo "distro=${ID:-unknown}"

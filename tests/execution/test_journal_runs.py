@@ -63,11 +63,7 @@ def test_prepare_and_observe_each_read_the_target_in_one_run(
                 "printf 'bin' > /opt/app/tool && chmod 750 /opt/app/tool && "
                 "chown 12:34 /etc/app/app.conf")
     store = journal.JournalStore(tmp_path / "journal")
-    book = store.create(journal.Header(
-        workflow_id="w1", action="install", integration="app", target="sandbox",
-        target_identity=sandbox.identity, paths=["/etc", "/opt/app"],
-        ignore=list(DEFAULT_IGNORE), predicted=True, pid=os.getpid(),
-        created=datetime.now(UTC)))
+    book = new_journal(store, sandbox, "w1", ["/etc", "/opt/app"], predicted=True)
     predicted = ["/opt/app/tool", "/opt/app", "/opt/app/absent", "/etc/app/app.conf"]
     calls = count_calls(sandbox)
 
@@ -161,10 +157,7 @@ def test_a_read_ahead_is_what_the_journal_saves_unless_it_is_stale(
     calls = count_calls(sandbox)
 
     def saved(workflow_id: str, before: journal_probe.Before, watched: list[str]) -> bytes:
-        book = store.create(journal.Header(
-            workflow_id=workflow_id, action="install", integration="app",
-            target="sandbox", target_identity=sandbox.identity, paths=watched,
-            ignore=ignore, predicted=False, pid=os.getpid(), created=datetime.now(UTC)))
+        book = new_journal(store, sandbox, workflow_id, watched)
         asyncio.run(journal_probe.prepare(sandbox, book, ahead=before))
         book.set_phase("committed")
         return book.pre_snapshot().files["/etc/app/app.conf"].sha256 or ""
@@ -190,10 +183,7 @@ def test_a_read_ahead_with_the_facts_lists_the_packages_once(
     script = "\n".join(journal_probe.before_parts(paths, ignore, packages=False))
     assert "dpkg-query" not in script and FACTS_SCRIPT.count("dpkg-query -W") == 1
     facts = parse_facts(facts_run.stdout)
-    book = journal.JournalStore(tmp_path / "journal").create(journal.Header(
-        workflow_id="w8", action="install", integration="app", target="sandbox",
-        target_identity=sandbox.identity, paths=paths, ignore=ignore, predicted=False,
-        pid=os.getpid(), created=datetime.now(UTC)))
+    book = new_journal(journal.JournalStore(tmp_path / "journal"), sandbox, "w8", paths)
     asyncio.run(journal_probe.prepare(sandbox, book, ahead=journal_probe.Before(
         tuple(paths), tuple(ignore), (), tuple(parts), packages_listed(facts_run.stdout))))
     # The same packages a snapshot of its own lists (dpkg's names: libc6:amd64)...
@@ -211,13 +201,20 @@ def book_of(tmp_path: Path, workflow_id: str) -> journal.Journal:
     return found
 
 
+def new_journal(store: journal.JournalStore, sandbox: SandboxTarget, workflow_id: str,
+                paths: list[str], *, predicted: bool = False) -> journal.Journal:
+    """A new journal in ``store`` of an install of "app" on ``sandbox`` watching
+    ``paths`` (with the default ignore patterns)."""
+    return store.create(journal.Header(
+        workflow_id=workflow_id, action="install", integration="app", target="sandbox",
+        target_identity=sandbox.identity, paths=paths, ignore=list(DEFAULT_IGNORE),
+        predicted=predicted, pid=os.getpid(), created=datetime.now(UTC)))
+
+
 def prepared(tmp_path: Path, sandbox: SandboxTarget, workflow_id: str) -> journal.Journal:
     """A journal of /etc and /opt on ``sandbox``, prepared (phase ``executing``)."""
-    book = journal.JournalStore(tmp_path / "journal").create(journal.Header(
-        workflow_id=workflow_id, action="install", integration="app", target="sandbox",
-        target_identity=sandbox.identity, paths=["/etc", "/opt"],
-        ignore=list(DEFAULT_IGNORE), predicted=False, pid=os.getpid(),
-        created=datetime.now(UTC)))
+    book = new_journal(journal.JournalStore(tmp_path / "journal"), sandbox, workflow_id,
+                       ["/etc", "/opt"])
     asyncio.run(journal_probe.prepare(sandbox, book))
     return book
 
@@ -309,7 +306,7 @@ def test_when_the_run_ends_before_the_script_what_it_changed_is_read_in_a_run_of
     # The script kills the shell running it: the read after it never happens.
     calls = count_calls(sandbox)
     result, _, _ = run_observed(sandbox, book, "mkdir /opt/cut\necho bye\nkill -KILL $PPID\n"
-                             "sleep 30\n", timeout=60)
+                                "sleep 30\n", timeout=60)
     assert calls == ["run", "run"]
     assert not result.ok and result.stdout == "bye\n"
     state = book.read()

@@ -911,7 +911,6 @@ class Coordinator:
         probes: list[str] = []
         if action == "install" and "verify" not in state.scripts:
             # verify's script checks, first attempt: read right after the script.
-            assert run.integration is not None
             probes = batched_scripts(self._checks(run))
         reply: execution.RunReply = await self.bus.request(
             execution.RUN,

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import asyncssh
 
 from workflow_agent.execution.process import _Lines as Lines
-from workflow_agent.execution.target import OutputCollector
+from workflow_agent.execution.target import ENV_NAME, OutputCollector
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,6 @@ done
 #: Exit status of the shell when it could not set a run up.
 SHELL_FAILED = 125
 _READY = re.compile(rb"\x1ewa-shell (\d+) (\S+)\n")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -214,8 +213,7 @@ class ShellSession(asyncssh.SSHClientSession[bytes]):
         run.ends[stream] = int(hay[start + len(marker):end])
         if len(run.ends) == 2:
             self.runs.remove(run)
-            if not run.done.done():
-                run.done.set_result(run.ends["stdout"])
+            run.done.set_result(run.ends["stdout"])
         return hay[end + 1:]
 
     def exit_status_received(self, status: int) -> None:
@@ -245,10 +243,9 @@ def env_lines(env: Mapping[str, str]) -> bytes:
     """The lines the job evaluates before it becomes the script's bash."""
     lines = []
     for name, value in env.items():
-        if not _NAME.fullmatch(name):
+        if not ENV_NAME.fullmatch(name):
             raise ValueError(f"not an environment variable name: {name!r}")
         if "\0" in value:
             raise ValueError(f"environment variable {name} holds a NUL byte")
         lines.append(f"export {name}={shlex.quote(value)}\n")
     return "".join(lines).encode("utf-8")
-

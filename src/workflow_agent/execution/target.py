@@ -173,7 +173,7 @@ class Target(ABC):
         nonce = secrets.token_hex(8)
         name, _, value = marker.partition("=")
         bad = [name for name in [*(env or {}), *([name] if marker else [])]
-               if not _NAME.fullmatch(name)]
+               if not ENV_NAME.fullmatch(name)]
         if bad:  # names are written in the run's text
             raise ValueError(f"not an environment variable name: {bad[0]!r}")
         if marker:
@@ -237,7 +237,7 @@ def framed_parts(scripts: Sequence[str], nonce: str) -> str:
 
 
 def unframed_parts(whole: RunResult, count: int, nonce: str) -> list[RunResult]:
-    """The ``count`` parts' results in ``whole``, the output of ``_framed`` parts."""
+    """The ``count`` parts' results in ``whole``, the output of ``framed_parts``."""
     frame = f"\n\x1epart-{nonce} \\d+"
     stdouts = re.split(frame + r" (-?\d+)\n", whole.stdout)  # text, status, text, ...
     stderrs = re.split(frame + r"\n", whole.stderr)
@@ -306,7 +306,8 @@ rm -rf -- "$d"
 printf '\\n\\036script-{nonce}\\n' >&2
 """
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: What an environment variable's name may be (names are written in scripts' text).
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _ScriptOutput:

@@ -204,10 +204,10 @@ _FORMAT = "wa-snapshot-2"
 # the first token of one more: then find dies of SIGPIPE at its next write and a large
 # tree is refused without hashing it (a listing small enough to fit in the pipe may have
 # been written in full: then its few files are hashed, and it is refused all the same).
-# Otherwise a second walk hashes the small regular files
-# ("<64 hex>  <path>" tokens). /etc/passwd and /etc/group are read by builtins, byte
-# for byte (mapfile keeps a last line without a newline), to spare a cat each;
-# 2>/dev/null comes first so that a missing file's error is silenced too.
+# Otherwise a second walk hashes the small regular files ("<64 hex>  <path>" tokens).
+# /etc/passwd and /etc/group are read by builtins, byte for byte (mapfile keeps a last
+# line without a newline), to spare a cat each; 2>/dev/null comes first so that a
+# missing file's error is silenced too.
 _SCRIPT = r"""set -o pipefail
 export LC_ALL=C
 {walk}slurp() {{
