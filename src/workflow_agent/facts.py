@@ -6,6 +6,7 @@ sandbox, and later ssh and docker) reports facts the same way.
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -21,14 +22,34 @@ InitSystem = Literal["systemd", "sysv", "none"]
 FACTS_TIMEOUT = 60.0
 
 #: The package listing, as the facts and the snapshots print it (``verification.snapshot``
-#: reads it too): status, name (dpkg's with ``:arch`` where Multi-Arch needs it; rpm's
-#: ``NAME.ARCH``), version (rpm's with its epoch).
-PACKAGES_SCRIPT = r"""if command -v dpkg-query >/dev/null 2>&1; then
-  dpkg-query -W -f '${db:Status-Abbrev}\t${binary:Package}\t${Version}\n' 2>/dev/null
+#: reads it too): first ``#db STAMP``, the package database's files as they were before
+#: the listing (``find``'s path, inode, size and modification time of each), then one
+#: line per package: status, name (dpkg's with ``:arch`` where Multi-Arch needs it; rpm's
+#: ``NAME.ARCH``), version (rpm's with its epoch). ``{unless}``: a stamp (quoted) that
+#: spares the listing when the database still has it (one ``find`` instead of a
+#: ``dpkg-query`` over every package): ``#same`` is printed instead; ``''`` lists always.
+_PACKAGES = r"""pm= db=()
+if command -v dpkg-query >/dev/null 2>&1; then
+  pm=dpkg db=(/var/lib/dpkg/status /var/lib/dpkg/updates)
 elif command -v rpm >/dev/null 2>&1; then
-  rpm -qa --qf 'ii \t%{NAME}.%{ARCH}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n' 2>/dev/null
+  pm=rpm db=(/var/lib/rpm /usr/lib/sysimage/rpm)
+fi
+stamp=$(find -H "${{db[@]}}" -maxdepth 1 -printf '%p:%i:%s:%T@ ' 2>/dev/null)
+printf '#db %s\n' "$stamp"
+if [ -n "$stamp" ] && [ "$stamp" = {unless} ]; then echo '#same'
+elif [ "$pm" = dpkg ]; then
+  dpkg-query -W -f '${{db:Status-Abbrev}}\t${{binary:Package}}\t${{Version}}\n' 2>/dev/null
+elif [ "$pm" = rpm ]; then
+  rpm -qa --qf 'ii \t%{{NAME}}.%{{ARCH}}\t%{{EPOCHNUM}}:%{{VERSION}}-%{{RELEASE}}\n' 2>/dev/null
 fi
 """
+
+
+def packages_script(unless: str | None = None) -> str:
+    """The package listing's script; with ``unless`` (a ``#db`` stamp) it prints
+    ``#same`` instead of the packages when the database's stamp is still that one."""
+    return _PACKAGES.format(unless=shlex.quote(unless or ""))
+
 
 #: Where the package listing starts in the facts' output.
 PACKAGES_MARK = "--packages--\n"
@@ -36,16 +57,17 @@ PACKAGES_MARK = "--packages--\n"
 # Read-only. Prints "key=value" lines, then "--packages--" and one
 # "status<TAB>name<TAB>version" line per package (dpkg's status abbreviation: "ii"
 # installed, "rc" removed with only its configuration files left). Bash builtins where
-# they do: three programs run (uname, dpkg, dpkg-query), as a fleet runs this on every host.
+# they do: three programs run (dpkg, find, dpkg-query), as a fleet runs this on every host.
 FACTS_SCRIPT = r"""
 . /etc/os-release 2>/dev/null || true
 echo "distro=${ID:-unknown}"
 echo "distro_like=${ID_LIKE:-}"
 echo "distro_version=${VERSION_ID:-}"
 echo "distro_codename=${VERSION_CODENAME:-}"
-u=$(uname -rm)
-echo "kernel=${u% *}"
-echo "machine=${u##* }"
+k=; read -r k 2>/dev/null < /proc/sys/kernel/osrelease
+m=; read -r m 2>/dev/null < /proc/sys/kernel/arch || m=$(uname -m)
+echo "kernel=${k:-$(uname -r)}"
+echo "machine=$m"
 h=; read -r h 2>/dev/null < /etc/hostname
 echo "hostname=${h:-$HOSTNAME}"
 echo "uid=$EUID"
@@ -59,7 +81,7 @@ else echo "init=none"; fi
 p=(); mapfile -d "" -n 1 p 2>/dev/null < /proc/1/cmdline
 echo "pid1=${p[0]-}"
 echo "--packages--"
-""" + PACKAGES_SCRIPT
+""" + packages_script()
 
 _FAMILIES = {
     "debian": "debian",
@@ -107,7 +129,7 @@ class Facts(BaseModel):
 
 
 def packages_listed(output: str) -> str:
-    """The package listing (``PACKAGES_SCRIPT``'s output) in the output of ``FACTS_SCRIPT``."""
+    """The package listing (``packages_script``'s output) in the output of ``FACTS_SCRIPT``."""
     return output.partition(PACKAGES_MARK)[2]
 
 

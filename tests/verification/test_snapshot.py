@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_sh
 from workflow_agent.errors import ExecutionFailedError, InvalidInputError
 from workflow_agent.execution.local import LocalTarget
-from workflow_agent.execution.target import RunResult, run_parts
+from workflow_agent.execution.target import RunResult, Target, run_parts
 from workflow_agent.verification.snapshot import (
     DEFAULT_IGNORE,
     FileEntry,
@@ -348,3 +349,59 @@ def test_one_run_can_take_a_snapshot_among_other_parts(tree: Path) -> None:
         "echo before", probe.script, "echo after; exit 4"]))
     assert probe.parse(listed, "here") == snap(tree)
     assert (before.stdout, after.stdout, after.exit_code) == ("before\n", "after\n", 4)
+
+
+def _packages_token(result: RunResult) -> str:
+    tokens = decode(result.stdout)
+    return tokens[tokens.index("PACKAGES") + 1]
+
+
+def test_packages_are_listed_again_only_when_the_package_database_changed(
+    sandbox: Target,
+) -> None:
+    """A snapshot taken after another (``packages_from``) skips ``dpkg-query`` while
+    dpkg's database is as it was, and has the earlier packages; once a package is
+    really installed (dpkg -i of a package built here) it lists them again."""
+    first_probe = SnapshotProbe.of(["/etc/apt"])
+    first = first_probe.parse(asyncio.run(sandbox.run(first_probe.script)), "sandbox")
+    assert first.packages_stamp and "/var/lib/dpkg/status:" in first.packages_stamp
+    assert first.packages["dpkg"] and "wa-test-pkg" not in first.packages
+
+    probe = SnapshotProbe.of(["/etc/apt"], packages_from=first)
+    unchanged = asyncio.run(sandbox.run(probe.script))
+    assert _packages_token(unchanged).splitlines()[1:] == ["#same"]
+    again = probe.parse(unchanged, "sandbox")
+    assert (again.packages, again.config_files_remaining, again.packages_stamp) == (
+        first.packages, first.config_files_remaining, first.packages_stamp)
+    assert diff(first, again).is_empty
+
+    built = run_sh(sandbox, """set -e
+d=$(mktemp -d); mkdir "$d/DEBIAN"
+cat > "$d/DEBIAN/control" <<'EOF'
+Package: wa-test-pkg
+Version: 1.0
+Architecture: all
+Maintainer: t <t@example.org>
+Description: t
+EOF
+dpkg-deb -b "$d" /tmp/wa-test-pkg.deb >/dev/null && dpkg -i /tmp/wa-test-pkg.deb >/dev/null""")
+    assert built.ok, built.stderr
+    changed = asyncio.run(sandbox.run(probe.script))
+    assert "#same" not in _packages_token(changed)
+    after = probe.parse(changed, "sandbox")
+    assert after.packages_stamp != first.packages_stamp
+    assert diff(first, after).lines() == ["+ package wa-test-pkg 1.0"]
+
+
+def test_a_listing_left_out_needs_the_snapshot_it_stands_for() -> None:
+    """Output saying ``#same`` parsed without that snapshot is refused, never read as
+    "no packages"."""
+    probe = SnapshotProbe.of(["/nonexistent"], ())
+    raw = b"\0".join([b"wa-snapshot-2", b"PACKAGES", b"#db /var/lib/dpkg/status:1:2:3 \n#same\n",
+                      b"PASSWD", b"", b"GROUP", b"", b"END", b""])
+    result = RunResult(0, base64.b64encode(raw).decode(), "", 0.1)
+    with pytest.raises(ExecutionFailedError, match="garbled"):
+        probe.parse(result, "here")
+    other = Snapshot(packages={"bash": "5.2"}, packages_stamp="/var/lib/dpkg/status:9:9:9 ")
+    with pytest.raises(ExecutionFailedError, match="garbled"):
+        SnapshotProbe.of(["/nonexistent"], (), packages_from=other).parse(result, "here")

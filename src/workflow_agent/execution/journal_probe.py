@@ -342,8 +342,8 @@ async def run_observed(
     in one of its own (``observe``) when that part of the run failed. Returns the
     script's result and those of the read-only ``probes``, run after the observation in
     the same run; ``mask`` hides secrets in the command lines of processes."""
-    state = await asyncio.to_thread(journal.read)
-    probe = SnapshotProbe.of(state.header.paths, state.header.ignore)
+    state, pre = await asyncio.to_thread(_saved_state, journal)
+    probe = SnapshotProbe.of(state.header.paths, state.header.ignore, packages_from=pre)
     marker = f"{RUN_MARKER}={workflow_id}"
     result, (listed, running, *probed) = await target.run_then_parts(
         script, [probe.script, _processes_script(marker), *probes], env=env,
@@ -354,7 +354,7 @@ async def run_observed(
         log.warning("reading what the script changed on %s again: %s", target.identity, exc)
         await observe(target, journal, workflow_id, mask)
     else:
-        await asyncio.to_thread(_record, journal, state, post, [mask(p) for p in after])
+        await asyncio.to_thread(_record, journal, state, pre, post, [mask(p) for p in after])
     return result, probed
 
 
@@ -364,18 +364,26 @@ async def observe(
     """Append what the script of ``journal``'s workflow changed (phase ``executed``),
     from one run on ``target``; ``mask`` hides secrets in the command lines of
     processes before they are written."""
-    state = await asyncio.to_thread(journal.read)
-    probe = SnapshotProbe.of(state.header.paths, state.header.ignore)
+    state, pre = await asyncio.to_thread(_saved_state, journal)
+    probe = SnapshotProbe.of(state.header.paths, state.header.ignore, packages_from=pre)
     listed, running = await run_parts(
         target, [probe.script, _processes_script(f"{RUN_MARKER}={workflow_id}")],
         timeout=OBSERVE_TIMEOUT)
     post, after = _read(probe, listed, running, target.identity)
-    return await asyncio.to_thread(_record, journal, state, post, [mask(p) for p in after])
+    return await asyncio.to_thread(_record, journal, state, pre, post,
+                                   [mask(p) for p in after])
 
 
-async def read_state(target: Target, header: Header) -> tuple[Snapshot, list[ProcessInfo]]:
-    """The snapshot of ``header``'s paths and the processes on ``target``, in one run."""
-    probe = SnapshotProbe.of(header.paths, header.ignore)
+def _saved_state(journal: Journal) -> tuple[JournalState, Snapshot]:
+    """The journal's state and the snapshot it saved before the change."""
+    return journal.read(), journal.pre_snapshot()
+
+
+async def read_state(target: Target, header: Header, packages_from: Snapshot | None = None
+                     ) -> tuple[Snapshot, list[ProcessInfo]]:
+    """The snapshot of ``header``'s paths and the processes on ``target``, in one run;
+    ``packages_from``: as ``SnapshotProbe.packages_from``."""
+    probe = SnapshotProbe.of(header.paths, header.ignore, packages_from=packages_from)
     listed, running = await run_parts(target, [probe.script, _processes_script()])
     return _read(probe, listed, running, target.identity)
 
@@ -390,11 +398,12 @@ def _read(probe: SnapshotProbe, listed: RunResult, running: RunResult, where: st
         raise ExecutionFailedError(f"the state read from {where} is garbled ({exc})") from exc
 
 
-def _record(journal: Journal, state: JournalState, post: Snapshot,
+def _record(journal: Journal, state: JournalState, pre: Snapshot, post: Snapshot,
             after: Sequence[ProcessInfo]) -> list[Entry]:
-    """Append what changed from the saved state to ``post`` and ``after``, then the
-    ``executed`` phase. Blocks on the disk: async code runs it in a thread."""
-    entries = observed(journal.pre_snapshot(), post, state.entries[: state.saved],
+    """Append what changed from the saved state (``pre``, ``state``) to ``post`` and
+    ``after``, then the ``executed`` phase. Blocks on the disk: async code runs it in a
+    thread."""
+    entries = observed(pre, post, state.entries[: state.saved],
                        state.processes, after, first_id=len(state.entries) + 1)
     journal.record_observed(entries)
     return entries

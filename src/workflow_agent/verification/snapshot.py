@@ -21,13 +21,13 @@ import posixpath
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from workflow_agent.errors import ExecutionFailedError, InvalidInputError
-from workflow_agent.facts import PACKAGES_SCRIPT
+from workflow_agent.facts import packages_script
 
 if TYPE_CHECKING:
     from workflow_agent.execution.target import RunResult, Target
@@ -92,6 +92,9 @@ class Snapshot(BaseModel):
     groups: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
     """What find/sha256sum could not read (entries may be missing or lack a hash)."""
+    packages_stamp: str | None = None
+    """The package database's files when the packages were listed (``facts``' ``#db``
+    line): a later listing while they still have it would list the same packages."""
 
 
 class FileChange(BaseModel):
@@ -228,9 +231,20 @@ export LC_ALL=C
 """
 
 
-def add_packages(text: str, snapshot: Snapshot) -> None:
-    """Add the packages a package listing (``facts.PACKAGES_SCRIPT``'s output) holds."""
+def add_packages(text: str, snapshot: Snapshot, same: Snapshot | None = None) -> None:
+    """Add the packages a package listing (``facts.packages_script``'s output) holds;
+    one that says ``#same`` (its database unchanged since ``same`` was listed) holds
+    ``same``'s packages."""
     for line in text.splitlines():
+        if line.startswith("#db "):
+            snapshot.packages_stamp = line[4:] or None
+            continue
+        if line == "#same":
+            if same is None or same.packages_stamp != snapshot.packages_stamp:
+                raise ValueError("a package listing left out with no listing to stand for it")
+            snapshot.packages.update(same.packages)
+            snapshot.config_files_remaining.extend(same.config_files_remaining)
+            continue
         status, _, rest = line.partition("\t")
         name, _, version = rest.partition("\t")
         state = status[1:2]  # dpkg: desired, current, error; current n = not installed
@@ -261,6 +275,9 @@ class SnapshotProbe:
     packages: bool = True
     """Whether the script lists the packages; a caller that listed them in the same run
     (the facts do) adds them to the parsed snapshot with ``add_packages`` instead."""
+    packages_from: Snapshot | None = field(default=None, compare=False)
+    """An earlier snapshot of the same target whose packages stand while the package
+    database is as it was then (its ``packages_stamp``): the script then lists none."""
 
     @classmethod
     def of(
@@ -271,12 +288,13 @@ class SnapshotProbe:
         max_files: int = DEFAULT_MAX_FILES,
         hash_limit: int = DEFAULT_HASH_LIMIT,
         packages: bool = True,
+        packages_from: Snapshot | None = None,
     ) -> SnapshotProbe:
         """The probe for ``paths`` (absolute, else ``InvalidInputError``) and ``ignore``."""
         normalized = sorted({_normalize(p) for p in paths})
         folded = tuple(p for p in normalized
                        if not any(_under(p, q) for q in normalized if q != p))
-        return cls(folded, ignore_regex(ignore), max_files, hash_limit, packages)
+        return cls(folded, ignore_regex(ignore), max_files, hash_limit, packages, packages_from)
 
     def walk(self, within: str = "/") -> str:
         """Bash defining ``walk FIND-ARGS...``: ``find`` over the part of the snapshot
@@ -303,7 +321,12 @@ class SnapshotProbe:
         """The snapshot script; its output is base64 (``base64 -w 4096``)."""
         return _SCRIPT.format(walk=self.walk(), format=_FORMAT,
                               limit=8 * self.max_files + 1, hash_limit=self.hash_limit,
-                              packages=PACKAGES_SCRIPT if self.packages else "")
+                              packages=self._packages_script())
+
+    def _packages_script(self) -> str:
+        if not self.packages:
+            return ""
+        return packages_script(self.packages_from.packages_stamp if self.packages_from else None)
 
     def parse(self, result: RunResult, where: str) -> Snapshot:
         """The snapshot ``result`` (of ``script``, run on ``where``) holds.
@@ -321,7 +344,8 @@ class SnapshotProbe:
             raise ExecutionFailedError(f"snapshot output from {where} is incomplete")
         skip = re.compile(self.ignore, re.DOTALL) if self.ignore else None
         try:
-            snapshot = _parse(tokens, skip, result.stderr, self.max_files, self.hash_limit)
+            snapshot = _parse(tokens, skip, result.stderr, self.max_files, self.hash_limit,
+                              self.packages_from)
         except (IndexError, ValueError) as exc:
             raise ExecutionFailedError(f"snapshot output from {where} is garbled") from exc
         if snapshot is None:
@@ -382,7 +406,7 @@ def _listing(
 
 def _parse(
     tokens: list[str], skip: re.Pattern[str] | None, stderr: str, max_files: int,
-    hash_limit: int,
+    hash_limit: int, packages_from: Snapshot | None = None,
 ) -> Snapshot | None:
     # Layout: the format marker, the walk's records (see _listing), PACKAGES <text>
     # PASSWD <text> GROUP <text> END. None when the walk had more than max_files entries.
@@ -391,7 +415,7 @@ def _parse(
         return None
     entries, hashes, i = listing
     snapshot = Snapshot(warnings=stderr.splitlines())
-    add_packages(tokens[i + 1], snapshot)
+    add_packages(tokens[i + 1], snapshot, packages_from)
     if tokens[i + 2] != "PASSWD" or tokens[i + 4] != "GROUP":
         raise ValueError("sections out of order")
     snapshot.users = _account_lines(tokens[i + 3])
