@@ -21,6 +21,7 @@ from workflow_agent.errors import ExecutionFailedError
 from workflow_agent.execution.journal import ProcessInfo
 from workflow_agent.execution.journal_probe import (
     RUN_MARKER,
+    UNIT_LINES,
     _parse_processes,
     _processes_script,
 )
@@ -39,7 +40,7 @@ def from_proc(pid: int, marker: str = "") -> ProcessInfo | None:
         cmdline = (proc / "cmdline").read_bytes()
         stat = (proc / "stat").read_bytes()
         status = (proc / "status").read_text()
-        cgroup = (proc / "cgroup").read_text().split("\n")[0].strip(" \t")
+        cgroups = (proc / "cgroup").read_text().splitlines()
     except OSError:
         return None
     if not cmdline:
@@ -48,8 +49,11 @@ def from_proc(pid: int, marker: str = "") -> ProcessInfo | None:
     ids = {line.split()[0]: int(line.split()[1]) for line in status.splitlines()
            if line.startswith(("Uid:", "Gid:"))}
     fields = stat.rpartition(b") ")[2].split()
-    unit = (cgroup.rpartition("/")[2]
-            if cgroup.startswith("0::") and cgroup.endswith(".service") else None)
+    # The unit: from systemd's own hierarchy (cgroup v1, hybrid), else the unified one.
+    paths = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in cgroups
+             if line.count(":") >= 2 and line.split(":", 2)[1] in ("", "name=systemd")}
+    name = (paths.get("name=systemd") or paths.get("") or "").rpartition("/")[2]
+    unit = name if name.endswith(".service") else None
     try:
         marked = bool(marker) and marker.encode() in (proc / "environ").read_bytes().split(b"\0")
     except OSError:
@@ -211,8 +215,11 @@ def output(cgroups: dict[int, list[bytes]]) -> bytes:
 
 
 def test_the_client_parses_what_the_host_printed() -> None:
+    # 23 on a cgroup v2 host, 24 on a hybrid one (its unified hierarchy says "/"), 20 on
+    # a cgroup v1 host outside any service.
     raw = output({23: [b"0::/system.slice/svc.service"],
-                  24: [b"12:pids:/system.slice/x.service", b"0::/system.slice/x.service"]})
+                  24: [b"1:name=systemd:/system.slice/x.service", b"0::/"],
+                  20: [b"1:name=systemd:/user.slice/user-0.slice/session-4.scope"]})
     listed = _parse_processes(RunResult(0, encoded(raw), "", 0.1), "here")
     # The shell (10), children of the shell (11, 22) or of the part (21) are left out.
     assert [p.pid for p in listed] == [20, 23, 24]
@@ -221,8 +228,37 @@ def test_the_client_parses_what_the_host_printed() -> None:
         pid=20, start="4242", uid=20, gid=21, exe="/usr/bin/p20", cwd="/srv/:\n",
         argv=["x:y", "z\n:w", "\udcff", ""], unit=None, marked=False, daemon=False)
     assert unit.unit == "svc.service" and unit.daemon  # in a unit: detached
-    # As ever, the unit is read from the first line only: on a hybrid host, none.
-    assert hybrid.unit is None and hybrid.marked and not hybrid.daemon
+    assert hybrid.unit == "x.service" and hybrid.marked and hybrid.daemon
+
+
+def test_the_host_side_reads_the_unit_lines_of_every_cgroup_layout(tmp_path: Path) -> None:
+    """The grep the listing runs picks, from real-looking status and cgroup files of a
+    cgroup v1, a hybrid and a v2 host, the ids and the lines that name the unit."""
+    status = "Name:\tx\nUmask:\t0022\nState:\tS\nUid:\t0\t0\t0\t0\nGid:\t5\t5\t5\t5\n"
+    layouts = {
+        "1": "12:pids:/system.slice/a.service\n2:cpu,cpuacct:/\n"
+             "1:name=systemd:/system.slice/a.service\n",
+        "2": "13:memory:/system.slice/b.service\n1:name=systemd:/system.slice/b.service\n"
+             "0::/system.slice/b.service\n",
+        "3": "0::/system.slice/c.service\n",
+    }
+    for pid, cgroup in layouts.items():
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "status").write_text(status)
+        (tmp_path / pid / "cgroup").write_text(cgroup)
+    files = [f"{pid}/{name}" for pid in layouts for name in ("status", "cgroup")]
+    found = subprocess.run(["grep", "-a", "-H", "-m", "2", "-E", "-e", UNIT_LINES, "--", *files],
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    lines: dict[str, list[str]] = {}
+    for line in found.splitlines():
+        name, _, value = line.partition(":")
+        lines.setdefault(name, []).append(value)
+    assert all(lines[f"{pid}/status"] == ["Uid:\t0\t0\t0\t0", "Gid:\t5\t5\t5\t5"]
+               for pid in layouts)
+    assert lines["1/cgroup"] == ["1:name=systemd:/system.slice/a.service"]
+    assert lines["2/cgroup"] == ["1:name=systemd:/system.slice/b.service",
+                                 "0::/system.slice/b.service"]
+    assert lines["3/cgroup"] == ["0::/system.slice/c.service"]
 
 
 def test_a_process_not_read_whole_is_left_out() -> None:

@@ -98,6 +98,9 @@ export LC_ALL=C
 #: (and that do not clear their environment) can be told apart from everything else.
 RUN_MARKER = "WORKFLOW_AGENT_RUN"
 
+#: The lines of /proc/PID/status and /proc/PID/cgroup the process list reads (ERE).
+UNIT_LINES = r"^(Uid|Gid):|^0::|^[0-9]+:name=systemd:"
+
 # A fixed handful of programs read every process at once (2 to 3 greps, a find, base64,
 # whatever the number of processes); the client parses (``_parse_processes``). Bash
 # builtins on /proc files cost about a millisecond per process, a fork per process as
@@ -113,9 +116,10 @@ RUN_MARKER = "WORKFLOW_AGENT_RUN"
 #     holds no colon; a comm may hold anything but NUL: the client splits the stat after
 #     the last ") ".
 #   U, then one field of lines, no NUL in it: "PID/status:Uid:..." and "PID/status:Gid:..."
-#     (the real ids first; no other line of status matches) and "PID/cgroup:LINE" (every
-#     cgroup line starts with its hierarchy's number): two of each file (-m 2). The
-#     client takes the cgroup's first line, as ever: "0::" only on a cgroup v2 host.
+#     (the real ids first; no other line of status matches) and the cgroup lines naming
+#     a process's systemd unit (``UNIT_LINES``): "PID/cgroup:0::PATH" (the unified
+#     hierarchy: cgroup v2, and hybrid hosts) and "PID/cgroup:N:name=systemd:PATH"
+#     (systemd's own hierarchy on cgroup v1 and hybrid hosts), at most two per file (-m 2).
 #   M, then "PID/environ" for every environment holding the marker (NAME=VALUE), when
 #     one is given: environments themselves never leave the host.
 #   L, then "PID/exe", its target, "PID/cwd", its target, for every pid; then END.
@@ -133,7 +137,7 @@ printf 'S\0%%s\0%%s\0' "$self" "$part"
 grep -a -z -H -e '' -- "${pids[@]/%%//cmdline}" "${pids[@]/%%//stat}" 2>/dev/null
 ran grep
 printf 'U\0'
-grep -a -H -m 2 -E -e '^(Uid|Gid):|^[0-9]' -- "${pids[@]/%%//status}" \
+grep -a -H -m 2 -E -e %(lines)s -- "${pids[@]/%%//status}" \
   "${pids[@]/%%//cgroup}" 2>/dev/null
 ran grep
 printf '\0M\0'
@@ -202,7 +206,23 @@ def _processes_script(marker: str = "") -> str:
     ``ValueError`` for a marker holding a newline: grep would take it for two."""
     if "\n" in marker:
         raise ValueError(f"a run marker holds a newline: {marker!r}")
-    return _PROCESSES % {"marker": quote(marker)}
+    return _PROCESSES % {"marker": quote(marker), "lines": quote(UNIT_LINES)}
+
+
+
+def _unit(cgroups: list[str]) -> str | None:
+    """The systemd service a process runs in, from its ``UNIT_LINES`` of cgroup:
+    systemd's own hierarchy first (on a hybrid host the unified one may say only "/")."""
+    unified = legacy = ""
+    for line in cgroups:
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if number == "0":
+            unified = path
+        elif controllers == "name=systemd":
+            legacy = path
+    name = (legacy or unified).rpartition("/")[2]
+    return name if name.endswith(".service") else None
 
 
 def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
@@ -241,14 +261,14 @@ def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
         elif kind == "stat":  # the fields after the comm, whatever the comm holds
             stats[pid] = value.rpartition(") ")[2].split()
     ids: dict[str, dict[str, str]] = {}
-    cgroups: dict[str, str] = {}
+    cgroups: dict[str, list[str]] = {}
     for line in fields[u + 1].split("\n"):
         name, _, value = line.partition(":")
         pid, _, kind = name.partition("/")
         if kind == "status" and len(words := value.split()) > 1:
             ids.setdefault(pid, {})[words[0]] = words[1]  # the real uid or gid first
         elif kind == "cgroup":
-            cgroups.setdefault(pid, value.strip(" \t"))  # the first line, as `read` has it
+            cgroups.setdefault(pid, []).append(value.strip(" \t"))
     marked = {name.partition("/")[0] for name in fields[u + 3 : m]}
     links = dict(zip(pairs[::2], pairs[1::2], strict=True))
     if not (part in argvs and part in stats and "Gid:" in ids.get(part, {})):
@@ -265,13 +285,11 @@ def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
         ppid, session, start = stat[1], stat[3], stat[19]
         if ppid in (shell, part):
             continue  # the run's own
-        cgroup = cgroups.get(pid, "")
-        unit = (cgroup.rpartition("/")[2]
-                if cgroup.startswith("0::") and cgroup.endswith(".service") else "")
+        unit = _unit(cgroups.get(pid, []))
         found.append(ProcessInfo(
             pid=int(pid), start=start, uid=int(uid), gid=int(gid),
             exe=links.get(f"{pid}/exe", ""), cwd=links.get(f"{pid}/cwd") or "/",
-            argv=argv, unit=unit or None, marked=pid in marked,
+            argv=argv, unit=unit, marked=pid in marked,
             daemon=ppid in ("0", "1") or session == pid or bool(unit),
         ))
     return found
