@@ -19,7 +19,13 @@ def stream(output: bytes, status: int) -> bytes:
     return output + f"\n\x1ewa-end {RUN_ID} {status}\n".encode()
 
 
-def replay(stdout: bytes, stderr: bytes, cut: int) -> RunResult:
+def collector(watched: bool) -> OutputCollector:
+    """Where a run's lines go: watched (a callback sees each as it comes) or only kept."""
+    seen: list[tuple[str, str]] = []
+    return OutputCollector(lambda stream, line: seen.append((stream, line)) if watched else None)
+
+
+def replay(stdout: bytes, stderr: bytes, cut: int, watched: bool) -> RunResult:
     """Feed a run's two streams split at ``cut`` (in a few pieces) into a session."""
 
     async def body() -> RunResult:
@@ -27,7 +33,7 @@ def replay(stdout: bytes, stderr: bytes, cut: int) -> RunResult:
         session.data_received(b"sudo noise\n\x1ewa-shell 42 /tmp/d\n",
                               asyncssh.EXTENDED_DATA_STDERR)
         assert await session.ready == "/tmp/d"
-        run = ShellRun(RUN_ID, OutputCollector())
+        run = ShellRun(RUN_ID, collector(watched))
         session.begin(run)
         err = f"\x1ewa-pid {RUN_ID} 77\n".encode() + stderr
         for data, kind in ((stdout, None), (err, asyncssh.EXTENDED_DATA_STDERR)):
@@ -35,23 +41,25 @@ def replay(stdout: bytes, stderr: bytes, cut: int) -> RunResult:
                 if piece:
                     session.data_received(piece, kind)  # type: ignore[arg-type]
         assert run.pgid == 77 and not session.runs
-        return run.sink.result(await run.done)
+        return run.result(await run.done)
 
     return asyncio.run(body())
 
 
+@pytest.mark.parametrize("watched", [True, False])
 @pytest.mark.parametrize("output", OUTPUTS)
-def test_output_comes_back_the_same_however_it_is_split(output: bytes) -> None:
+def test_output_comes_back_the_same_however_it_is_split(output: bytes, watched: bool) -> None:
     expected = "".join(line + "\n" for line in output.decode().split("\n"))
     if output.endswith(b"\n") or not output:
         expected = expected[:-1]  # no line after the last newline
     data = stream(output, 3)
     for cut in range(len(data) + 1):
-        result = replay(data, stream(output, 3), cut)
+        result = replay(data, stream(output, 3), cut, watched)
         assert (result.exit_code, result.stdout, result.stderr) == (3, expected, expected)
 
 
-def test_queued_runs_each_get_their_own_output_however_it_is_split() -> None:
+@pytest.mark.parametrize("watched", [True, False])
+def test_queued_runs_each_get_their_own_output_however_it_is_split(watched: bool) -> None:
     """A script and the parts after it are queued at once: the bytes after one run's end
     marker (even in the same chunk) are the next run's."""
     ids = ["a" * 32, "b" * 32]
@@ -65,7 +73,7 @@ def test_queued_runs_each_get_their_own_output_however_it_is_split() -> None:
     async def body(cut: int) -> list[RunResult]:
         session = ShellSession()
         session.data_received(b"\x1ewa-shell 42 /tmp/d\n", asyncssh.EXTENDED_DATA_STDERR)
-        runs = [ShellRun(run_id, OutputCollector()) for run_id in ids]
+        runs = [ShellRun(run_id, collector(watched)) for run_id in ids]
         for run in runs:
             session.begin(run)
         for data, kind in ((whole("out"), None), (whole("err"), asyncssh.EXTENDED_DATA_STDERR)):
@@ -73,7 +81,7 @@ def test_queued_runs_each_get_their_own_output_however_it_is_split() -> None:
                 if piece:
                     session.data_received(piece, kind)  # type: ignore[arg-type]
         assert [run.pgid for run in runs] == [7, 8] and not session.runs
-        return [run.sink.result(await run.done) for run in runs]
+        return [run.result(await run.done) for run in runs]
 
     for cut in range(len(whole("err")) + 1):
         first, second = asyncio.run(body(cut))

@@ -23,14 +23,30 @@ DRAIN_GRACE = 0.5
 
 
 class _Lines:
-    """Splits a byte stream into lines for one output stream."""
+    """Splits a byte stream into lines for one output stream. When nothing watches the
+    lines as they come (the sink forwards nothing: a probe's run), the bytes are held
+    and split once, when flushed: the same lines, without a split and a call per chunk."""
 
     def __init__(self, name: str, sink: OutputCollector) -> None:
         self.name = name
         self.sink = sink
         self.pending = b""
+        self.held: list[bytes] = []
+
+    @property
+    def midline(self) -> bool:
+        """Whether the text of a line not ended yet was fed."""
+        last = self.held[-1] if self.held else self.pending
+        return not last.endswith(b"\n") if last else False
 
     def feed(self, chunk: bytes) -> None:
+        if self.sink.forward is None:
+            if chunk:
+                self.held.append(chunk)
+            return
+        self._split(chunk)
+
+    def _split(self, chunk: bytes) -> None:
         self.pending += chunk
         *lines, self.pending = self.pending.split(b"\n")
         while len(self.pending) > MAX_LINE:
@@ -40,6 +56,9 @@ class _Lines:
             self.sink(self.name, raw.decode("utf-8", errors="replace"))
 
     def flush(self) -> None:
+        if self.held:
+            held, self.held = b"".join(self.held), []
+            self._split(held)
         if self.pending:
             self.sink(self.name, self.pending.decode("utf-8", errors="replace"))
             self.pending = b""

@@ -430,7 +430,7 @@ class SshTarget(Target):
             result = await self._finish(chan, shell, first, timeout)
             if not first.done.done():
                 # The kill got no answer and the shell was dropped: the parts never ran.
-                whole = then.sink.result(-1, timed_out=True)
+                whole = then.result(-1, timed_out=True)
             else:
                 whole = await self._finish(chan, shell, then, parts_timeout)
         return result, unframed_parts(whole, len(parts), nonce)
@@ -455,7 +455,7 @@ class SshTarget(Target):
             await asyncio.wait_for(ended, timeout)
         except TimeoutError:
             await self._kill_run(chan, shell, run)
-            return run.sink.result(124, timed_out=True)
+            return run.result(124, timed_out=True)
         except asyncio.CancelledError:
             await asyncio.shield(self._kill_run(chan, shell, run))
             raise
@@ -465,7 +465,7 @@ class SshTarget(Target):
                                   + _tail(run.sink.stderr),
                                   hint="The host needs bash, coreutils and a writable /tmp.")
             raise self._lost(shell.closed.result())
-        return run.sink.result(run.done.result())
+        return run.result(run.done.result())
 
     @contextlib.asynccontextmanager
     async def _shell(self) -> AsyncIterator[tuple[asyncssh.SSHClientChannel[bytes], ShellSession]]:

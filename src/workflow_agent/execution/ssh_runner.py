@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import asyncssh
 
 from workflow_agent.execution.process import _Lines as Lines
-from workflow_agent.execution.target import ENV_NAME, OutputCollector
+from workflow_agent.execution.target import ENV_NAME, OutputCollector, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,12 @@ class ShellRun:
         self.stdout = Lines("stdout", self.sink)
         self.stderr = Lines("stderr", self.sink)
         self.done = asyncio.get_running_loop().create_future()
+
+    def result(self, exit_code: int, *, timed_out: bool = False) -> RunResult:
+        """What the run printed (partial lines too: it may have been cut short)."""
+        self.stdout.flush()
+        self.stderr.flush()
+        return self.sink.result(exit_code, timed_out=timed_out)
 
     def request(self, env: bytes, script: bytes) -> bytes:
         """What the shell reads for this run."""
@@ -193,7 +199,7 @@ class ShellSession(asyncssh.SSHClientSession[bytes]):
         if start < 0:
             keep = _marker_start(hay, marker)
             if not keep and data.endswith(b"\n") and (
-                    data.endswith(b"\n\n") or (data == b"\n" and not lines.pending)):
+                    data.endswith(b"\n\n") or (data == b"\n" and not lines.midline)):
                 keep = 1  # it would end an empty line: the marker's newline, maybe
             cut = len(data) - min(keep, len(data))
             self._buffers[stream] = data[cut:]
