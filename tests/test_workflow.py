@@ -17,6 +17,7 @@ from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
 from workflow_agent.execution.local import LocalTarget
 from workflow_agent.execution.sandbox import SandboxTarget
+from workflow_agent.facts import Facts
 from workflow_agent.state import WorkflowState
 
 pytestmark = pytest.mark.sandbox
@@ -82,6 +83,16 @@ def test_install_verify_uninstall_leaves_nothing(
     kinds = {a.kind for a in record.artifacts}
     assert {"facts", "script", "findings", "rehearsal", "baseline", "journal", "output",
             "verification"} <= kinds
+    # Checkpoints leave the package lists out: the facts artifact holds them once.
+    checkpoint = history.last_checkpoint(installed.workflow_id)
+    assert checkpoint is not None and checkpoint[0] == "verify"
+    checkpointed = WorkflowState.model_validate_json(checkpoint[1])
+    assert installed.facts is not None and checkpointed.facts == installed.facts.model_copy(
+        update={"installed_packages": {}, "config_only_packages": []})
+    gathered = Facts.model_validate_json(
+        next(a.content for a in record.artifacts if a.kind == "facts"))
+    assert gathered.installed_packages == installed.facts.installed_packages
+    assert "bash" in gathered.installed_packages
 
 
 def test_uninstall_reports_what_is_left_behind(tmp_path: Path, sandbox: SandboxTarget) -> None:
