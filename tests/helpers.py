@@ -25,6 +25,23 @@ def run_sh(target: Target, script: str, **kwargs: Any) -> RunResult:
     return asyncio.run(target.run(script, **kwargs))
 
 
+def install_tiny_package(target: Target, name: str, version: str = "1.0") -> None:
+    """Build an empty Debian package ``name`` on ``target`` and install it with dpkg: a
+    real change of the package database, with no network."""
+    built = run_sh(target, f"""set -e
+d=$(mktemp -d); mkdir "$d/DEBIAN"
+cat > "$d/DEBIAN/control" <<'EOF'
+Package: {name}
+Version: {version}
+Architecture: all
+Maintainer: Tests <tests@example.org>
+Description: an empty package the tests install
+EOF
+dpkg-deb -b "$d" "$d.deb" >/dev/null && dpkg -i "$d.deb" >/dev/null && rm -rf -- "$d" "$d.deb"
+""")
+    assert built.ok, built.stderr
+
+
 def host_pids_with(needle: bytes, what: str = "cmdline") -> list[int]:
     """Host PIDs whose /proc/PID/<what> (cmdline or environ) contains ``needle``."""
     found = []

@@ -12,6 +12,7 @@ from workflow_agent.agents.recorder import HistoryRecorder
 from workflow_agent.agents.recovery import RecoveryAgent
 from workflow_agent.agents.verification import VerificationAgent
 from workflow_agent.container import Container
+from workflow_agent.facts import PackageListings
 from workflow_agent.state import WorkflowState
 
 
@@ -27,7 +28,8 @@ class WorkflowAgent:
         ScriptBuilderAgent(container.config.cache_dir).attach(bus)
         ScriptGeneratorAgent(container.config, lambda: container.llm,
                              container.llm_configured).attach(bus)
-        ExecutionAgent(container.pool, container.redactor).attach(bus)
+        ExecutionAgent(container.pool, container.redactor,
+                       PackageListings(container.config.cache_dir / "packages")).attach(bus)
         VerificationAgent(container.pool).attach(bus)
         RecoveryAgent(container.pool).attach(bus)
         ImprovementAgent(container.pool, container.history_writer, lambda: container.history,

@@ -6,12 +6,16 @@ sandbox, and later ssh and docker) reports facts the same way.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shlex
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from workflow_agent.errors import TargetUnreachableError
+from workflow_agent.errors import TargetError, TargetUnreachableError
 
 if TYPE_CHECKING:
     from workflow_agent.execution.target import RunResult, Target
@@ -58,7 +62,7 @@ PACKAGES_MARK = "--packages--\n"
 # "status<TAB>name<TAB>version" line per package (dpkg's status abbreviation: "ii"
 # installed, "rc" removed with only its configuration files left). Bash builtins where
 # they do: three programs run (dpkg, find, dpkg-query), as a fleet runs this on every host.
-FACTS_SCRIPT = r"""
+_FACTS = r"""
 . /etc/os-release 2>/dev/null || true
 echo "distro=${ID:-unknown}"
 echo "distro_like=${ID_LIKE:-}"
@@ -81,7 +85,69 @@ else echo "init=none"; fi
 p=(); mapfile -d "" -n 1 p 2>/dev/null < /proc/1/cmdline
 echo "pid1=${p[0]-}"
 echo "--packages--"
-""" + packages_script()
+"""
+FACTS_SCRIPT = _FACTS + packages_script()
+
+
+def facts_script(unless: str | None = None) -> str:
+    """``FACTS_SCRIPT``, its package listing spared while the package database still has
+    the stamp ``unless`` (as ``packages_script``)."""
+    return _FACTS + packages_script(unless)
+
+
+def listing_stamp(listing: str) -> str | None:
+    """The stamp of a package listing (its ``#db`` line), None when it has none."""
+    first = listing.partition("\n")[0]
+    return (first[4:] or None) if first.startswith("#db ") else None
+
+
+class PackageListings:
+    """Each target's last package listing, a file per target in ``directory``: a facts
+    run (``facts_script(listing_stamp(previous))``) then lists the packages only when
+    the target's package database changed since, which spares a host a ``dpkg-query``
+    over every package (7 ms of CPU and 24 KB for 700 packages) on every run but the
+    first. A listing is nothing secret; a file that is unreadable is no listing."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _file(self, identity: str) -> Path:
+        return self.directory / (hashlib.sha256(identity.encode()).hexdigest()[:32] + ".txt")
+
+    def previous(self, identity: str) -> str | None:
+        """The listing kept for ``identity``, if any."""
+        try:
+            listing = self._file(identity).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return listing if listing_stamp(listing) else None
+
+    def complete(self, identity: str, output: str, previous: str | None) -> str:
+        """``output`` (of a facts run spared by ``previous``'s stamp) with ``previous``
+        in place of a listing that says ``#same``; a new listing is kept instead."""
+        head, mark, listing = output.partition(PACKAGES_MARK)
+        if listing.partition("\n")[2].startswith("#same\n"):
+            if previous is None or listing_stamp(previous) != listing_stamp(listing):
+                raise TargetError(f"the facts from {identity} left the package listing out "
+                                  "with no listing to stand for it", hint="Run again.")
+            return head + mark + previous
+        if mark and listing_stamp(listing) and listing != previous:
+            self._keep(identity, listing)
+        return output
+
+    def _keep(self, identity: str, listing: str) -> None:
+        """Write ``listing`` whole or not at all (runs on one target may race)."""
+        written = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.directory,
+                                             suffix=".part", delete=False) as file:
+                written = Path(file.name)
+                file.write(listing)
+            os.replace(written, self._file(identity))
+        except OSError:  # a cache: the next run lists the packages again
+            if written is not None:
+                written.unlink(missing_ok=True)
 
 _FAMILIES = {
     "debian": "debian",

@@ -150,8 +150,9 @@ def test_a_read_ahead_is_what_the_journal_saves_unless_it_is_stale(
 ) -> None:
     sh(sandbox, "mkdir -p /etc/app && echo a=1 > /etc/app/app.conf")
     paths, ignore = ["/etc/app"], list(DEFAULT_IGNORE)
-    parts = asyncio.run(run_parts(sandbox, journal_probe.before_parts(paths, ignore)))
-    ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), tuple(parts))
+    read = journal_probe.before_read(paths, ignore)
+    ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), read,
+                                 asyncio.run(sandbox.run(read.script)))
     sh(sandbox, "echo a=2 > /etc/app/app.conf")
     store = journal.JournalStore(tmp_path / "journal")
     calls = count_calls(sandbox)
@@ -177,15 +178,14 @@ def test_a_read_ahead_with_the_facts_lists_the_packages_once(
 ) -> None:
     paths, ignore = ["/etc/apt"], list(DEFAULT_IGNORE)
     calls = count_calls(sandbox)
-    facts_run, *parts = asyncio.run(run_parts(
-        sandbox, [FACTS_SCRIPT, *journal_probe.before_parts(paths, ignore, packages=False)]))
+    read = journal_probe.before_read(paths, ignore, packages=False)
+    facts_run, state = asyncio.run(run_parts(sandbox, [FACTS_SCRIPT, read.script]))
     assert calls == ["run"]
-    script = "\n".join(journal_probe.before_parts(paths, ignore, packages=False))
-    assert "dpkg-query" not in script and FACTS_SCRIPT.count("dpkg-query -W") == 1
+    assert "dpkg-query" not in read.script and FACTS_SCRIPT.count("dpkg-query -W") == 1
     facts = parse_facts(facts_run.stdout)
     book = new_journal(journal.JournalStore(tmp_path / "journal"), sandbox, "w8", paths)
     asyncio.run(journal_probe.prepare(sandbox, book, ahead=journal_probe.Before(
-        tuple(paths), tuple(ignore), (), tuple(parts), packages_listed(facts_run.stdout))))
+        tuple(paths), tuple(ignore), (), read, state, packages_listed(facts_run.stdout))))
     # The same packages a snapshot of its own lists (dpkg's names: libc6:amd64)...
     alone = asyncio.run(take_snapshot(sandbox, paths=paths, ignore=ignore))
     assert book.pre_snapshot().packages == alone.packages

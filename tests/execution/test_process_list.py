@@ -1,4 +1,4 @@
-"""The change journal's process list (``_processes_script``, parsed by
+"""The change journal's process list (``_processes_body``, parsed by
 ``_parse_processes``), on this host via LocalTarget: what it reads must be what /proc
 holds, read here in Python."""
 
@@ -22,8 +22,9 @@ from workflow_agent.execution.journal import ProcessInfo
 from workflow_agent.execution.journal_probe import (
     RUN_MARKER,
     UNIT_LINES,
+    Sections,
     _parse_processes,
-    _processes_script,
+    _processes_body,
 )
 from workflow_agent.execution.local import LocalTarget
 from workflow_agent.execution.target import RunResult, run_parts
@@ -84,9 +85,11 @@ def everything(marker: str = "") -> dict[int, ProcessInfo]:
 
 
 def listing(marker: str = "", before: str = "") -> tuple[RunResult, list[ProcessInfo]]:
-    """The listing's result (run as a part, after ``before`` in the same part) and the
-    processes it lists."""
-    [result] = asyncio.run(run_parts(LocalTarget(), [before + _processes_script(marker)]))
+    """The listing's result (a section run as a part, after ``before`` in the same
+    section) and the processes it lists."""
+    read = Sections(before + _processes_body(marker))
+    [part] = asyncio.run(run_parts(LocalTarget(), [read.script]))
+    [result] = read.split(part)
     return result, _parse_processes(result, "here")
 
 
@@ -169,11 +172,12 @@ def test_the_runs_own_processes_are_not_listed() -> None:
 def test_what_the_script_left_running_is_listed_and_marked() -> None:
     marker = f"{RUN_MARKER}={secrets.token_hex(8)}"
     script = "sleep 600 </dev/null >/dev/null 2>&1 &\necho $!\n"
-    result, [running] = asyncio.run(LocalTarget().run_then_parts(
-        script, [_processes_script(marker)], marker=marker, timeout=30))
+    read = Sections(_processes_body(marker))
+    result, [part] = asyncio.run(LocalTarget().run_then_parts(
+        script, [read.script], marker=marker, timeout=30))
     left = int(result.stdout)
     try:
-        listed = _parse_processes(running, "here")
+        listed = _parse_processes(*read.split(part), "here")
         # The wrapper, its guard and the part are not marked; the script has ended.
         assert [p.pid for p in listed if p.marked] == [left]
         assert [p.argv for p in listed if p.pid == left] == [["sleep", "600"]]
@@ -195,13 +199,15 @@ def stat(pid: int, ppid: int, session: int, comm: bytes = b"x") -> bytes:
 
 
 def output(cgroups: dict[int, list[bytes]]) -> bytes:
-    """A listing with the run's shell 10, this part 11, and the processes 20 to 24."""
-    parts = [b"S", b"10", b"11"]
-    comms = {20: b"a) b\nc) S 1 2", 21: b"d", 22: b"e", 23: b"f", 24: b"g"}
-    for pid, args in ((10, [b"bash"]), (11, [b"bash"]), (20, [b"x:y", b"z\n:w", b"\xff", b""]),
-                      (21, [b"d"]), (22, [b"e"]), (23, [b"f"]), (24, [b"g"])):
+    """A listing with the run's shell 10, this part 11, its sections' subshell 12, and
+    the processes 20 to 25."""
+    parts = [b"S", b"10", b"11", b"12"]
+    comms = {20: b"a) b\nc) S 1 2", 21: b"d", 22: b"e", 23: b"f", 24: b"g", 25: b"h"}
+    for pid, args in ((10, [b"bash"]), (11, [b"bash"]), (12, [b"bash"]),
+                      (20, [b"x:y", b"z\n:w", b"\xff", b""]), (21, [b"d"]), (22, [b"e"]),
+                      (23, [b"f"]), (24, [b"g"]), (25, [b"h"])):
         parts += [b"%d/cmdline:%s" % (pid, arg) for arg in args]
-    parents = {10: 1, 11: 10, 20: 5, 21: 11, 22: 10, 23: 5, 24: 5}
+    parents = {10: 1, 11: 10, 12: 11, 20: 5, 21: 11, 22: 10, 23: 5, 24: 5, 25: 12}
     parts += [b"%d/stat:" % pid + stat(pid, parent, 5, comms.get(pid, b"bash"))
               for pid, parent in parents.items()]
     lines = b"".join(b"%d/status:Uid:\t%d\t0\t0\t0\n%d/status:Gid:\t%d\t0\t0\t0\n"
@@ -221,7 +227,8 @@ def test_the_client_parses_what_the_host_printed() -> None:
                   24: [b"1:name=systemd:/system.slice/x.service", b"0::/"],
                   20: [b"1:name=systemd:/user.slice/user-0.slice/session-4.scope"]})
     listed = _parse_processes(RunResult(0, encoded(raw), "", 0.1), "here")
-    # The shell (10), children of the shell (11, 22) or of the part (21) are left out.
+    # The shell (10), children of the shell (11, 22), of the part (12, 21) or of the
+    # sections' subshell (25) are left out.
     assert [p.pid for p in listed] == [20, 23, 24]
     first, unit, hybrid = listed
     assert first == ProcessInfo(
@@ -298,4 +305,4 @@ def test_a_listing_that_could_not_run_fails() -> None:
 def test_a_marker_holding_a_newline_is_refused() -> None:
     # grep -F would take it for two markers, either of them enough.
     with pytest.raises(ValueError):
-        _processes_script(f"{RUN_MARKER}=a\nPATH=/usr/bin")
+        _processes_body(f"{RUN_MARKER}=a\nPATH=/usr/bin")

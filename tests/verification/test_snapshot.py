@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_sh
+from helpers import install_tiny_package
 from workflow_agent.errors import ExecutionFailedError, InvalidInputError
 from workflow_agent.execution.local import LocalTarget
 from workflow_agent.execution.target import RunResult, Target, run_parts
@@ -375,17 +375,7 @@ def test_packages_are_listed_again_only_when_the_package_database_changed(
         first.packages, first.config_files_remaining, first.packages_stamp)
     assert diff(first, again).is_empty
 
-    built = run_sh(sandbox, """set -e
-d=$(mktemp -d); mkdir "$d/DEBIAN"
-cat > "$d/DEBIAN/control" <<'EOF'
-Package: wa-test-pkg
-Version: 1.0
-Architecture: all
-Maintainer: t <t@example.org>
-Description: t
-EOF
-dpkg-deb -b "$d" /tmp/wa-test-pkg.deb >/dev/null && dpkg -i /tmp/wa-test-pkg.deb >/dev/null""")
-    assert built.ok, built.stderr
+    install_tiny_package(sandbox, "wa-test-pkg")
     changed = asyncio.run(sandbox.run(probe.script))
     assert "#same" not in _packages_token(changed)
     after = probe.parse(changed, "sandbox")

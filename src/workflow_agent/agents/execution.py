@@ -12,7 +12,7 @@ import asyncio
 import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -23,7 +23,15 @@ from workflow_agent.execution import journal, journal_probe
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.rehearsal import Rehearsal, rehearse, supports_rehearsal
 from workflow_agent.execution.target import OutputCallback, RunResult, run_parts
-from workflow_agent.facts import FACTS_SCRIPT, FACTS_TIMEOUT, Facts, facts_from, packages_listed
+from workflow_agent.facts import (
+    FACTS_TIMEOUT,
+    Facts,
+    PackageListings,
+    facts_from,
+    facts_script,
+    listing_stamp,
+    packages_listed,
+)
 from workflow_agent.scripting.render import FAILURE_MARKER, RenderedScript
 from workflow_agent.secrets import Redactor
 from workflow_agent.state import RunSummary
@@ -160,9 +168,12 @@ def summarize(result: RunResult, redactor: Redactor) -> RunSummary:
 class ExecutionAgent:
     """Answers ``target.facts``, ``target.snapshot``, ``target.rehearse`` and ``execute.run``."""
 
-    def __init__(self, pool: TargetPool, redactor: Redactor) -> None:
+    def __init__(self, pool: TargetPool, redactor: Redactor,
+                 listings: PackageListings | None = None) -> None:
         self.pool = pool
         self.redactor = redactor
+        #: Each target's last package listing, which spares the next facts run one.
+        self.listings = listings
         self._bus: MessageBus | None = None
 
     def attach(self, bus: MessageBus) -> None:
@@ -182,11 +193,16 @@ class ExecutionAgent:
         # Read-only all of them: parts of one run. The packages are listed once, by the
         # facts (dpkg-query costs a host a few ms, tens with a thousand packages).
         paths, ignore = request.journal
-        result, *parts = await run_parts(
-            target, [FACTS_SCRIPT, *journal_probe.before_parts(paths, ignore, packages=False)],
+        read = journal_probe.before_read(paths, ignore, packages=False)
+        previous = self.listings.previous(target.identity) if self.listings else None
+        result, state = await run_parts(
+            target, [facts_script(listing_stamp(previous) if previous else None), read.script],
             timeout=FACTS_TIMEOUT + journal_probe.OBSERVE_TIMEOUT)
+        if self.listings is not None and result.ok:
+            result = replace(result, stdout=self.listings.complete(
+                target.identity, result.stdout, previous))
         facts = facts_from(result, target.identity)
-        ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), tuple(parts),
+        ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), read, state,
                                      packages_listed(result.stdout))
         return FactsReply(facts, ahead)
 

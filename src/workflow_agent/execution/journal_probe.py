@@ -1,13 +1,14 @@
 """What the change journal reads from the target: before the script, as it ends, and
 after an undo. The journal's files, store and index are ``journal``'s.
 
-``prepare`` saves, from ONE run on the target (``run_parts``; or read ahead with the
-facts, ``Before``, when nothing may wait in between), what undoing the
+``prepare`` saves, from ONE run on the target (or read ahead with the facts,
+``Before``, when nothing may wait in between), what undoing the
 workflow needs: a snapshot of the journal's paths (``pre.json``), the backup of every
 file the script may modify or delete (``backup.tar``: the predicted paths, plus every
 file and link under ``/etc`` in the watched paths, selected and archived by ``tar`` on
 the target and streamed back base64, so it works on any target that can run a script),
-and the processes running; then the ``executing`` phase.
+and the processes running; then the ``executing`` phase. The probes of one read are
+``Sections`` of one script: one base64 stream.
 
 ``run_observed`` runs the script and, in the same run (``run_then_parts``), the
 snapshot and process list that ``observed`` compares with the saved ones: one entry per
@@ -30,6 +31,8 @@ import hashlib
 import io
 import logging
 import os
+import re
+import secrets
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,8 +45,8 @@ from workflow_agent.execution.target import (
     OutputCallback,
     RunResult,
     Target,
+    probe_output,
     quote,
-    run_parts,
 )
 from workflow_agent.verification.snapshot import (
     DEFAULT_HASH_LIMIT,
@@ -52,9 +55,9 @@ from workflow_agent.verification.snapshot import (
     Snapshot,
     SnapshotProbe,
     add_packages,
-    decode,
     diff,
 )
+from workflow_agent.verification.snapshot import fields as split_fields
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +85,13 @@ def _unmasked(process: ProcessInfo) -> ProcessInfo:
 # tar. --no-recursion: a directory in the list stands for its own mode and owner only.
 # --blocking-factor=1: 512-byte records, not 10 KiB ones (a small backup was mostly
 # padding: 14 KB of base64 for one file).
-_BACKUP = r"""set -o pipefail
-export LC_ALL=C
-{walk}{{
+_BACKUP = r"""{walk}{{
   (( ${{#paths[@]}} )) && walk \( -type f -o -type l \) -print0
   for p in {predicted}; do
     if [ -e "$p" ] || [ -L "$p" ]; then printf '%s\0' "$p"; fi
   done
 }} | sort -zu | tar --create --file - --no-recursion --null --files-from - \
-  --absolute-names --numeric-owner --xattrs --acls --format=posix --blocking-factor=1 |
-  base64 -w 4096
-"""
+  --absolute-names --numeric-owner --xattrs --acls --format=posix --blocking-factor=1"""
 
 #: The environment variable every journaled script runs with: the processes it starts
 #: (and that do not clear their environment) can be told apart from everything else.
@@ -106,9 +105,11 @@ UNIT_LINES = r"^(Uid|Gid):|^0::|^[0-9]+:name=systemd:"
 # builtins on /proc files cost about a millisecond per process, a fork per process as
 # much. The pids are globbed once, relative to /proc (shorter arguments), before any of
 # the programs starts: none of them is listed. Sections, NUL-separated:
-#   S, $$, $BASHPID: the run's shell (run_parts' or run_then_parts' wrapper) and the
-#     subshell this part runs in. The client leaves out the shell, and the children of
-#     both (this subshell, the other parts, the wrapper's guard). The script
+#   S, $self, $part (set by ``Sections``' script: $$ and $BASHPID), $BASHPID: the run's
+#     shell (run_parts' or run_then_parts' wrapper, or the script's own), the subshell
+#     the part runs in, and the sections' subshell. The client leaves out the shell, and
+#     the children of all three (the other parts, the wrapper's guard, base64, what a
+#     section before ran). The script
 #     run_then_parts ran before has ended by then; what it left running is not the
 #     wrapper's child.
 #   a record per argument of every cmdline (a kernel thread's, empty, prints none) and
@@ -126,14 +127,11 @@ UNIT_LINES = r"^(Uid|Gid):|^0::|^[0-9]+:name=systemd:"
 # Processes come and go, and other users' environments are unreadable: errors are
 # dropped (grep exits 2 on them, find 1), but a program that could not run fails the
 # part, and the client checks that this subshell's own files were read.
-_PROCESSES = r"""set -o pipefail
-export LC_ALL=C
-marker=%(marker)s
+_PROCESSES = r"""marker=%(marker)s
 cd /proc && pids=([0-9]*) || exit
-self=$$ part=$BASHPID
 ran() { local s=$?; (( s <= 2 )) || { echo "$1 failed (exit status $s)" >&2; exit 1; }; }
 {
-printf 'S\0%%s\0%%s\0' "$self" "$part"
+printf 'S\0%%s\0%%s\0%%s\0' "$self" "$part" "$BASHPID"
 grep -a -z -H -e '' -- "${pids[@]/%%//cmdline}" "${pids[@]/%%//stat}" 2>/dev/null
 ran grep
 printf 'U\0'
@@ -149,8 +147,7 @@ printf 'L\0'
 find "${pids[@]/%%//exe}" "${pids[@]/%%//cwd}" -maxdepth 0 -printf '%%p\0%%l\0' 2>/dev/null
 ran find
 printf 'END\0'
-} </dev/null | base64 -w 4096
-"""
+}"""
 
 
 def backup_paths(pre: Snapshot, predicted: Iterable[str]) -> list[str]:
@@ -161,23 +158,23 @@ def backup_paths(pre: Snapshot, predicted: Iterable[str]) -> list[str]:
     return sorted(chosen)
 
 
-def _backup_script(probe: SnapshotProbe, predicted: Sequence[str]) -> str:
-    """The script saving ``backup_paths(pre, predicted)`` for the ``pre`` that ``probe``
-    takes, as a tar, base64 on stdout."""
+def _backup_body(probe: SnapshotProbe, predicted: Sequence[str]) -> str:
+    """The section saving ``backup_paths(pre, predicted)`` for the ``pre`` that ``probe``
+    takes: a tar."""
     return _BACKUP.format(walk=probe.walk(CONFIG_ROOT),
                           predicted=" ".join(quote(p) for p in predicted) or "''")
 
 
 def _saved(result: RunResult, pre: Snapshot, predicted: Sequence[str], where: str
            ) -> tuple[bytes | None, list[Entry]]:
-    """The tar ``_backup_script`` printed (None when it holds nothing) and one entry per
+    """The tar ``_backup_body`` printed (None when it holds nothing) and one entry per
     saved path, with its state read from the archive itself."""
     failed = f"could not save the files the install will change on {where}: "
     if not result.ok:
         raise ExecutionFailedError(failed + " ".join(result.stderr.split())[-400:],
                                    hint="Nothing was changed on the target.")
     try:
-        data = base64.b64decode("".join(result.stdout.split()))
+        data = probe_output(result)
         with tarfile.open(fileobj=io.BytesIO(data)) as archive:
             entries = [Entry(id=number, kind="file", op="modified",
                              name="/" + member.name.lstrip("/"),
@@ -200,9 +197,10 @@ def _saved(result: RunResult, pre: Snapshot, predicted: Sequence[str], where: st
     return (data if entries else None), entries
 
 
-def _processes_script(marker: str = "") -> str:
-    """The script listing the processes on a target (kernel threads left out), flagging
-    those whose environment holds ``marker`` (``NAME=VALUE``); base64 on stdout.
+def _processes_body(marker: str = "") -> str:
+    """The section listing the processes on a target (kernel threads left out), flagging
+    those whose environment holds ``marker`` (``NAME=VALUE``); the last of its
+    ``Sections`` (it changes directory, and may exit).
     ``ValueError`` for a marker holding a newline: grep would take it for two."""
     if "\n" in marker:
         raise ValueError(f"a run marker holds a newline: {marker!r}")
@@ -226,23 +224,23 @@ def _unit(cgroups: list[str]) -> str | None:
 
 
 def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
-    """The processes ``result`` (of ``_processes_script``, run on ``where``) lists."""
+    """The processes ``result`` (of ``_processes_body``, run on ``where``) lists."""
     if result.exit_code != 0:
         raise ExecutionFailedError(f"could not list the processes on {where}: "
                                    + " ".join(result.stderr.split())[-300:])
     garbled = ExecutionFailedError(f"the process list from {where} is garbled")
     try:
-        fields = decode(result.stdout)
+        fields = split_fields(probe_output(result))
     except binascii.Error as exc:  # base64 cut short, or mixed with other output
         raise garbled from exc
-    # S $$ $BASHPID, records up to U, one field of lines, M, names up to L, pairs up to
+    # S and three pids, records up to U, one field of lines, M, names up to L, pairs up to
     # END: the last field but the empty one after its NUL. No record holds a marker:
     # each starts with "PID/", and a link's path ("PID/exe") comes first in its pair.
     try:
         if fields[0] != "S" or fields[-2:] != ["END", ""]:
             raise ValueError
-        shell, part = fields[1:3]
-        u = fields.index("U", 3)
+        shell, part, sections = fields[1:4]
+        u = fields.index("U", 4)
         if fields[u + 2] != "M":
             raise ValueError
         m = fields.index("L", u + 3)
@@ -283,7 +281,7 @@ def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
         if pid == shell or len(stat) < 20 or not (uid.isdigit() and gid.isdigit()):
             continue  # the run's shell, or exited while it was read
         ppid, session, start = stat[1], stat[3], stat[19]
-        if ppid in (shell, part):
+        if ppid in (shell, part, sections):
             continue  # the run's own
         unit = _unit(cgroups.get(pid, []))
         found.append(ProcessInfo(
@@ -295,26 +293,89 @@ def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
     return found
 
 
+# The sections run one after the other in one subshell whose output is one base64
+# stream: each section's output, then "<RS>wa-section-NONCE STATUS<NUL>" (NONCE random
+# per script: no file can hold it); on stderr a frame line after each, as run_parts'.
+_SECTIONS = r"""set -o pipefail
+export LC_ALL=C
+self=$$ part=$BASHPID
+{{
+{sections}}} </dev/null | base64 -w 4096
+"""
+_SECTION = r"""{body}
+printf '\036wa-section-{nonce} %d\0' "$?"
+printf '\n\036wa-section-{nonce}\n' >&2
+"""
+
+
+class Sections:
+    """Several of these read-only probes (a snapshot's body, the backup's, the
+    processes') as ONE script: run alone or as a part, it costs a host one subshell and
+    one base64 in all, where each probe run as a part of its own costs both (1.4 ms of
+    CPU on a lab host). ``split`` hands each section its own result: its exit status,
+    its stderr, and what it printed as bytes (``RunResult.data``)."""
+
+    def __init__(self, *bodies: str) -> None:
+        self.bodies = bodies
+        self.nonce = secrets.token_hex(8)
+
+    @property
+    def script(self) -> str:
+        """The script running the sections."""
+        return _SECTIONS.format(sections="".join(
+            _SECTION.format(body=body, nonce=self.nonce) for body in self.bodies))
+
+    def split(self, result: RunResult) -> list[RunResult]:
+        """One result per section of ``result`` (a run of ``script``). A section the run
+        never finished (it was killed, or a section before exited) gets the run's exit
+        status (or -1) and what was decoded of it."""
+        text = "".join(result.stdout.split())
+        try:
+            raw = base64.b64decode(text)
+        except binascii.Error:  # cut short: what whole groups of four hold
+            raw = base64.b64decode(text[: len(text) // 4 * 4])
+        outputs = re.split(rb"\x1ewa-section-" + self.nonce.encode() + rb" (-?\d+)\0", raw)
+        stderrs = result.stderr.split(f"\n\x1ewa-section-{self.nonce}\n")
+        results = []
+        for index in range(len(self.bodies)):
+            data = outputs[2 * index] if 2 * index < len(outputs) else b""
+            stderr = stderrs[index] if index < len(stderrs) else ""
+            if 2 * index + 1 < len(outputs):
+                results.append(RunResult(int(outputs[2 * index + 1]), "", stderr,
+                                         result.duration, data=data))
+            else:
+                results.append(RunResult(result.exit_code or -1, "", stderr, result.duration,
+                                         timed_out=result.timed_out, data=data))
+        return results
+
+
+def _state(probe: SnapshotProbe, marker: str = "") -> Sections:
+    """The snapshot ``probe`` takes and the processes (``marker``: as ``_processes_body``)."""
+    return Sections(probe.body, _processes_body(marker))
+
+
 @dataclass(frozen=True)
 class Before:
     """What ``prepare`` reads, read ahead in a run that had to be made anyway (the
-    facts'): the results of ``before_parts(paths, ignore, predicted, ...)``, and when.
-    ``packages``: the package listing of that run, when the snapshot left it out."""
+    facts'): ``read`` (of ``before_read(paths, ignore, predicted, ...)``) and its
+    ``result``, and when. ``packages``: the package listing of that run, when the
+    snapshot left it out."""
 
     paths: tuple[str, ...]
     ignore: tuple[str, ...]
     predicted: tuple[str, ...]
-    results: tuple[RunResult, ...]
+    read: Sections
+    result: RunResult
     packages: str | None = None
     read_at: float = field(default_factory=time.monotonic)
 
 
-def before_parts(paths: Sequence[str], ignore: Sequence[str],
-                 predicted: Sequence[str] = (), *, packages: bool = True) -> list[str]:
-    """The read-only scripts whose results ``prepare`` saves: the snapshot (without the
+def before_read(paths: Sequence[str], ignore: Sequence[str],
+                predicted: Sequence[str] = (), *, packages: bool = True) -> Sections:
+    """The read-only probes whose results ``prepare`` saves: the snapshot (without the
     package listing unless ``packages``), the backup, the processes."""
     probe = SnapshotProbe.of(paths, ignore, packages=packages)
-    return [probe.script, _backup_script(probe, predicted), _processes_script()]
+    return Sections(probe.body, _backup_body(probe, predicted), _processes_body())
 
 
 async def prepare(
@@ -333,12 +394,11 @@ async def prepare(
     if (ahead is not None and time.monotonic() - ahead.read_at <= AHEAD_MAX_AGE
             and (ahead.paths, ahead.ignore, ahead.predicted)
             == (tuple(header.paths), tuple(header.ignore), tuple(predicted))):
-        listed, saving, running = ahead.results
-        packages = ahead.packages
+        read, result, packages = ahead.read, ahead.result, ahead.packages
     else:
-        listed, saving, running = await run_parts(
-            target, before_parts(header.paths, header.ignore, predicted))
-        packages = None
+        read = before_read(header.paths, header.ignore, predicted)
+        result, packages = await target.run(read.script, timeout=OBSERVE_TIMEOUT), None
+    listed, saving, running = read.split(result)
     pre = probe.parse(listed, target.identity)
     if packages is not None:
         add_packages(packages, pre)
@@ -363,9 +423,11 @@ async def run_observed(
     state, pre = await asyncio.to_thread(_saved_state, journal)
     probe = SnapshotProbe.of(state.header.paths, state.header.ignore, packages_from=pre)
     marker = f"{RUN_MARKER}={workflow_id}"
-    result, (listed, running, *probed) = await target.run_then_parts(
-        script, [probe.script, _processes_script(marker), *probes], env=env,
+    read = _state(probe, marker)
+    result, (state_read, *probed) = await target.run_then_parts(
+        script, [read.script, *probes], env=env,
         timeout=timeout, parts_timeout=OBSERVE_TIMEOUT, on_output=on_output, marker=marker)
+    listed, running = read.split(state_read)
     try:
         post, after = _read(probe, listed, running, target.identity)
     except ExecutionFailedError as exc:
@@ -384,9 +446,8 @@ async def observe(
     processes before they are written."""
     state, pre = await asyncio.to_thread(_saved_state, journal)
     probe = SnapshotProbe.of(state.header.paths, state.header.ignore, packages_from=pre)
-    listed, running = await run_parts(
-        target, [probe.script, _processes_script(f"{RUN_MARKER}={workflow_id}")],
-        timeout=OBSERVE_TIMEOUT)
+    read = _state(probe, f"{RUN_MARKER}={workflow_id}")
+    listed, running = read.split(await target.run(read.script, timeout=OBSERVE_TIMEOUT))
     post, after = _read(probe, listed, running, target.identity)
     return await asyncio.to_thread(_record, journal, state, pre, post,
                                    [mask(p) for p in after])
@@ -402,7 +463,8 @@ async def read_state(target: Target, header: Header, packages_from: Snapshot | N
     """The snapshot of ``header``'s paths and the processes on ``target``, in one run;
     ``packages_from``: as ``SnapshotProbe.packages_from``."""
     probe = SnapshotProbe.of(header.paths, header.ignore, packages_from=packages_from)
-    listed, running = await run_parts(target, [probe.script, _processes_script()])
+    read = _state(probe)
+    listed, running = read.split(await target.run(read.script, timeout=OBSERVE_TIMEOUT))
     return _read(probe, listed, running, target.identity)
 
 

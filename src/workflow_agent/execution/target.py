@@ -16,6 +16,7 @@ script's output, status and timeout its own.
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 import shlex
@@ -52,11 +53,22 @@ class RunResult:
     stderr: str
     duration: float
     timed_out: bool = False
+    #: The bytes a probe printed, when its base64 output was decoded for it already (a
+    #: section of ``journal_probe.Sections``); ``stdout`` is empty then.
+    data: bytes | None = None
 
     @property
     def ok(self) -> bool:
         """True when the script exited 0 within its timeout."""
         return self.exit_code == 0 and not self.timed_out
+
+
+def probe_output(result: RunResult) -> bytes:
+    """What a probe that prints base64 printed: ``data`` when decoded already, else its
+    stdout decoded (``binascii.Error`` when that is not base64)."""
+    if result.data is not None:
+        return result.data
+    return base64.b64decode("".join(result.stdout.split()))
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal, cast, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from workflow_agent.errors import ExecutionFailedError, InvalidInputError
+from workflow_agent.execution.target import probe_output
 from workflow_agent.facts import packages_script
 
 if TYPE_CHECKING:
@@ -211,9 +212,7 @@ _FORMAT = "wa-snapshot-2"
 # /etc/passwd and /etc/group are read by builtins, byte for byte (mapfile keeps a last
 # line without a newline), to spare a cat each; 2>/dev/null comes first so that a
 # missing file's error is silenced too.
-_SCRIPT = r"""set -o pipefail
-export LC_ALL=C
-{walk}slurp() {{
+_BODY = r"""{walk}slurp() {{
   local text=(); mapfile -d '' text 2>/dev/null < "$1"; printf '%s' "${{text[@]}}"
 }}
 {{
@@ -227,8 +226,10 @@ export LC_ALL=C
 {packages}  printf '\0PASSWD\0'; slurp /etc/passwd
   printf '\0GROUP\0'; slurp /etc/group
   printf '\0END\0'
-}} | base64 -w 4096
-"""
+}}"""
+
+#: Runs a probe's body alone (``journal_probe.Sections`` runs several in one stream).
+ALONE = "set -o pipefail\nexport LC_ALL=C\n{body} | base64 -w 4096\n"
 
 
 def add_packages(text: str, snapshot: Snapshot, same: Snapshot | None = None) -> None:
@@ -319,9 +320,15 @@ class SnapshotProbe:
     @property
     def script(self) -> str:
         """The snapshot script; its output is base64 (``base64 -w 4096``)."""
-        return _SCRIPT.format(walk=self.walk(), format=_FORMAT,
-                              limit=8 * self.max_files + 1, hash_limit=self.hash_limit,
-                              packages=self._packages_script())
+        return ALONE.format(body=self.body)
+
+    @property
+    def body(self) -> str:
+        """What the script runs, its output not encoded yet: a snapshot among other
+        probes in one stream (``journal_probe.Sections``)."""
+        return _BODY.format(walk=self.walk(), format=_FORMAT,
+                            limit=8 * self.max_files + 1, hash_limit=self.hash_limit,
+                            packages=self._packages_script())
 
     def _packages_script(self) -> str:
         if not self.packages:
@@ -339,7 +346,7 @@ class SnapshotProbe:
             reason = "timed out" if result.timed_out else f"exit {result.exit_code}"
             raise ExecutionFailedError(f"snapshot script failed on {where} ({reason}): "
                                        + " ".join(result.stderr.split())[-500:])
-        tokens = decode(result.stdout)
+        tokens = fields(probe_output(result))
         if tokens[:1] != [_FORMAT] or tokens[-2:] != ["END", ""]:
             raise ExecutionFailedError(f"snapshot output from {where} is incomplete")
         skip = re.compile(self.ignore, re.DOTALL) if self.ignore else None
@@ -441,7 +448,12 @@ def _parse(
 def decode(stdout: str) -> list[str]:
     """The NUL-separated fields of base64 output (bytes that are not UTF-8 kept as
     surrogate escapes)."""
-    raw = base64.b64decode("".join(stdout.split()))
+    return fields(base64.b64decode("".join(stdout.split())))
+
+
+def fields(raw: bytes) -> list[str]:
+    """The NUL-separated fields of ``raw`` (bytes that are not UTF-8 kept as surrogate
+    escapes)."""
     return [part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0")]
 
 
