@@ -29,9 +29,11 @@ FACTS_TIMEOUT = 60.0
 #: reads it too): first ``#db STAMP``, the package database's files as they were before
 #: the listing (``find``'s path, inode, size and modification time of each), then one
 #: line per package: status, name (dpkg's with ``:arch`` where Multi-Arch needs it; rpm's
-#: ``NAME.ARCH``), version (rpm's with its epoch). ``{unless}``: a stamp (quoted) that
-#: spares the listing when the database still has it (one ``find`` instead of a
-#: ``dpkg-query`` over every package): ``#same`` is printed instead; ``''`` lists always.
+#: ``NAME.ARCH``), version (rpm's with its epoch); the facts' listing also says dpkg's
+#: architecture first (``#arch``: it changes only with dpkg, and so with the stamp).
+#: ``{unless}``: a stamp (quoted) that spares the listing when the database still has it
+#: (one ``find`` instead of a ``dpkg-query`` over every package): ``#same`` is printed
+#: instead; ``''`` lists always.
 _PACKAGES = r"""pm= db=()
 if command -v dpkg-query >/dev/null 2>&1; then
   pm=dpkg db=(/var/lib/dpkg/status /var/lib/dpkg/updates)
@@ -42,17 +44,19 @@ stamp=$(find -H "${{db[@]}}" -maxdepth 1 -printf '%p:%i:%s:%T@ ' 2>/dev/null)
 printf '#db %s\n' "$stamp"
 if [ -n "$stamp" ] && [ "$stamp" = {unless} ]; then echo '#same'
 elif [ "$pm" = dpkg ]; then
-  dpkg-query -W -f '${{db:Status-Abbrev}}\t${{binary:Package}}\t${{Version}}\n' 2>/dev/null
+{arch}  dpkg-query -W -f '${{db:Status-Abbrev}}\t${{binary:Package}}\t${{Version}}\n' 2>/dev/null
 elif [ "$pm" = rpm ]; then
   rpm -qa --qf 'ii \t%{{NAME}}.%{{ARCH}}\t%{{EPOCHNUM}}:%{{VERSION}}-%{{RELEASE}}\n' 2>/dev/null
 fi
 """
 
 
-def packages_script(unless: str | None = None) -> str:
+def packages_script(unless: str | None = None, *, arch: bool = False) -> str:
     """The package listing's script; with ``unless`` (a ``#db`` stamp) it prints
-    ``#same`` instead of the packages when the database's stamp is still that one."""
-    return _PACKAGES.format(unless=shlex.quote(unless or ""))
+    ``#same`` instead of the packages when the database's stamp is still that one;
+    ``arch``: dpkg's architecture too (``#arch``)."""
+    return _PACKAGES.format(unless=shlex.quote(unless or ""), arch=(
+        """  printf '#arch %s\\n' "$(dpkg --print-architecture)"\n""" if arch else ""))
 
 
 #: Where the package listing starts in the facts' output.
@@ -61,7 +65,8 @@ PACKAGES_MARK = "--packages--\n"
 # Read-only. Prints "key=value" lines, then "--packages--" and one
 # "status<TAB>name<TAB>version" line per package (dpkg's status abbreviation: "ii"
 # installed, "rc" removed with only its configuration files left). Bash builtins where
-# they do: three programs run (dpkg, find, dpkg-query), as a fleet runs this on every host.
+# they do, as a fleet runs this on every host: one program runs (find) while the package
+# listing is kept (``facts_script``), three (find, dpkg, dpkg-query) when it is made.
 _FACTS = r"""
 . /etc/os-release 2>/dev/null || true
 echo "distro=${ID:-unknown}"
@@ -75,7 +80,6 @@ echo "machine=$m"
 h=; read -r h 2>/dev/null < /etc/hostname
 echo "hostname=${h:-$HOSTNAME}"
 echo "uid=$EUID"
-if command -v dpkg >/dev/null 2>&1; then echo "dpkg_arch=$(dpkg --print-architecture)"; fi
 for pm in apt-get dnf yum zypper apk pacman; do
   if command -v "$pm" >/dev/null 2>&1; then echo "package_manager=$pm"; break; fi
 done
@@ -86,13 +90,13 @@ p=(); mapfile -d "" -n 1 p 2>/dev/null < /proc/1/cmdline
 echo "pid1=${p[0]-}"
 echo "--packages--"
 """
-FACTS_SCRIPT = _FACTS + packages_script()
+FACTS_SCRIPT = _FACTS + packages_script(arch=True)
 
 
 def facts_script(unless: str | None = None) -> str:
     """``FACTS_SCRIPT``, its package listing spared while the package database still has
     the stamp ``unless`` (as ``packages_script``)."""
-    return _FACTS + packages_script(unless)
+    return _FACTS + packages_script(unless, arch=True)
 
 
 def listing_stamp(listing: str) -> str | None:
@@ -207,7 +211,8 @@ def parse_facts(output: str) -> Facts:
         key, sep, value = line.partition("=")
         if sep and key not in values:
             values[key] = value.strip()
-    dpkg = "dpkg_arch" in values
+    dpkg_arch = next((line[6:] for line in packages_text.splitlines()
+                      if line.startswith("#arch ")), None)
     packages: dict[str, str] = {}
     config_only: list[str] = []
     for line in packages_text.splitlines():
@@ -217,7 +222,7 @@ def parse_facts(output: str) -> Facts:
             continue
         # Facts name packages plainly: dpkg's "libc6:amd64" is libc6, rpm's "bash.x86_64"
         # bash (at version "1:5.2-1" without its epoch).
-        if dpkg:
+        if dpkg_arch is not None:
             name = name.partition(":")[0]
         else:
             name, version = name.rpartition(".")[0] or name, version.partition(":")[2] or version
@@ -237,7 +242,7 @@ def parse_facts(output: str) -> Facts:
         distro=distro,
         distro_version=values.get("distro_version", ""),
         distro_codename=values.get("distro_codename", ""),
-        arch=values.get("dpkg_arch") or _MACHINE_TO_ARCH.get(machine, machine),
+        arch=dpkg_arch or _MACHINE_TO_ARCH.get(machine, machine),
         kernel=values.get("kernel", ""),
         hostname=values.get("hostname", ""),
         package_manager=_PACKAGE_MANAGERS.get(values.get("package_manager", "")),
