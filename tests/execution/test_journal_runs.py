@@ -23,6 +23,7 @@ from workflow_agent.bus import Message
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
 from workflow_agent.execution import journal, journal_probe
+from workflow_agent.execution.local import LocalTarget
 from workflow_agent.execution.sandbox import SandboxTarget
 from workflow_agent.execution.target import RunResult, Target, run_parts
 from workflow_agent.facts import FACTS_SCRIPT, packages_listed, parse_facts
@@ -312,3 +313,23 @@ def test_when_the_run_ends_before_the_script_what_it_changed_is_read_in_a_run_of
     state = book.read()
     assert state.phase == "executed"
     assert [e.describe() for e in state.changes] == ["+ file /opt/cut (created)"]
+
+
+def test_sections_each_get_their_own_output_status_and_errors() -> None:
+    """Bytes of any kind (a NUL, a frame with another nonce) stay in their section; a
+    section that exits ends the stream, and the sections after it are reported unfinished
+    with the run's status, never as empty successes."""
+    read = journal_probe.Sections(
+        "printf 'a\\0b\\036wa-section-0000000000000000 0\\0\\377'; echo oops >&2; false",
+        "printf second; echo two >&2",
+        "printf third; exit 7",
+        "printf never")
+    [part] = asyncio.run(run_parts(LocalTarget(), [read.script]))
+    first, second, third, fourth = read.split(part)
+    assert (first.exit_code, first.data, first.stderr) == (
+        1, b"a\0b\x1ewa-section-0000000000000000 0\0\xff", "oops\n")
+    assert (second.exit_code, second.data, second.stderr) == (0, b"second", "two\n")
+    assert (third.exit_code, third.data) == (7, b"third")  # the run's status: the subshell's
+    assert (fourth.exit_code, fourth.data) == (7, b"")
+    garbled = journal_probe.Sections("true", "true").split(RunResult(0, "@@@=x=", "", 0.1))
+    assert [(r.exit_code, r.data) for r in garbled] == [(-1, b""), (-1, b"")]

@@ -100,7 +100,7 @@ RUN_MARKER = "WORKFLOW_AGENT_RUN"
 #: The lines of /proc/PID/status and /proc/PID/cgroup the process list reads (ERE).
 UNIT_LINES = r"^(Uid|Gid):|^0::|^[0-9]+:name=systemd:"
 
-# A fixed handful of programs read every process at once (2 to 3 greps, a find, base64,
+# A fixed handful of programs read every process at once (2 to 3 greps and a find,
 # whatever the number of processes); the client parses (``_parse_processes``). Bash
 # builtins on /proc files cost about a millisecond per process, a fork per process as
 # much. The pids are globbed once, relative to /proc (shorter arguments), before any of
@@ -126,7 +126,7 @@ UNIT_LINES = r"^(Uid|Gid):|^0::|^[0-9]+:name=systemd:"
 #   L, then "PID/exe", its target, "PID/cwd", its target, for every pid; then END.
 # Processes come and go, and other users' environments are unreadable: errors are
 # dropped (grep exits 2 on them, find 1), but a program that could not run fails the
-# part, and the client checks that this subshell's own files were read.
+# section, and the client checks that the part's subshell's own files were read.
 _PROCESSES = r"""marker=%(marker)s
 cd /proc && pids=([0-9]*) || exit
 ran() { local s=$?; (( s <= 2 )) || { echo "$1 failed (exit status $s)" >&2; exit 1; }; }
@@ -205,7 +205,6 @@ def _processes_body(marker: str = "") -> str:
     if "\n" in marker:
         raise ValueError(f"a run marker holds a newline: {marker!r}")
     return _PROCESSES % {"marker": quote(marker), "lines": quote(UNIT_LINES)}
-
 
 
 def _unit(cgroups: list[str]) -> str | None:
@@ -329,11 +328,7 @@ class Sections:
         """One result per section of ``result`` (a run of ``script``). A section the run
         never finished (it was killed, or a section before exited) gets the run's exit
         status (or -1) and what was decoded of it."""
-        text = "".join(result.stdout.split())
-        try:
-            raw = base64.b64decode(text)
-        except binascii.Error:  # cut short: what whole groups of four hold
-            raw = base64.b64decode(text[: len(text) // 4 * 4])
+        raw = _decoded("".join(result.stdout.split()))
         outputs = re.split(rb"\x1ewa-section-" + self.nonce.encode() + rb" (-?\d+)\0", raw)
         stderrs = result.stderr.split(f"\n\x1ewa-section-{self.nonce}\n")
         results = []
@@ -347,6 +342,17 @@ class Sections:
                 results.append(RunResult(result.exit_code or -1, "", stderr, result.duration,
                                          timed_out=result.timed_out, data=data))
         return results
+
+
+def _decoded(text: str) -> bytes:
+    """Base64 ``text`` decoded; cut short, what its whole groups of four hold; garbled,
+    nothing (each section then reads as incomplete)."""
+    for candidate in (text, text[: len(text) // 4 * 4]):
+        try:
+            return base64.b64decode(candidate)
+        except binascii.Error:
+            continue
+    return b""
 
 
 def _state(probe: SnapshotProbe, marker: str = "") -> Sections:
