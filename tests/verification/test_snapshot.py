@@ -179,11 +179,11 @@ def test_a_tree_too_large_stops_the_walk_at_the_limit(tmp_path: Path) -> None:
         (tmp_path / f"{number:04}{'n' * 60}").write_text(str(number))
     probe = SnapshotProbe.of([str(tmp_path)], (), max_files=10)
     result = asyncio.run(LocalTarget().run(probe.script))
-    # The script still ends well: the listing is cut after 8 * 10 + 1 tokens, and
+    # The script still ends well: the listing is cut after 9 * 10 + 1 tokens, and
     # nothing is hashed.
     assert result.exit_code == 0
     tokens = decode(result.stdout)
-    assert tokens.index("PACKAGES") == 1 + 81
+    assert tokens.index("PACKAGES") == 1 + 91
     assert not any(len(token) > 66 and token[64:66] == "  " for token in tokens)
     with pytest.raises(InvalidInputError):
         probe.parse(result, "here")
@@ -213,15 +213,15 @@ def test_listing_and_hashes_parse_in_any_order() -> None:
     entry = ("0", "0", "1", "123.0000000000")
     probe = SnapshotProbe.of(["/x"], ())
     snapshot = probe.parse(fake_result(
-        "wa-snapshot-2",
+        "wa-snapshot-3",
         f"{sha_b}  /x/b",  # a hash before its entry
-        "d", "755", *entry, "/x", "",
-        "f", "644", *entry, "/x/a", "",
+        "d", "755", *entry, "/x", "", "11:5.0",
+        "f", "644", *entry, "/x/a", "", "12:5.0",
         # Fields inside an entry may look like a hash or a marker: never read as such.
-        "l", "777", *entry, "/x/PACKAGES", f"{sha_a}  /x/c",
+        "l", "777", *entry, "/x/PACKAGES", f"{sha_a}  /x/c", "13:5.0",
         f"{sha_a}  /x/a",
-        "l", "777", *entry, "/x/link", "PACKAGES",
-        "f", "644", *entry, "/x/b", "",
+        "l", "777", *entry, "/x/link", "PACKAGES", "14:5.0",
+        "f", "644", *entry, "/x/b", "", "15:5.0",
         *trailer,
     ), "here")
     assert set(snapshot.files) == {"/x", "/x/a", "/x/b", "/x/PACKAGES", "/x/link"}
@@ -230,9 +230,9 @@ def test_listing_and_hashes_parse_in_any_order() -> None:
     assert snapshot.files["/x/link"].target == "PACKAGES"
     assert snapshot.packages == {"bash": "5.2"} and set(snapshot.users) == {"root"}
     with pytest.raises(ExecutionFailedError, match="garbled"):
-        probe.parse(fake_result("wa-snapshot-2", "not a record", *trailer), "here")
+        probe.parse(fake_result("wa-snapshot-3", "not a record", *trailer), "here")
     with pytest.raises(ExecutionFailedError, match="incomplete"):
-        probe.parse(fake_result("wa-snapshot-1", *trailer), "here")
+        probe.parse(fake_result("wa-snapshot-2", *trailer), "here")
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
@@ -359,7 +359,7 @@ def _packages_token(result: RunResult) -> str:
 def test_packages_are_listed_again_only_when_the_package_database_changed(
     sandbox: Target,
 ) -> None:
-    """A snapshot taken after another (``packages_from``) skips ``dpkg-query`` while
+    """A snapshot taken after another (``since``) skips ``dpkg-query`` while
     dpkg's database is as it was, and has the earlier packages; once a package is
     really installed (dpkg -i of a package built here) it lists them again."""
     first_probe = SnapshotProbe.of(["/etc/apt"])
@@ -367,7 +367,7 @@ def test_packages_are_listed_again_only_when_the_package_database_changed(
     assert first.packages_stamp and "/var/lib/dpkg/status:" in first.packages_stamp
     assert first.packages["dpkg"] and "wa-test-pkg" not in first.packages
 
-    probe = SnapshotProbe.of(["/etc/apt"], packages_from=first)
+    probe = SnapshotProbe.of(["/etc/apt"], since=first)
     unchanged = asyncio.run(sandbox.run(probe.script))
     assert _packages_token(unchanged).splitlines()[1:] == ["#same"]
     again = probe.parse(unchanged, "sandbox")
@@ -387,11 +387,45 @@ def test_a_listing_left_out_needs_the_snapshot_it_stands_for() -> None:
     """Output saying ``#same`` parsed without that snapshot is refused, never read as
     "no packages"."""
     probe = SnapshotProbe.of(["/nonexistent"], ())
-    raw = b"\0".join([b"wa-snapshot-2", b"PACKAGES", b"#db /var/lib/dpkg/status:1:2:3 \n#same\n",
+    raw = b"\0".join([b"wa-snapshot-3", b"PACKAGES", b"#db /var/lib/dpkg/status:1:2:3 \n#same\n",
                       b"PASSWD", b"", b"GROUP", b"", b"END", b""])
     result = RunResult(0, base64.b64encode(raw).decode(), "", 0.1)
     with pytest.raises(ExecutionFailedError, match="garbled"):
         probe.parse(result, "here")
     other = Snapshot(packages={"bash": "5.2"}, packages_stamp="/var/lib/dpkg/status:9:9:9 ")
     with pytest.raises(ExecutionFailedError, match="garbled"):
-        SnapshotProbe.of(["/nonexistent"], (), packages_from=other).parse(result, "here")
+        SnapshotProbe.of(["/nonexistent"], (), since=other).parse(result, "here")
+
+
+def test_a_snapshot_since_another_hashes_only_what_changed(tmp_path: Path) -> None:
+    """Files that keep their stamp (inode, ctime, mtime, size) keep their hash and are not
+    read again; one rewritten in place with its modification time put back, one replaced
+    by a file of the same size, and a new one are hashed (every hash checked against a
+    snapshot that hashes all)."""
+    for number in range(40):  # 1.25 MiB: worth telling apart
+        (tmp_path / f"f{number:02}").write_bytes(os.urandom(32 * 1024))
+    first = snap(tmp_path)
+    rewritten = tmp_path / "f01"
+    before = rewritten.stat()
+    rewritten.write_bytes(os.urandom(32 * 1024))
+    os.utime(rewritten, ns=(before.st_atime_ns, before.st_mtime_ns))
+    (tmp_path / "replacement").write_bytes(os.urandom(32 * 1024))
+    os.replace(tmp_path / "replacement", tmp_path / "f02")
+    (tmp_path / "f40").write_bytes(b"new\n")
+
+    probe = SnapshotProbe.of([str(tmp_path)], (), since=first)
+    assert "declare -A known" in probe.script
+    result = asyncio.run(LocalTarget().run(probe.script))
+    hashed = {token[66:] for token in decode(result.stdout)
+              if len(token) > 66 and token[64:66] == "  "}
+    assert hashed == {f"{tmp_path}/f01", f"{tmp_path}/f02", f"{tmp_path}/f40"}
+    assert probe.parse(result, "here") == snap(tmp_path)
+    assert diff(first, snap(tmp_path)).lines() == [
+        f"+ {tmp_path}/f40 (file)", f"~ {tmp_path}/f01 (content)", f"~ {tmp_path}/f02 (content)"]
+
+
+def test_a_small_tree_is_hashed_whole_even_since_another(tree: Path) -> None:
+    """Telling a few small files apart costs more than hashing them."""
+    probe = SnapshotProbe.of([str(tree)], (), since=snap(tree))
+    assert "declare -A known" not in probe.script
+    assert probe.parse(asyncio.run(LocalTarget().run(probe.script)), "here") == snap(tree)

@@ -102,12 +102,15 @@ class VerificationAgent:
         request: LeftoversRequest = message.payload
         target = self.pool.get(request.workflow_id)
         ignore = [*DEFAULT_IGNORE, *request.ignore]
-        after = await take_snapshot(target, paths=request.paths, ignore=ignore)
+        # Files that kept their stamp since the baseline keep its hashes (not read again).
+        after = await take_snapshot(target, paths=request.paths, ignore=ignore,
+                                    since=request.baseline)
         changes = diff(request.baseline, after)
         removed: list[str] = []
         if request.purge and not changes.is_empty:
             removed = await remove_empty_dirs_created(target, changes)
             if removed:
-                after = await take_snapshot(target, paths=request.paths, ignore=ignore)
+                after = await take_snapshot(target, paths=request.paths, ignore=ignore,
+                                            since=request.baseline)
                 changes = diff(request.baseline, after)
         return LeftoversReply(changes.lines(), removed)

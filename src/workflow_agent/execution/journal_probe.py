@@ -427,7 +427,7 @@ async def run_observed(
     script's result and those of the read-only ``probes``, run after the observation in
     the same run; ``mask`` hides secrets in the command lines of processes."""
     state, pre = await asyncio.to_thread(_saved_state, journal)
-    probe = SnapshotProbe.of(state.header.paths, state.header.ignore, packages_from=pre)
+    probe = SnapshotProbe.of(state.header.paths, state.header.ignore, since=pre)
     marker = f"{RUN_MARKER}={workflow_id}"
     read = _state(probe, marker)
     result, (state_read, *probed) = await target.run_then_parts(
@@ -451,7 +451,7 @@ async def observe(
     from one run on ``target``; ``mask`` hides secrets in the command lines of
     processes before they are written."""
     state, pre = await asyncio.to_thread(_saved_state, journal)
-    probe = SnapshotProbe.of(state.header.paths, state.header.ignore, packages_from=pre)
+    probe = SnapshotProbe.of(state.header.paths, state.header.ignore, since=pre)
     read = _state(probe, f"{RUN_MARKER}={workflow_id}")
     listed, running = read.split(await target.run(read.script, timeout=OBSERVE_TIMEOUT))
     post, after = _read(probe, listed, running, target.identity)
@@ -464,11 +464,11 @@ def _saved_state(journal: Journal) -> tuple[JournalState, Snapshot]:
     return journal.read(), journal.pre_snapshot()
 
 
-async def read_state(target: Target, header: Header, packages_from: Snapshot | None = None
+async def read_state(target: Target, header: Header, since: Snapshot | None = None
                      ) -> tuple[Snapshot, list[ProcessInfo]]:
     """The snapshot of ``header``'s paths and the processes on ``target``, in one run;
-    ``packages_from``: as ``SnapshotProbe.packages_from``."""
-    probe = SnapshotProbe.of(header.paths, header.ignore, packages_from=packages_from)
+    ``since``: as ``SnapshotProbe.since``."""
+    probe = SnapshotProbe.of(header.paths, header.ignore, since=since)
     read = _state(probe)
     listed, running = read.split(await target.run(read.script, timeout=OBSERVE_TIMEOUT))
     return _read(probe, listed, running, target.identity)

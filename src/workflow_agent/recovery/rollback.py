@@ -197,7 +197,7 @@ async def roll_back(target: Target, selections: Sequence[Selection], strategy: s
                                 f"{strategy}: {len(selection.entries)} change(s)")
         failures, output = await _undo(target, journal, selection.entries)
         pre = journal.pre_snapshot()
-        post, now = await read_state(target, selection.state.header, packages_from=pre)
+        post, now = await read_state(target, selection.state.header, since=pre)
         alive, running = {p.key for p in now}, {p.exe for p in now}
         records = []
         for entry in sorted(selection.entries, key=lambda e: -e.id):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal, cast, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from workflow_agent.errors import ExecutionFailedError, InvalidInputError
-from workflow_agent.execution.target import probe_output
+from workflow_agent.execution.target import probe_output, quote
 from workflow_agent.facts import packages_script
 
 if TYPE_CHECKING:
@@ -96,6 +96,10 @@ class Snapshot(BaseModel):
     packages_stamp: str | None = None
     """The package database's files when the packages were listed (``facts``' ``#db``
     line): a later listing while they still have it would list the same packages."""
+    stamps: dict[str, str] = Field(default_factory=dict)
+    """Per regular file: ``inode:ctime:mtime:size``. A file that still has its stamp has
+    its content (a write changes the ctime, a replacement the inode): a later snapshot
+    (``SnapshotProbe.since``) takes its hash from here instead of hashing it again."""
 
 
 class FileChange(BaseModel):
@@ -201,14 +205,19 @@ prune=({prune})
 walk() {{ find "${{paths[@]}}" -xdev -regextype posix-extended "${{prune[@]}}" "$@"; }}
 """
 
-#: Marks the output of ``_SCRIPT``; bump it when the layout changes.
-_FORMAT = "wa-snapshot-2"
+#: Marks the output of ``_BODY``; bump it when the layout changes.
+_FORMAT = "wa-snapshot-3"
+#: Fields per entry of the listing walk.
+_FIELDS = 9
 
-# One walk lists the entries (8 fields each), cut by head after max_files of them and
+# One walk lists the entries (9 fields each, the last "inode:ctime"), cut by head after
+# max_files of them and
 # the first token of one more: then find dies of SIGPIPE at its next write and a large
 # tree is refused without hashing it (a listing small enough to fit in the pipe may have
 # been written in full: then its few files are hashed, and it is refused all the same).
-# Otherwise a second walk hashes the small regular files ("<64 hex>  <path>" tokens).
+# Otherwise a second walk hashes the small regular files ("<64 hex>  <path>" tokens):
+# all of them, or (``_HASH_CHANGED``, with an earlier snapshot's stamps) those whose
+# stamp changed since, which bash tells apart and xargs hands to sha256sum.
 # /etc/passwd and /etc/group are read by builtins, byte for byte (mapfile keeps a last
 # line without a newline), to spare a cat each; 2>/dev/null comes first so that a
 # missing file's error is silenced too.
@@ -218,15 +227,28 @@ _BODY = r"""{walk}slurp() {{
 {{
   printf '{format}\0'
   if (( ${{#paths[@]}} )); then
-    walk -printf '%y\0%m\0%U\0%G\0%s\0%T@\0%p\0%l\0' | head -z -n {limit}
-    (( PIPESTATUS[0] == 141 )) ||
-      walk -type f -size -{hash_limit}c -exec sha256sum -z -- {{}} +
+    walk -printf '%y\0%m\0%U\0%G\0%s\0%T@\0%p\0%l\0%i:%C@\0' | head -z -n {limit}
+    (( PIPESTATUS[0] == 141 )) || {hashing}
   fi
   printf 'PACKAGES\0'
 {packages}  printf '\0PASSWD\0'; slurp /etc/passwd
   printf '\0GROUP\0'; slurp /etc/group
   printf '\0END\0'
 }}"""
+
+_HASH_ALL = "walk -type f -size -{hash_limit}c -exec sha256sum -z -- {{}} +"
+_HASH_CHANGED = r"""{{
+      declare -A known=({known})
+      walk -type f -size -{hash_limit}c -printf '%i:%C@:%T@:%s\0%p\0' |
+        while IFS= read -r -d '' stamp && IFS= read -r -d '' path; do
+          [[ ${{known[$path]-}} == "$stamp" ]] || printf '%s\0' "$path"
+        done | xargs -0 -r sha256sum -z --
+    }}"""
+#: Below this many bytes of files it would not hash again, a snapshot hashes them all:
+#: telling them apart (a bash loop, xargs) costs about as much.
+_KNOWN_BYTES = 1024 * 1024
+#: Above this many such files, a snapshot hashes them all (its script would name them).
+_KNOWN_FILES = 20_000
 
 #: Runs a probe's body alone (``journal_probe.Sections`` runs several in one stream).
 ALONE = "set -o pipefail\nexport LC_ALL=C\n{body} | base64 -w 4096\n"
@@ -276,9 +298,10 @@ class SnapshotProbe:
     packages: bool = True
     """Whether the script lists the packages; a caller that listed them in the same run
     (the facts do) adds them to the parsed snapshot with ``add_packages`` instead."""
-    packages_from: Snapshot | None = field(default=None, compare=False)
-    """An earlier snapshot of the same target whose packages stand while the package
-    database is as it was then (its ``packages_stamp``): the script then lists none."""
+    since: Snapshot | None = field(default=None, compare=False)
+    """An earlier snapshot of the same target: its packages stand while the package
+    database is as it was then (its ``packages_stamp``: the script then lists none), and
+    the hash of each file that still has its stamp (``Snapshot.stamps``)."""
 
     @classmethod
     def of(
@@ -289,13 +312,13 @@ class SnapshotProbe:
         max_files: int = DEFAULT_MAX_FILES,
         hash_limit: int = DEFAULT_HASH_LIMIT,
         packages: bool = True,
-        packages_from: Snapshot | None = None,
+        since: Snapshot | None = None,
     ) -> SnapshotProbe:
         """The probe for ``paths`` (absolute, else ``InvalidInputError``) and ``ignore``."""
         normalized = sorted({_normalize(p) for p in paths})
         folded = tuple(p for p in normalized
                        if not any(_under(p, q) for q in normalized if q != p))
-        return cls(folded, ignore_regex(ignore), max_files, hash_limit, packages, packages_from)
+        return cls(folded, ignore_regex(ignore), max_files, hash_limit, packages, since)
 
     def walk(self, within: str = "/") -> str:
         """Bash defining ``walk FIND-ARGS...``: ``find`` over the part of the snapshot
@@ -327,13 +350,28 @@ class SnapshotProbe:
         """What the script runs, its output not encoded yet: a snapshot among other
         probes in one stream (``journal_probe.Sections``)."""
         return _BODY.format(walk=self.walk(), format=_FORMAT,
-                            limit=8 * self.max_files + 1, hash_limit=self.hash_limit,
+                            limit=_FIELDS * self.max_files + 1, hashing=self._hashing(),
                             packages=self._packages_script())
+
+    def _hashing(self) -> str:
+        """The hashing walk: of every small regular file, or only of those whose stamp
+        changed since ``since``, when that spares hashing at least ``_KNOWN_BYTES``."""
+        known: dict[str, str] = {}
+        if self.since is not None:
+            for path, stamp in self.since.stamps.items():
+                entry = self.since.files.get(path)
+                if entry is not None and entry.sha256 is not None:
+                    known[path] = stamp
+        spared = sum(int(stamp.rpartition(":")[2]) for stamp in known.values())
+        if spared < _KNOWN_BYTES or len(known) > _KNOWN_FILES:
+            return _HASH_ALL.format(hash_limit=self.hash_limit)
+        return _HASH_CHANGED.format(hash_limit=self.hash_limit, known=" ".join(
+            f"[{quote(path)}]={shlex.quote(stamp)}" for path, stamp in sorted(known.items())))
 
     def _packages_script(self) -> str:
         if not self.packages:
             return ""
-        return packages_script(self.packages_from.packages_stamp if self.packages_from else None)
+        return packages_script(self.since.packages_stamp if self.since else None)
 
     def parse(self, result: RunResult, where: str) -> Snapshot:
         """The snapshot ``result`` (of ``script``, run on ``where``) holds.
@@ -352,7 +390,7 @@ class SnapshotProbe:
         skip = re.compile(self.ignore, re.DOTALL) if self.ignore else None
         try:
             snapshot = _parse(tokens, skip, result.stderr, self.max_files, self.hash_limit,
-                              self.packages_from)
+                              self.since)
         except (IndexError, ValueError) as exc:
             raise ExecutionFailedError(f"snapshot output from {where} is garbled") from exc
         if snapshot is None:
@@ -372,21 +410,24 @@ async def take_snapshot(
     max_files: int = DEFAULT_MAX_FILES,
     hash_limit: int = DEFAULT_HASH_LIMIT,
     timeout: float = 600.0,
+    since: Snapshot | None = None,
 ) -> Snapshot:
     """Snapshot ``paths`` (not crossing file systems; absent paths skipped), the package
     set, users and groups on ``target``: one run of ``SnapshotProbe.script``.
 
     ``InvalidInputError`` when more than ``max_files`` entries would be listed (nothing
-    is hashed then); ``ExecutionFailedError`` when the script itself fails.
+    is hashed then); ``ExecutionFailedError`` when the script itself fails. ``since``:
+    as ``SnapshotProbe.since``.
     """
-    probe = SnapshotProbe.of(paths, ignore, max_files=max_files, hash_limit=hash_limit)
+    probe = SnapshotProbe.of(paths, ignore, max_files=max_files, hash_limit=hash_limit,
+                             since=since)
     return probe.parse(await target.run(probe.script, timeout=timeout), target.identity)
 
 
 def _listing(
     tokens: list[str], max_files: int
 ) -> tuple[list[list[str]], dict[str, str], int] | None:
-    """The walk's entries (8 fields each) and hashes (by path), and the index of the
+    """The walk's entries (``_FIELDS`` each) and hashes (by path), and the index of the
     PACKAGES marker after them; None when the walk had more than ``max_files`` entries.
 
     A record starts with a one-letter type (an entry) or is one "<64 hex>  <path>" token
@@ -401,8 +442,8 @@ def _listing(
         if len(token) == 1:
             if len(entries) == max_files:
                 return None  # head cut the walk at this entry
-            entries.append(tokens[i : i + 8])
-            i += 8
+            entries.append(tokens[i : i + _FIELDS])
+            i += _FIELDS
         elif len(token) > 66 and token[64:66] == "  ":
             hashes[token[66:]] = token[:64]
             i += 1
@@ -413,7 +454,7 @@ def _listing(
 
 def _parse(
     tokens: list[str], skip: re.Pattern[str] | None, stderr: str, max_files: int,
-    hash_limit: int, packages_from: Snapshot | None = None,
+    hash_limit: int, since: Snapshot | None = None,
 ) -> Snapshot | None:
     # Layout: the format marker, the walk's records (see _listing), PACKAGES <text>
     # PASSWD <text> GROUP <text> END. None when the walk had more than max_files entries.
@@ -422,23 +463,28 @@ def _parse(
         return None
     entries, hashes, i = listing
     snapshot = Snapshot(warnings=stderr.splitlines())
-    add_packages(tokens[i + 1], snapshot, packages_from)
+    add_packages(tokens[i + 1], snapshot, since)
     if tokens[i + 2] != "PASSWD" or tokens[i + 4] != "GROUP":
         raise ValueError("sections out of order")
     snapshot.users = _account_lines(tokens[i + 3])
     snapshot.groups = _account_lines(tokens[i + 5])
-    for kind, mode, uid, gid, size, mtime, path, link in entries:
+    for kind, mode, uid, gid, size, mtime, path, link, identity in entries:
         if skip is not None and skip.fullmatch(path):  # find pruned these already
             continue
         if kind not in _FILE_TYPES:
             raise ValueError(f"unknown file type {kind!r}")
         regular = kind == "f"
+        sha256 = hashes.get(path) if regular else None
+        if regular:
+            stamp = snapshot.stamps[path] = f"{identity}:{mtime}:{int(size)}"
+            if sha256 is None and since is not None and since.stamps.get(path) == stamp:
+                sha256 = since.files[path].sha256 if path in since.files else None
         # model_construct: a host snapshot has tens of thousands of entries, and the
         # fields were just parsed and checked here; validating each costs ~0.5 s.
         snapshot.files[path] = FileEntry.model_construct(
             type=cast(FileType, kind), mode=int(mode, 8), uid=int(uid), gid=int(gid),
             size=int(size),
-            sha256=hashes.get(path) if regular else None,
+            sha256=sha256,
             mtime=mtime if regular and int(size) >= hash_limit else None,
             target=link if kind == "l" else None,
         )
