@@ -857,7 +857,7 @@ class Coordinator:
         saved: list[Entry] = await self.bus.request(
             execution.JOURNAL,
             execution.JournalRequest(state.workflow_id, journal.directory, predicted,
-                                     run.ahead),
+                                     run.ahead, run.baseline.snapshot if run.baseline else None),
             timeout=self.config.bus_timeout,
         )
         run.ahead = None

@@ -138,12 +138,14 @@ class RunReply:
 class JournalRequest:
     """Save what the workflow's target holds before ``journal``'s workflow changes it:
     the snapshot, the backups (``predicted`` paths and configuration), the processes
-    (read now, or ``ahead`` with the facts)."""
+    (read now, or ``ahead`` with the facts). ``since``: a snapshot of the target taken
+    earlier (the baseline), whose hashes stand for the files that did not change."""
 
     workflow_id: str
     journal: Path
     predicted: Sequence[str] = ()
     ahead: journal_probe.Before | None = None
+    since: Snapshot | None = None
 
 
 def summarize(result: RunResult, redactor: Redactor) -> RunSummary:
@@ -237,7 +239,8 @@ class ExecutionAgent:
         request: JournalRequest = message.payload
         return await journal_probe.prepare(self.pool.get(request.workflow_id),
                                            journal.Journal(request.journal),
-                                           request.predicted, self._masked, request.ahead)
+                                           request.predicted, self._masked, request.ahead,
+                                           since=request.since)
 
     async def _run(self, message: Message) -> RunReply:
         request: RunRequest = message.payload

@@ -377,16 +377,18 @@ class Before:
 
 
 def before_read(paths: Sequence[str], ignore: Sequence[str],
-                predicted: Sequence[str] = (), *, packages: bool = True) -> Sections:
+                predicted: Sequence[str] = (), *, packages: bool = True,
+                since: Snapshot | None = None) -> Sections:
     """The read-only probes whose results ``prepare`` saves: the snapshot (without the
-    package listing unless ``packages``), the backup, the processes."""
-    probe = SnapshotProbe.of(paths, ignore, packages=packages)
+    package listing unless ``packages``; ``since``: as ``SnapshotProbe.since``), the
+    backup, the processes."""
+    probe = SnapshotProbe.of(paths, ignore, packages=packages, since=since)
     return Sections(probe.body, _backup_body(probe, predicted), _processes_body())
 
 
 async def prepare(
     target: Target, journal: Journal, predicted: Sequence[str] = (), mask: Mask = _unmasked,
-    ahead: Before | None = None,
+    ahead: Before | None = None, *, since: Snapshot | None = None,
 ) -> list[Entry]:
     """Save what undoing ``journal``'s workflow needs, from one run on ``target``: the
     snapshot, the backups (``backup_paths``), the processes (``mask`` hides secrets in
@@ -394,15 +396,16 @@ async def prepare(
 
     ``ahead``: the same read, made earlier under the workflow's lock; used instead of a
     run when it covers exactly this journal and is at most ``AHEAD_MAX_AGE`` old (a
-    prompt that waited for a person makes it stale: the target is read again)."""
+    prompt that waited for a person makes it stale: the target is read again, hashing
+    only the files that changed since ``since``, a snapshot taken earlier)."""
     header = journal.header
-    probe = SnapshotProbe.of(header.paths, header.ignore)
+    probe = SnapshotProbe.of(header.paths, header.ignore, since=since)
     if (ahead is not None and time.monotonic() - ahead.read_at <= AHEAD_MAX_AGE
             and (ahead.paths, ahead.ignore, ahead.predicted)
             == (tuple(header.paths), tuple(header.ignore), tuple(predicted))):
         read, result, packages = ahead.read, ahead.result, ahead.packages
     else:
-        read = before_read(header.paths, header.ignore, predicted)
+        read = before_read(header.paths, header.ignore, predicted, since=since)
         result, packages = await target.run(read.script, timeout=OBSERVE_TIMEOUT), None
     listed, saving, running = read.split(result)
     pre = probe.parse(listed, target.identity)
