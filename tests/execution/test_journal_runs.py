@@ -154,6 +154,12 @@ def test_a_read_ahead_is_what_the_journal_saves_unless_it_is_stale(
     read = journal_probe.before_read(paths, ignore)
     ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), read,
                                  asyncio.run(sandbox.run(read.script)))
+    # What it read stands for a snapshot (the baseline's hashes come from it); a garbled
+    # read stands for none.
+    held = ahead.snapshot("sandbox")
+    assert held is not None and held.files == asyncio.run(
+        take_snapshot(sandbox, paths=paths, ignore=ignore)).files
+    assert replace(ahead, result=RunResult(0, "garbled", "", 0.1)).snapshot("sandbox") is None
     sh(sandbox, "echo a=2 > /etc/app/app.conf")
     store = journal.JournalStore(tmp_path / "journal")
     calls = count_calls(sandbox)

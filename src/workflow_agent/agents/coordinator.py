@@ -885,9 +885,13 @@ class Coordinator:
             run.baseline = stored
             return _Outcome(detail={"skipped": "the baseline from before the first install "
                                     "stays the reference (no purge proved it since)"})
+        # What the facts' run read ahead for the journal was read moments ago: its hashes
+        # stand for the files that kept their stamps.
+        since = run.ahead.snapshot(state.target_identity or "") if run.ahead else None
         baseline: execution.Baseline = await self.bus.request(
             execution.SNAPSHOT,
-            execution.SnapshotRequest(state.workflow_id, spec.watch, spec.ignore, spec.paths),
+            execution.SnapshotRequest(state.workflow_id, spec.watch, spec.ignore, spec.paths,
+                                      since),
             timeout=self.config.bus_timeout,
         )
         run.baseline = baseline

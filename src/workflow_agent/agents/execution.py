@@ -92,12 +92,14 @@ class FactsReply:
 
 @dataclass(frozen=True)
 class SnapshotRequest:
-    """Record the baseline of the workflow's target."""
+    """Record the baseline of the workflow's target. ``since``: a snapshot of the target
+    taken earlier in the workflow, whose hashes stand for the files that did not change."""
 
     workflow_id: str
     paths: Sequence[str]
     ignore: Sequence[str]
     probe_paths: Sequence[str] = ()
+    since: Snapshot | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,8 @@ class ExecutionAgent:
     async def _snapshot(self, message: Message) -> Baseline:
         request: SnapshotRequest = message.payload
         target = self.pool.get(request.workflow_id)
-        probe = SnapshotProbe.of(request.paths, [*DEFAULT_IGNORE, *request.ignore])
+        probe = SnapshotProbe.of(request.paths, [*DEFAULT_IGNORE, *request.ignore],
+                                 since=request.since)
         # Which of probe_paths exist, one per line, in the same run.
         exists = "".join(f"[ -e {shlex.quote(p)} ] && printf '%s\\n' {shlex.quote(p)}\n"
                          for p in request.probe_paths) + "true\n"

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workflow_agent.errors import ExecutionFailedError
+from workflow_agent.errors import ExecutionFailedError, InvalidInputError
 from workflow_agent.execution.journal import Entry, Header, Journal, JournalState, ProcessInfo
 from workflow_agent.execution.target import (
     OutputCallback,
@@ -374,6 +374,14 @@ class Before:
     result: RunResult
     packages: str | None = None
     read_at: float = field(default_factory=time.monotonic)
+
+    def snapshot(self, where: str) -> Snapshot | None:
+        """The snapshot this read holds (no packages), None when it is not usable."""
+        try:
+            return SnapshotProbe.of(self.paths, self.ignore).parse(
+                self.read.split(self.result)[0], where)
+        except (ExecutionFailedError, InvalidInputError):
+            return None
 
 
 def before_read(paths: Sequence[str], ignore: Sequence[str],
