@@ -180,6 +180,29 @@ def test_a_read_ahead_is_what_the_journal_saves_unless_it_is_stale(
     assert calls == ["run", "run"]
 
 
+def test_a_read_ahead_since_an_earlier_snapshot_saves_every_hash(
+    tmp_path: Path, sandbox: SandboxTarget
+) -> None:
+    """A re-run's read ahead hashes only what changed since the stored baseline; the
+    journal then saves every file's hash all the same: the baseline's for the files that
+    kept their stamps, the new one for the file that changed."""
+    sh(sandbox, "mkdir -p /etc/app && for i in $(seq 40); do "
+                "head -c 32768 /dev/urandom > /etc/app/f$i; done")
+    paths, ignore = ["/etc/app"], list(DEFAULT_IGNORE)
+    earlier = asyncio.run(take_snapshot(sandbox, paths=paths, ignore=ignore))
+    sh(sandbox, "echo changed > /etc/app/f1")
+    read = journal_probe.before_read(paths, ignore, since=earlier)
+    assert "declare -A known" in read.script
+    ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), read,
+                                 asyncio.run(sandbox.run(read.script)), since=earlier)
+    book = new_journal(journal.JournalStore(tmp_path / "journal"), sandbox, "w9", paths)
+    asyncio.run(journal_probe.prepare(sandbox, book, ahead=ahead))
+    book.set_phase("committed")
+    now = asyncio.run(take_snapshot(sandbox, paths=paths, ignore=ignore))
+    assert book.pre_snapshot().files == now.files
+    assert now.files["/etc/app/f1"].sha256 == hashlib.sha256(b"changed\n").hexdigest()
+
+
 def test_a_read_ahead_with_the_facts_lists_the_packages_once(
     tmp_path: Path, sandbox: SandboxTarget
 ) -> None:

@@ -526,12 +526,15 @@ class Coordinator:
         )
 
     async def _facts(self, state: WorkflowState, run: _Run) -> _Outcome:
-        scope = None
+        scope = since = None
         if self._journals_ahead(state, run):
             assert run.integration is not None
             scope = _journal_scope(run.integration, [])
+            # A re-run's hashes of the files that kept their stamps since the first install.
+            stored = self._stored_baseline(state, indexed_only=True)
+            since = stored.snapshot if stored is not None else None
         reply: execution.FactsReply = await self.bus.request(
-            execution.FACTS, execution.FactsRequest(state.workflow_id, scope),
+            execution.FACTS, execution.FactsRequest(state.workflow_id, scope, since),
             timeout=self.config.bus_timeout,
         )
         facts, run.ahead = reply.facts, reply.ahead
@@ -584,11 +587,13 @@ class Coordinator:
             artifacts=[Artifact("plan", "strategy", decision.model_dump_json())],
         )
 
-    def _stored_baseline(self, state: WorkflowState) -> execution.Baseline | None:
+    def _stored_baseline(self, state: WorkflowState, *, indexed_only: bool = False
+                         ) -> execution.Baseline | None:
         """The baseline in force for this integration on this target, if any.
 
         From this machine's baseline index once it is complete, with no database to open
-        (``storage/baselines.py``); else, and always with a shared database, from the store.
+        (``storage/baselines.py``); else, and always with a shared database, from the store
+        (unless ``indexed_only``: then none).
         """
         from workflow_agent.storage.baselines import BaselineIndex
 
@@ -598,6 +603,8 @@ class Coordinator:
             # Stored keys were redacted, like the store's (see latest_snapshot).
             stored = index.latest(target=self.redactor.redact(target),
                                   integration=self.redactor.redact(integration))
+        elif indexed_only:
+            return None
         else:
             stored = self.history().latest_snapshot(target=target, integration=integration)
         if stored is None:

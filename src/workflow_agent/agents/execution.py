@@ -76,10 +76,11 @@ class OutputLine:
 class FactsRequest:
     """Gather facts from the workflow's target; with ``journal`` (its paths and ignore
     patterns), read what preparing that journal reads in the same run
-    (``journal_probe.Before``)."""
+    (``journal_probe.Before``), hashing only the files that changed since ``since``."""
 
     workflow_id: str
     journal: tuple[Sequence[str], Sequence[str]] | None = None
+    since: Snapshot | None = None
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class ExecutionAgent:
         # Read-only all of them: parts of one run. The packages are listed once, by the
         # facts (dpkg-query costs a host a few ms, tens with a thousand packages).
         paths, ignore = request.journal
-        read = journal_probe.before_read(paths, ignore, packages=False)
+        read = journal_probe.before_read(paths, ignore, packages=False, since=request.since)
         previous = self.listings.previous(target.identity) if self.listings else None
         result, state = await run_parts(
             target, [facts_script(listing_stamp(previous) if previous else None), read.script],
@@ -207,7 +208,7 @@ class ExecutionAgent:
                 target.identity, result.stdout, previous))
         facts = facts_from(result, target.identity)
         ahead = journal_probe.Before(tuple(paths), tuple(ignore), (), read, state,
-                                     packages_listed(result.stdout))
+                                     packages_listed(result.stdout), since=request.since)
         return FactsReply(facts, ahead)
 
     async def _snapshot(self, message: Message) -> Baseline:

@@ -363,8 +363,8 @@ def _state(probe: SnapshotProbe, marker: str = "") -> Sections:
 @dataclass(frozen=True)
 class Before:
     """What ``prepare`` reads, read ahead in a run that had to be made anyway (the
-    facts'): ``read`` (of ``before_read(paths, ignore, predicted, ...)``) and its
-    ``result``, and when. ``packages``: the package listing of that run, when the
+    facts'): ``read`` (of ``before_read(paths, ignore, predicted, ..., since=since)``)
+    and its ``result``, and when. ``packages``: the package listing of that run, when the
     snapshot left it out."""
 
     paths: tuple[str, ...]
@@ -374,11 +374,12 @@ class Before:
     result: RunResult
     packages: str | None = None
     read_at: float = field(default_factory=time.monotonic)
+    since: Snapshot | None = None
 
     def snapshot(self, where: str) -> Snapshot | None:
         """The snapshot this read holds (no packages), None when it is not usable."""
         try:
-            return SnapshotProbe.of(self.paths, self.ignore).parse(
+            return SnapshotProbe.of(self.paths, self.ignore, since=self.since).parse(
                 self.read.split(self.result)[0], where)
         except (ExecutionFailedError, InvalidInputError):
             return None
@@ -407,16 +408,17 @@ async def prepare(
     prompt that waited for a person makes it stale: the target is read again, hashing
     only the files that changed since ``since``, a snapshot taken earlier)."""
     header = journal.header
-    probe = SnapshotProbe.of(header.paths, header.ignore, since=since)
     if (ahead is not None and time.monotonic() - ahead.read_at <= AHEAD_MAX_AGE
             and (ahead.paths, ahead.ignore, ahead.predicted)
             == (tuple(header.paths), tuple(header.ignore), tuple(predicted))):
-        read, result, packages = ahead.read, ahead.result, ahead.packages
+        # Parsed with the snapshot its script left the unchanged files' hashes to.
+        read, result, packages, since = ahead.read, ahead.result, ahead.packages, ahead.since
     else:
         read = before_read(header.paths, header.ignore, predicted, since=since)
         result, packages = await target.run(read.script, timeout=OBSERVE_TIMEOUT), None
     listed, saving, running = read.split(result)
-    pre = probe.parse(listed, target.identity)
+    pre = SnapshotProbe.of(header.paths, header.ignore, since=since).parse(
+        listed, target.identity)
     if packages is not None:
         add_packages(packages, pre)
     backup, saved = _saved(saving, pre, predicted, target.identity)
