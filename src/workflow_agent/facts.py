@@ -90,13 +90,16 @@ p=(); mapfile -d "" -n 1 p 2>/dev/null < /proc/1/cmdline
 echo "pid1=${p[0]-}"
 echo "--packages--"
 """
-FACTS_SCRIPT = _FACTS + packages_script(arch=True)
 
 
 def facts_script(unless: str | None = None) -> str:
-    """``FACTS_SCRIPT``, its package listing spared while the package database still has
+    """The facts script, its package listing spared while the package database still has
     the stamp ``unless`` (as ``packages_script``)."""
     return _FACTS + packages_script(unless, arch=True)
+
+
+#: The facts script that always lists the packages.
+FACTS_SCRIPT = facts_script()
 
 
 def listing_stamp(listing: str) -> str | None:

@@ -251,7 +251,7 @@ _KNOWN_BYTES = 1024 * 1024
 _KNOWN_FILES = 20_000
 
 #: Runs a probe's body alone (``journal_probe.Sections`` runs several in one stream).
-ALONE = "set -o pipefail\nexport LC_ALL=C\n{body} | base64 -w 4096\n"
+_ALONE = "set -o pipefail\nexport LC_ALL=C\n{body} | base64 -w 4096\n"
 
 
 def add_packages(text: str, snapshot: Snapshot, same: Snapshot | None = None) -> None:
@@ -343,7 +343,7 @@ class SnapshotProbe:
     @property
     def script(self) -> str:
         """The snapshot script; its output is base64 (``base64 -w 4096``)."""
-        return ALONE.format(body=self.body)
+        return _ALONE.format(body=self.body)
 
     @property
     def body(self) -> str:
@@ -357,12 +357,13 @@ class SnapshotProbe:
         """The hashing walk: of every small regular file, or only of those whose stamp
         changed since ``since``, when that spares hashing at least ``_KNOWN_BYTES``."""
         known: dict[str, str] = {}
+        spared = 0
         if self.since is not None:
             for path, stamp in self.since.stamps.items():
                 entry = self.since.files.get(path)
                 if entry is not None and entry.sha256 is not None:
                     known[path] = stamp
-        spared = sum(int(stamp.rpartition(":")[2]) for stamp in known.values())
+                    spared += entry.size
         if spared < _KNOWN_BYTES or len(known) > _KNOWN_FILES:
             return _HASH_ALL.format(hash_limit=self.hash_limit)
         return _HASH_CHANGED.format(hash_limit=self.hash_limit, known=" ".join(
