@@ -239,7 +239,7 @@ def _workflow_command(
     generation: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> None:
-    from workflow_agent.cli.output import emit_json, show_plan, show_result, state_json
+    from workflow_agent.cli.jsonout import emit_json, state_json
 
     if fleet is not None:  # --inventory: one workflow per host (cli/fleet.py)
         from workflow_agent.cli.fleet import fleet_command
@@ -264,10 +264,10 @@ def _workflow_command(
         raise _fail(exc) from None
     if output is OutputFormat.json:
         emit_json(state_json(state, include_scripts=action == "plan"))
-    elif action == "plan":
-        show_plan(state)
     else:
-        show_result(state)
+        from workflow_agent.cli.output import show_plan, show_result
+
+        (show_plan if action == "plan" else show_result)(state)
     raise typer.Exit(state.exit_code)
 
 
@@ -392,7 +392,8 @@ def demo(
     verbose: VerboseOpt = False,
 ) -> None:
     """Install, verify and uninstall in one disposable sandbox, proving nothing is left."""
-    from workflow_agent.cli.output import emit_json, out, show_result, state_json
+    from workflow_agent.cli.jsonout import emit_json, state_json
+    from workflow_agent.cli.output import out, show_result
 
     try:
         params = _parse_params(param)
@@ -472,7 +473,7 @@ def _report(
     show: Callable[[T], None],
 ) -> None:
     """Load something, then print it for people or as JSON; errors become messages."""
-    from workflow_agent.cli.output import emit_json
+    from workflow_agent.cli.jsonout import emit_json
 
     try:
         value = load(_container(config))
@@ -489,7 +490,8 @@ def integrations_list(
     config: ConfigOpt = None, output: OutputOpt = OutputFormat.text
 ) -> None:
     """Every integration, with its methods and where it came from."""
-    from workflow_agent.cli.output import integration_json, show_integrations
+    from workflow_agent.cli.jsonout import integration_json
+    from workflow_agent.cli.output import show_integrations
 
     _report(config, output, lambda c: list(c.registry),
             lambda items: [integration_json(i) for i in items], show_integrations)
@@ -500,7 +502,8 @@ def integrations_show(
     name: IntegrationArg, config: ConfigOpt = None, output: OutputOpt = OutputFormat.text
 ) -> None:
     """Parameters, platforms, methods, checks and uninstall of one integration."""
-    from workflow_agent.cli.output import integration_json, show_integration
+    from workflow_agent.cli.jsonout import integration_json
+    from workflow_agent.cli.output import show_integration
 
     _report(config, output, lambda c: c.registry.get(name), integration_json, show_integration)
 
@@ -591,7 +594,8 @@ def recover(
     yes: YesOpt = False,
 ) -> None:
     """Finish what crashed workflows left: roll back their changes, list what can resume."""
-    from workflow_agent.cli.output import emit_json, show_recovery
+    from workflow_agent.cli.jsonout import emit_json
+    from workflow_agent.cli.output import show_recovery
 
     try:
         container = _container(config)
@@ -646,11 +650,13 @@ def resume(
 
 def _show_state(state: WorkflowState, output: OutputFormat) -> typer.Exit:
     """Print a finished workflow; the exit to raise with its code."""
-    from workflow_agent.cli.output import emit_json, show_result, state_json
+    from workflow_agent.cli.jsonout import emit_json, state_json
 
     if output is OutputFormat.json:
         emit_json(state_json(state))
     else:
+        from workflow_agent.cli.output import show_result
+
         show_result(state)
     return typer.Exit(state.exit_code)
 

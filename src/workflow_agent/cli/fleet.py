@@ -90,7 +90,7 @@ def fleet_command(
 ) -> int:
     """Run ``action`` on the inventory's hosts; print progress and the result; the exit
     code. ``WorkflowAgentError`` (bad inventory, pattern, flags, declined) propagates."""
-    from workflow_agent.cli.output import emit_json
+    from workflow_agent.cli.jsonout import emit_json
     from workflow_agent.config import load_configuration
     from workflow_agent.errors import InvalidInputError
     from workflow_agent.fleet.inventory import load_inventory
@@ -176,12 +176,12 @@ class FleetProgress:
     def start(self, hosts: list[HostResult], fleet_id: str, action: str,
               integration: str) -> None:
         """Show the hosts before anything runs."""
-        from workflow_agent.cli.output import err
-
         self._hosts = hosts
         self._title = f"{action} {integration} on {len(hosts)} host(s), fleet {fleet_id}"
         if self.quiet:
             return
+        from workflow_agent.cli.output import err
+
         if self.live:
             from rich.live import Live
 

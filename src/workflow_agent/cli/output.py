@@ -1,9 +1,8 @@
-"""Showing results to people (Rich) and to programs (JSON)."""
+"""Showing results to people (Rich); ``jsonout`` has the JSON for programs."""
 
 from __future__ import annotations
 
 import json
-import sys
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -30,11 +29,6 @@ _STATUS_STYLE = {
     "incomplete": "magenta",
     "skipped": "dim",
 }
-
-
-def emit_json(data: Any) -> None:
-    """Print ``data`` as JSON on stdout (for scripts and CI)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def error(message: str, hint: str | None = None) -> None:
@@ -89,17 +83,6 @@ def _stage_summary(name: str, detail: dict[str, Any]) -> str:
         left = detail.get("leftovers", [])
         return "nothing left behind" if not left else f"{len(left)} left behind"
     return ""
-
-
-def state_json(state: WorkflowState, *, include_scripts: bool = False) -> dict[str, Any]:
-    """The machine-readable result of a workflow."""
-    data = state.model_dump(mode="json", exclude={"scripts", "facts"})
-    data["exit_code"] = state.exit_code
-    if state.facts is not None:
-        data["facts"] = state.facts.summary()
-    if include_scripts:
-        data["scripts"] = {a: s.model_dump(mode="json") for a, s in state.scripts.items()}
-    return data
 
 
 def show_result(state: WorkflowState) -> None:
@@ -208,12 +191,6 @@ def show_integrations(integrations: list[Integration]) -> None:
         table.add_row(d.name, d.version, ", ".join(m.name for m in d.methods), item.source,
                       d.description)
     out.print(table)
-
-
-def integration_json(item: Integration) -> dict[str, Any]:
-    """One integration, machine-readable."""
-    return {"source": item.source, "root": str(item.root),
-            **item.definition.model_dump(mode="json")}
 
 
 def show_integration(item: Integration) -> None:
