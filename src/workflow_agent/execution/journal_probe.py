@@ -31,7 +31,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import secrets
 import tarfile
 import time
@@ -45,6 +44,8 @@ from workflow_agent.execution.target import (
     OutputCallback,
     RunResult,
     Target,
+    cut_frames,
+    framed_results,
     probe_output,
     quote,
 )
@@ -329,19 +330,11 @@ class Sections:
         never finished (it was killed, or a section before exited) gets the run's exit
         status (or -1) and what was decoded of it."""
         raw = _decoded("".join(result.stdout.split()))
-        outputs = re.split(rb"\x1ewa-section-" + self.nonce.encode() + rb" (-?\d+)\0", raw)
-        stderrs = result.stderr.split(f"\n\x1ewa-section-{self.nonce}\n")
-        results = []
-        for index in range(len(self.bodies)):
-            data = outputs[2 * index] if 2 * index < len(outputs) else b""
-            stderr = stderrs[index] if index < len(stderrs) else ""
-            if 2 * index + 1 < len(outputs):
-                results.append(RunResult(int(outputs[2 * index + 1]), "", stderr,
-                                         result.duration, data=data))
-            else:
-                results.append(RunResult(result.exit_code or -1, "", stderr, result.duration,
-                                         timed_out=result.timed_out, data=data))
-        return results
+        count = len(self.bodies)
+        outputs, fields = cut_frames(raw, f"\x1ewa-section-{self.nonce} ".encode(), b"\0",
+                                     count)
+        stderrs, _ = cut_frames(result.stderr, f"\n\x1ewa-section-{self.nonce}", "\n", count)
+        return framed_results(result, outputs, [int(f) for f in fields], stderrs, count)
 
 
 def _decoded(text: str) -> bytes:

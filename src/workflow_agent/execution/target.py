@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, AnyStr, ClassVar
 
 if TYPE_CHECKING:
     from workflow_agent.facts import Facts
@@ -250,19 +250,51 @@ def framed_parts(scripts: Sequence[str], nonce: str) -> str:
 
 def unframed_parts(whole: RunResult, count: int, nonce: str) -> list[RunResult]:
     """The ``count`` parts' results in ``whole``, the output of ``framed_parts``."""
-    frame = f"\n\x1epart-{nonce} \\d+"
-    stdouts = re.split(frame + r" (-?\d+)\n", whole.stdout)  # text, status, text, ...
-    stderrs = re.split(frame + r"\n", whole.stderr)
+    head = f"\n\x1epart-{nonce} "
+    stdouts, fields = cut_frames(whole.stdout, head, "\n", count)  # fields: "INDEX STATUS"
+    stderrs, _ = cut_frames(whole.stderr, head, "\n", count)
+    return framed_results(whole, stdouts, [int(f.rpartition(" ")[2]) for f in fields],
+                          stderrs, count)
+
+
+def cut_frames(data: AnyStr, head: AnyStr, tail: AnyStr, count: int
+               ) -> tuple[list[AnyStr], list[AnyStr]]:
+    """``data`` cut at its first ``count`` frames (``head``, a field, ``tail``): the
+    pieces before each frame and after the last one, and the frames' fields. Plain
+    searches: a frame holds a random nonce, and a regex per nonce is a compile per run
+    (half a millisecond of Python each)."""
+    pieces: list[AnyStr] = []
+    fields: list[AnyStr] = []
+    start = 0
+    while len(fields) < count:
+        at = data.find(head, start)
+        stop = data.find(tail, at + len(head)) if at >= 0 else -1
+        if stop < 0:
+            break
+        pieces.append(data[start:at])
+        fields.append(data[at + len(head):stop])
+        start = stop + len(tail)
+    pieces.append(data[start:])
+    return pieces, fields
+
+
+def framed_results(whole: RunResult, outputs: Sequence[str | bytes], statuses: Sequence[int],
+                   stderrs: Sequence[str], count: int) -> list[RunResult]:
+    """One result per framed piece of ``whole`` (``outputs`` and ``stderrs`` as
+    ``cut_frames`` cuts them, never empty): a piece with a frame after it has that
+    frame's status; one the run never finished (it was killed, or a piece before it
+    exited the shell) gets the run's exit status (or -1). Bytes pieces become ``data``."""
     results = []
     for index in range(count):
-        stdout = stdouts[2 * index] if 2 * index < len(stdouts) else ""
+        output = outputs[index] if index < len(outputs) else outputs[-1][:0]  # "" or b""
         stderr = stderrs[index] if index < len(stderrs) else ""
-        if 2 * index + 1 < len(stdouts):
-            results.append(RunResult(int(stdouts[2 * index + 1]), stdout, stderr,
-                                     whole.duration))
-        else:  # the run ended before this part did
+        stdout, data = (output, None) if isinstance(output, str) else ("", output)
+        if index < len(statuses):
+            results.append(RunResult(statuses[index], stdout, stderr, whole.duration,
+                                     data=data))
+        else:
             results.append(RunResult(whole.exit_code or -1, stdout, stderr, whole.duration,
-                                     timed_out=whole.timed_out))
+                                     timed_out=whole.timed_out, data=data))
     return results
 
 
