@@ -18,15 +18,18 @@ class Redactor:
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._values: set[str] = set()
+        #: ``_values``, longest first: the order ``redact`` replaces them in.
+        self._longest_first: tuple[str, ...] = ()
         self.add(values)
 
     def add(self, values: Iterable[str]) -> None:
         """Register more secret values."""
         self._values.update(v for v in values if len(v) >= 4)
+        self._longest_first = tuple(sorted(self._values, key=len, reverse=True))
 
     def redact(self, text: str) -> str:
         """``text`` with every registered secret replaced by ``MASK`` (longest first)."""
-        for value in sorted(self._values, key=len, reverse=True):
+        for value in self._longest_first:
             if value in text:
                 text = text.replace(value, MASK)
         return text
