@@ -304,7 +304,7 @@ self=$$ part=$BASHPID
 """
 _SECTION = r"""{body}
 printf '\036wa-section-{nonce} %d\0' "$?"
-printf '\n\036wa-section-{nonce}\n' >&2
+printf %s $'\n\036wa-section-{nonce}\n' >&2
 """
 
 

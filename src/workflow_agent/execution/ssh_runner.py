@@ -73,8 +73,8 @@ while IFS=' ' read -r id elen slen; do
     exec bash "$d/script" 2>&3 3>&- ) < /dev/null &
   wait "$!"
   rc=$?
-  printf '\n\036wa-end %s %s\n' "$id" "$rc"
-  printf '\n\036wa-end %s %s\n' "$id" "$rc" >&3
+  printf -v f '\n\036wa-end %s %s\n' "$id" "$rc"
+  printf %s "$f"; printf %s "$f" >&3
 done
 """
 

@@ -234,11 +234,12 @@ def quote(word: str) -> str:
 # stays in its part; after it, the wrapper prints a frame line on stdout
 # (``<RS>part-NONCE INDEX STATUS``) and on stderr (``<RS>part-NONCE INDEX``), each after
 # a newline of its own, so a part's last line needs none. NONCE is random per run: no
-# part's output can fake a frame.
+# part's output can fake a frame. Each frame is ONE write (bash's printf flushes at every
+# newline its format prints, ``printf %s`` a whole string at once): one SSH packet, not two.
 _PART = """( eval {script} )
 s=$?
-printf '\\n\\036part-{nonce} {index} %d\\n' "$s"
-printf '\\n\\036part-{nonce} {index}\\n' >&2
+printf -v s '\\n\\036part-{nonce} {index} %d\\n' "$s"; printf %s "$s"
+printf %s $'\\n\\036part-{nonce} {index}\\n' >&2
 """
 
 
@@ -346,8 +347,8 @@ exec 5>&-
 wait "$guard"
 [ -e "$d/timeout" ] && s=timeout
 rm -rf -- "$d"
-{unset}printf '\\n\\036script-{nonce} %s\\n' "$s"
-printf '\\n\\036script-{nonce}\\n' >&2
+{unset}printf -v s '\\n\\036script-{nonce} %s\\n' "$s"; printf %s "$s"
+printf %s $'\\n\\036script-{nonce}\\n' >&2
 """
 
 #: What an environment variable's name may be (names are written in scripts' text).
