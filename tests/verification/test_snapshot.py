@@ -182,7 +182,7 @@ def test_a_tree_too_large_stops_the_walk_at_the_limit(tmp_path: Path) -> None:
     # The script still ends well: the listing is cut after 9 * 10 + 1 tokens, and
     # nothing is hashed.
     assert result.exit_code == 0
-    tokens = decode(result.stdout)
+    tokens = decode(result)
     assert tokens.index("PACKAGES") == 1 + 91
     assert not any(len(token) > 66 and token[64:66] == "  " for token in tokens)
     with pytest.raises(InvalidInputError):
@@ -247,7 +247,7 @@ def test_passwd_without_a_last_newline_and_no_group_file(tmp_path: Path) -> None
     inner = f"mount -t tmpfs none /etc && printf {shlex.quote(passwd)} > /etc/passwd && " \
             f"exec bash {shlex.quote(str(script))}"
     result = asyncio.run(LocalTarget().run(f"exec unshare --mount bash -c {shlex.quote(inner)}"))
-    tokens = decode(result.stdout)
+    tokens = decode(result)
     at = tokens.index("PASSWD")
     assert tokens[at : at + 4] == ["PASSWD", "root:x:0:0:root:/root:/bin/bash\nodd:x:7:7:\udce9t"
                                    "\udce9:/:/bin/sh", "GROUP", ""]
@@ -336,7 +336,7 @@ def test_a_walk_within_a_subtree_meets_what_the_snapshot_lists_there(tree: Path)
         ]))
         inside = {p for p in probe.parse(listed, "here").files
                   if p == within or p.startswith(within + "/")}
-        found = {p for p in decode(walked.stdout) if p == within or p.startswith(within + "/")}
+        found = {p for p in decode(walked) if p == within or p.startswith(within + "/")}
         assert found == inside, (paths, within)
         met.append(found)
     assert f"{tree}/sub/cache" in met[0] and f"{tree}/sub/odd name.bak" not in met[0]
@@ -352,7 +352,7 @@ def test_one_run_can_take_a_snapshot_among_other_parts(tree: Path) -> None:
 
 
 def _packages_token(result: RunResult) -> str:
-    tokens = decode(result.stdout)
+    tokens = decode(result)
     return tokens[tokens.index("PACKAGES") + 1]
 
 
@@ -416,7 +416,7 @@ def test_a_snapshot_since_another_hashes_only_what_changed(tmp_path: Path) -> No
     probe = SnapshotProbe.of([str(tmp_path)], (), since=first)
     assert "declare -A known" in probe.script
     result = asyncio.run(LocalTarget().run(probe.script))
-    hashed = {token[66:] for token in decode(result.stdout)
+    hashed = {token[66:] for token in decode(result)
               if len(token) > 66 and token[64:66] == "  "}
     assert hashed == {f"{tmp_path}/f01", f"{tmp_path}/f02", f"{tmp_path}/f40"}
     assert probe.parse(result, "here") == snap(tmp_path)

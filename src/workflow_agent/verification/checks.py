@@ -16,7 +16,6 @@ the other checks up.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import re
 import shlex
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
-from workflow_agent.execution.target import run_parts
+from workflow_agent.execution.target import probe_output, run_parts
 from workflow_agent.validators import Regex
 from workflow_agent.verification.exposition import Sample, parse_exposition
 from workflow_agent.verification.http import MAX_BODY, HttpFailure, check_url, http_get
@@ -138,10 +137,6 @@ def _failure(result: RunResult, what: str) -> _Outcome:
     return _Outcome(False, f"{what} failed on the target: {message}")
 
 
-def _b64(stdout: str) -> bytes:
-    return base64.b64decode("".join(stdout.split()))
-
-
 class PackageInstalled(ScriptCheck):
     """The package is installed (dpkg status ``install ok installed``; ``rpm -q`` fallback)."""
 
@@ -212,7 +207,7 @@ done | base64
     def _judge(self, result: RunResult) -> _Outcome:
         if not result.ok:
             return _failure(result, "process scan")
-        fields = _b64(result.stdout).decode("utf-8", "replace").split("\0")
+        fields = probe_output(result).decode("utf-8", "replace").split("\0")
         pids: list[int] = []
         seen = 0
         for pid, stat, argv0 in zip(fields[0::3], fields[1::3], fields[2::3], strict=False):
@@ -428,7 +423,7 @@ head -c {MAX_BODY} -- {path} | base64
             return _Outcome(False, "does not exist" if missing else "not a regular file")
         if not result.ok:
             return _failure(result, f"reading {self.path}")
-        content = _b64(result.stdout).decode("utf-8", "replace")
+        content = probe_output(result).decode("utf-8", "replace")
         if self.text is not None and self.text not in content:
             return _Outcome(False, f"does not contain {self.text!r}")
         if self.regex is not None and not re.search(self.regex, content, re.MULTILINE):

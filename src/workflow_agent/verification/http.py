@@ -7,12 +7,13 @@ and long lines arrive intact. Plain http only: bash cannot speak TLS.
 
 from __future__ import annotations
 
-import base64
 import re
 import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from workflow_agent.execution.target import probe_output
 
 if TYPE_CHECKING:
     from workflow_agent.execution.target import Target
@@ -120,7 +121,7 @@ head -c {MAX_BODY} <&3 | base64
     if result.exit_code != 0:
         message = " ".join(result.stderr.split())[-300:] or f"exit {result.exit_code}"
         return HttpFailure(f"GET {url} failed on the target: {message}")
-    raw = base64.b64decode("".join(result.stdout.split()))
+    raw = probe_output(result)
     if not raw:
         return HttpFailure(f"{host}:{port} closed the connection without a response")
     try:

@@ -15,7 +15,6 @@ directory itself). ``*`` does not cross ``/`` on purpose: ``/etc/*-`` must ignor
 
 from __future__ import annotations
 
-import base64
 import functools
 import posixpath
 import re
@@ -492,10 +491,10 @@ def _parse(
     return snapshot
 
 
-def decode(stdout: str) -> list[str]:
-    """The NUL-separated fields of base64 output (bytes that are not UTF-8 kept as
-    surrogate escapes)."""
-    return fields(base64.b64decode("".join(stdout.split())))
+def decode(result: RunResult) -> list[str]:
+    """The NUL-separated fields a probe printed in base64 (bytes that are not UTF-8 kept
+    as surrogate escapes)."""
+    return fields(probe_output(result))
 
 
 def fields(raw: bytes) -> list[str]:
@@ -570,4 +569,4 @@ async def remove_empty_dirs_created(target: Target, diff: SnapshotDiff) -> list[
     if result.exit_code != 0 or result.timed_out:
         raise ExecutionFailedError(f"removing empty directories on {target.identity} failed: "
                                    + " ".join(result.stderr.split())[-500:])
-    return [path for path in decode(result.stdout) if path]
+    return [path for path in decode(result) if path]
