@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import asyncssh
-
 from workflow_agent.errors import InvalidInputError, TargetError, TargetUnreachableError
 from workflow_agent.execution.ssh_runner import (
     SHELL,
@@ -37,6 +35,7 @@ from workflow_agent.execution.ssh_runner import (
     ShellSession,
     env_lines,
 )
+from workflow_agent.execution.sshlib import asyncssh
 from workflow_agent.execution.target import (
     OutputCallback,
     OutputCollector,

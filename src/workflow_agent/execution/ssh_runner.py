@@ -44,9 +44,8 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import asyncssh
-
 from workflow_agent.execution.process import _Lines as Lines
+from workflow_agent.execution.sshlib import asyncssh
 from workflow_agent.execution.target import ENV_NAME, OutputCollector, RunResult
 
 log = logging.getLogger(__name__)

@@ -33,10 +33,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import asyncssh
-
 from workflow_agent.agents.coordinator import STAGE_EVENT, WorkflowRequest
 from workflow_agent.errors import InvalidInputError, TargetUnreachableError
+from workflow_agent.execution.sshlib import asyncssh
 from workflow_agent.fleet.inventory import Host
 from workflow_agent.fleet.plan import RolloutOptions, crossed, plan_batches, target_spec
 
