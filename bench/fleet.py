@@ -75,7 +75,8 @@ ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
 FLOOR_SCRIPT = '''\
 """The asyncssh floor: every host at once, one connection each, the three steps."""
 import asyncio, json, shlex, sys
-import asyncssh
+# asyncssh as workflow-agent imports it: without ctypes' compiler run (sshlib's docstring).
+from workflow_agent.execution.sshlib import asyncssh
 
 CONF = "/etc/bench-fleet/app.conf"
 TEMPLATE = "# managed by the fleet benchmark\\nhost={host}\\nmessage={message}\\n"
