@@ -201,6 +201,46 @@ def test_files_hashed_in_several_batches(tmp_path: Path) -> None:
         assert files[str(path)].sha256 == hashlib.sha256(text.encode()).hexdigest()
 
 
+
+def test_a_tree_listed_before_is_listed_and_hashed_in_one_walk(tmp_path: Path) -> None:
+    """With an earlier snapshot, a tree hashed whole takes one find, its records and
+    sha256sum's in several batches between them: the same snapshot as two walks take."""
+    contents = {tmp_path / f"{number:04}{'n' * 200}": str(number) for number in range(990)}
+    for path, text in contents.items():
+        path.write_text(text)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "link").symlink_to("../0001")
+    first = snap(tmp_path)
+    (tmp_path / f"0002{'n' * 200}").write_text("changed")
+    probe = SnapshotProbe.of([str(tmp_path)], (), since=first)
+    assert "\\( -type f" in probe.script and "PIPESTATUS" not in probe.script
+    result = asyncio.run(LocalTarget().run(probe.script))
+    assert probe.parse(result, "here") == snap(tmp_path)
+    assert probe.parse(result, "here").files[f"{tmp_path}/0002{'n' * 200}"].sha256 == (
+        hashlib.sha256(b"changed").hexdigest())
+
+
+@pytest.mark.parametrize(("grown", "kind"), [(1, "file"), (3000, "file"), (300, "dir")])
+def test_a_tree_grown_past_the_limit_since_is_refused_all_the_same(
+        tmp_path: Path, grown: int, kind: str) -> None:
+    """One walk lists and hashes: head still cuts a tree grown past max_files, and the
+    snapshot is refused, however many of its entries were hashed before the cut."""
+    for number in range(9):
+        (tmp_path / f"f{number}").write_text(str(number))
+    first = snap(tmp_path, max_files=10)
+    for number in range(grown):
+        new = tmp_path / f"g{number:04}{'n' * 60}"
+        new.mkdir() if kind == "dir" else new.write_text(str(number))
+    probe = SnapshotProbe.of([str(tmp_path)], (), max_files=10, since=first)
+    result = asyncio.run(LocalTarget().run(probe.script))
+    assert result.exit_code == 0
+    with pytest.raises(InvalidInputError, match="more than 10 entries"):
+        probe.parse(result, "here")
+    exact = SnapshotProbe.of([str(tmp_path)], (), max_files=10 + grown, since=first)
+    assert exact.parse(asyncio.run(LocalTarget().run(exact.script)), "here") == snap(
+        tmp_path, max_files=10 + grown)
+
+
 def fake_result(*tokens: str) -> RunResult:
     raw = b"".join(t.encode("utf-8", "surrogateescape") + b"\0" for t in tokens)
     return RunResult(0, base64.b64encode(raw).decode(), "", 0.0)

@@ -217,6 +217,12 @@ _FIELDS = 9
 # Otherwise a second walk hashes the small regular files ("<64 hex>  <path>" tokens):
 # all of them, or (``_HASH_CHANGED``, with an earlier snapshot's stamps) those whose
 # stamp changed since, which bash tells apart and xargs hands to sha256sum.
+# A tree an earlier snapshot listed (``since``: it held at most max_files entries then)
+# that is hashed whole is listed and hashed in ONE walk (``_LIST_AND_HASH``), a find
+# less: find flushes what it printed before it starts sha256sum and waits for it, so
+# the records never mix (``_listing`` reads them in any order). head then allows a hash
+# token per entry too, and cuts a tree grown past max_files at its max_files + 1st entry
+# at the latest: at worst as many files were hashed as a tree just within the limit has.
 # /etc/passwd and /etc/group are read by builtins, byte for byte (mapfile keeps a last
 # line without a newline), to spare a cat each; 2>/dev/null comes first so that a
 # missing file's error is silenced too.
@@ -226,8 +232,7 @@ _BODY = r"""{walk}slurp() {{
 {{
   printf '{format}\0'
   if (( ${{#paths[@]}} )); then
-    walk -printf '%y\0%m\0%U\0%G\0%s\0%T@\0%p\0%l\0%i:%C@\0' | head -z -n {limit}
-    (( PIPESTATUS[0] == 141 )) || {hashing}
+{walks}
   fi
   printf 'PACKAGES\0'
 {packages}  printf '\0PASSWD\0'; slurp /etc/passwd
@@ -235,7 +240,11 @@ _BODY = r"""{walk}slurp() {{
   printf '\0END\0'
 }}"""
 
-_HASH_ALL = "walk -type f -size -{hash_limit}c -exec sha256sum -z -- {{}} +"
+_LIST = r"walk -printf '%y\0%m\0%U\0%G\0%s\0%T@\0%p\0%l\0%i:%C@\0'"
+_LIST_THEN_HASH = """    {list} | head -z -n {limit}
+    (( PIPESTATUS[0] == 141 )) || {hashing}"""
+_HASH_ALL = "-type f -size -{hash_limit}c -exec sha256sum -z -- {{}} +"
+_LIST_AND_HASH = "    {list} \\( {hash_all} \\) | head -z -n {limit}"
 _HASH_CHANGED = r"""{{
       declare -A known=({known})
       walk -type f -size -{hash_limit}c -printf '%i:%C@:%T@:%s\0%p\0' |
@@ -348,13 +357,22 @@ class SnapshotProbe:
     def body(self) -> str:
         """What the script runs, its output not encoded yet: a snapshot among other
         probes in one stream (``journal_probe.Sections``)."""
-        return _BODY.format(walk=self.walk(), format=_FORMAT,
-                            limit=_FIELDS * self.max_files + 1, hashing=self._hashing(),
+        return _BODY.format(walk=self.walk(), format=_FORMAT, walks=self._walks(),
                             packages=self._packages_script())
 
-    def _hashing(self) -> str:
-        """The hashing walk: of every small regular file, or only of those whose stamp
-        changed since ``since``, when that spares hashing at least ``_KNOWN_BYTES``."""
+    def _walks(self) -> str:
+        """The listing walk and the hashing (see ``_BODY``'s comment)."""
+        hash_all = _HASH_ALL.format(hash_limit=self.hash_limit)
+        hashing = self._hashing()
+        if hashing is None and self.since is not None:
+            return _LIST_AND_HASH.format(list=_LIST, hash_all=hash_all,
+                                         limit=(_FIELDS + 1) * self.max_files + _FIELDS)
+        return _LIST_THEN_HASH.format(list=_LIST, limit=_FIELDS * self.max_files + 1,
+                                      hashing=hashing or f"walk {hash_all}")
+
+    def _hashing(self) -> str | None:
+        """The walk hashing only the files whose stamp changed since ``since``, when
+        that spares hashing at least ``_KNOWN_BYTES``; None: hash them all."""
         known: dict[str, str] = {}
         spared = 0
         if self.since is not None:
@@ -364,7 +382,7 @@ class SnapshotProbe:
                     known[path] = stamp
                     spared += entry.size
         if spared < _KNOWN_BYTES or len(known) > _KNOWN_FILES:
-            return _HASH_ALL.format(hash_limit=self.hash_limit)
+            return None
         return _HASH_CHANGED.format(hash_limit=self.hash_limit, known=" ".join(
             f"[{quote(path)}]={shlex.quote(stamp)}" for path, stamp in sorted(known.items())))
 
