@@ -415,6 +415,40 @@ def test_the_writer_goes_on_in_a_new_file_once_its_file_is_done(tmp_path: Path) 
         assert [r.id for r in store.list_workflows()] == ["w2", "w1"]
 
 
+
+def test_the_file_of_a_killed_run_is_deleted_once_taken_in(tmp_path: Path) -> None:
+    """A process killed mid-workflow never finishes it: its file is taken in, the
+    workflow reads as incomplete, and the file is deleted rather than read again by
+    every ingest; a live writer's unfinished file stays."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        from datetime import UTC, datetime
+        from pathlib import Path
+        from workflow_agent.secrets import Redactor
+        from workflow_agent.storage.spool import HistorySpool
+        spool = HistorySpool(Path({str(tmp_path / "spool")!r}), Redactor())
+        spool.start_workflow(workflow_id="killed", action="install", integration="x",
+                             target="t", params={{}})
+        now = datetime.now(UTC)
+        spool.record_stage("killed", name="facts", status="succeeded", started_at=now,
+                           finished_at=now)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    child = subprocess.run([sys.executable, "-c", code], timeout=60, check=False)
+    assert child.returncode == -9
+    killed = spool_file(tmp_path / "spool")
+    spool = HistorySpool(tmp_path / "spool", Redactor())
+    _spool_run(spool, "alive", 1, finish=False)
+    [alive] = set((tmp_path / "spool").glob("*.jsonl")) - {killed}
+    with store_for(tmp_path) as store:
+        record = store.get_workflow("killed")
+        assert (record.status, [s.name for s in record.stages]) == ("incomplete", ["facts"])
+        assert not killed.exists() and alive.exists()
+        assert store.spool_progress(killed.name) is None
+        assert store.get_workflow("alive").status == "running"
+        assert store.ingest() == 0
+
+
 def test_a_count_left_by_an_older_version_is_honoured(tmp_path: Path) -> None:
     """An older version wrote a file per workflow, and its count in ``<file>.applied``."""
     spool_dir = tmp_path / "spool"

@@ -191,10 +191,10 @@ def _derive_status(status: str, pid: int, host: str, hostname: str) -> str:
     # Another host's processes cannot be checked from here: trust the row.
     if status != RUNNING or host != hostname:
         return status
-    return RUNNING if _pid_alive(pid) else INCOMPLETE
+    return RUNNING if pid_alive(pid) else INCOMPLETE
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if process ``pid`` exists on this host and is not a zombie."""
     if pid <= 0:
         # os.kill(0, ...) would signal our whole process group.

@@ -24,8 +24,11 @@ the workflow incomplete. A file's new lines go into the store in one transaction
 with how many of its lines the store now holds (``spool_progress``), so whatever crashes
 when, every event goes in exactly once. A file is deleted once every workflow started in
 it has finished and all of it is in (and its count after that); the writer, finding its
-file gone, starts a new one. Deleting takes the file's lock exclusively, appending shares
-it, so no line is ever deleted before it was taken in. (Older versions wrote a file per
+file gone, starts a new one. A file whose writer is gone from this host (killed outright)
+gets no more lines: it is deleted once all of it is in (its unfinished workflows read as
+``incomplete``), where it used to be read again by every ingest for ever. Deleting takes
+the file's lock exclusively, appending shares it, so no line is ever deleted before it
+was taken in. (Older versions wrote a file per
 workflow and kept its count in a sibling ``.applied`` file; such files are taken in the
 same way, the count honoured while the store has none.)
 
@@ -56,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from workflow_agent.errors import HistoryError
 from workflow_agent.secrets import Redactor
 from workflow_agent.storage.baselines import BaselineIndex
+from workflow_agent.storage.records import pid_alive
 
 if TYPE_CHECKING:
     from workflow_agent.storage.history import HistoryStore
@@ -484,14 +488,27 @@ def _ingest_file(store: HistoryStore, path: Path) -> tuple[int, bool]:
         _apply(store, path, lines, applied)
     moved = max(len(lines) - applied, 0)
     # A usage file is complete from the moment it exists; another file, once every
-    # workflow started in it has finished (nothing comes after a finish_workflow).
+    # workflow started in it has finished (nothing comes after a finish_workflow), or
+    # once its writer is gone.
     started = sum(line.startswith(_STARTED) for line in lines)
     done = path.name.startswith(LLM_USAGE_PREFIX) or (
-        started == sum(line.startswith(_FINISHED) for line in lines))
+        started == sum(line.startswith(_FINISHED) for line in lines)) or (
+        bool(lines) and _writer_gone(lines[0]))
     if not (lines and done and _delete_unless_grown(path, len(data))):
         return moved, False
     path.with_suffix(_LEGACY_COUNT).unlink(missing_ok=True)
     return moved, True
+
+
+def _writer_gone(line: bytes) -> bool:
+    """Whether the process that wrote ``line`` (a spool file's: all its lines are one
+    process's) is gone from this host; one on another host counts as alive."""
+    try:
+        event = json.loads(line)
+        pid, host = int(event["pid"]), str(event["host"])
+    except (ValueError, KeyError, TypeError):
+        return False  # a damaged line: _apply has named it already
+    return host == socket.gethostname() and not pid_alive(pid)
 
 
 def _delete_unless_grown(path: Path, size: int) -> bool:
