@@ -56,9 +56,9 @@ from workflow_agent.verification.snapshot import (
     Snapshot,
     SnapshotProbe,
     add_packages,
+    decode,
     diff,
 )
-from workflow_agent.verification.snapshot import fields as split_fields
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _parse_processes(result: RunResult, where: str) -> list[ProcessInfo]:
                                    + " ".join(result.stderr.split())[-300:])
     garbled = ExecutionFailedError(f"the process list from {where} is garbled")
     try:
-        fields = split_fields(probe_output(result))
+        fields = decode(result)
     except binascii.Error as exc:  # base64 cut short, or mixed with other output
         raise garbled from exc
     # S and three pids, records up to U, one field of lines, M, names up to L, pairs up to

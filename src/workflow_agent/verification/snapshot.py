@@ -402,7 +402,7 @@ class SnapshotProbe:
             reason = "timed out" if result.timed_out else f"exit {result.exit_code}"
             raise ExecutionFailedError(f"snapshot script failed on {where} ({reason}): "
                                        + " ".join(result.stderr.split())[-500:])
-        tokens = fields(probe_output(result))
+        tokens = decode(result)
         if tokens[:1] != [_FORMAT] or tokens[-2:] != ["END", ""]:
             raise ExecutionFailedError(f"snapshot output from {where} is incomplete")
         skip = re.compile(self.ignore, re.DOTALL) if self.ignore else None
@@ -512,13 +512,8 @@ def _parse(
 def decode(result: RunResult) -> list[str]:
     """The NUL-separated fields a probe printed in base64 (bytes that are not UTF-8 kept
     as surrogate escapes)."""
-    return fields(probe_output(result))
-
-
-def fields(raw: bytes) -> list[str]:
-    """The NUL-separated fields of ``raw`` (bytes that are not UTF-8 kept as surrogate
-    escapes)."""
-    return [part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0")]
+    return [part.decode("utf-8", "surrogateescape")
+            for part in probe_output(result).split(b"\0")]
 
 
 def compare(before: FileEntry, after: FileEntry) -> FileChange | None:
