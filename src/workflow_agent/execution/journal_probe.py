@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import logging
@@ -369,11 +370,16 @@ class Before:
     read_at: float = field(default_factory=time.monotonic)
     since: Snapshot | None = None
 
+    @functools.cached_property
+    def parts(self) -> list[RunResult]:
+        """``read.split(result)``, decoded once for the baseline and ``prepare`` both."""
+        return self.read.split(self.result)
+
     def snapshot(self, where: str) -> Snapshot | None:
         """The snapshot this read holds (no packages), None when it is not usable."""
         try:
             return SnapshotProbe.of(self.paths, self.ignore, since=self.since).parse(
-                self.read.split(self.result)[0], where)
+                self.parts[0], where)
         except (ExecutionFailedError, InvalidInputError):
             return None
 
@@ -405,11 +411,11 @@ async def prepare(
             and (ahead.paths, ahead.ignore, ahead.predicted)
             == (tuple(header.paths), tuple(header.ignore), tuple(predicted))):
         # Parsed with the snapshot its script left the unchanged files' hashes to.
-        read, result, packages, since = ahead.read, ahead.result, ahead.packages, ahead.since
+        (listed, saving, running), packages, since = ahead.parts, ahead.packages, ahead.since
     else:
         read = before_read(header.paths, header.ignore, predicted, since=since)
         result, packages = await target.run(read.script, timeout=OBSERVE_TIMEOUT), None
-    listed, saving, running = read.split(result)
+        listed, saving, running = read.split(result)
     pre = SnapshotProbe.of(header.paths, header.ignore, since=since).parse(
         listed, target.identity)
     if packages is not None:
