@@ -34,8 +34,8 @@ class WorkflowAgent:
         RecoveryAgent(container.pool).attach(bus)
         ImprovementAgent(container.pool, container.history_writer, lambda: container.history,
                          lambda: container.llm if container.llm_configured else None,
-                         marker=None if container.config.history_url
-                         else container.config.data_dir / "failures.learned").attach(bus)
+                         learned=None if container.config.history_url
+                         else container.config.data_dir / "learned").attach(bus)
         self.coordinator = Coordinator(
             bus, container.pool, container.config, container.redactor, lambda: container.history
         )

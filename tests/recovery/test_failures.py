@@ -10,14 +10,25 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import WorkflowRequest
 from workflow_agent.agents.execution import summarize
+from workflow_agent.agents.improvement import (
+    ANALYSE,
+    FIXES,
+    AnalyseRequest,
+    FixesRequest,
+    FixPlan,
+    ImprovementAgent,
+)
+from workflow_agent.bus.memory import MemoryBus
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
+from workflow_agent.execution.pool import TargetPool
 from workflow_agent.execution.sandbox import SandboxTarget
 from workflow_agent.llm.scripted import ScriptedProvider
 from workflow_agent.llm.service import LLMService
@@ -276,3 +287,109 @@ def test_spooled_failures_and_outcomes_reach_the_store(tmp_path: Path) -> None:
             entry.fix_last_result) == (2, 2, 1, "w1", "succeeded")
     assert not list((tmp_path / "spool").glob("*.jsonl"))
 
+
+
+# -- when installs look up what was learned ---------------------------------------------------
+
+LOCKED = FailureText(stage="execute", exit_code=100, output_tail=(
+    "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 "
+    "(apt-get)"))
+NO_FIX = FailureText(stage="execute", exit_code=2, output_tail="ls: cannot access "
+                     "'/opt/wfa-missing-dir': No such file or directory")
+
+
+class Looked:
+    """The history store a test's improvement agent opens, and how often it read the
+    learned failures."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path, self.spool = tmp_path / "h.db", tmp_path / "spool"
+        self.store: HistoryStore | None = None
+        self.reads = 0
+
+    def __call__(self) -> HistoryStore:
+        if self.store is None:
+            self.store = HistoryStore.for_path(self.path, spool_dir=self.spool)
+            self.store.open()
+            read = self.store.list_failures
+
+            def counted(**kwargs: Any) -> Any:
+                self.reads += 1
+                return read(**kwargs)
+
+            self.store.list_failures = counted  # type: ignore[method-assign]
+        return self.store
+
+
+def no_target(spec: str) -> Any:
+    raise AssertionError(f"no target is needed here, yet {spec} was opened")
+
+
+def improvement(tmp_path: Path, looked: Looked) -> tuple[MemoryBus, HistorySpool]:
+    bus, spool = MemoryBus(), HistorySpool(looked.spool, Redactor())
+    ImprovementAgent(TargetPool(no_target), spool, looked,
+                     learned=tmp_path / "learned").attach(bus)
+    return bus, spool
+
+
+def learn(agent: tuple[MemoryBus, HistorySpool], integration: str, failure: FailureText
+          ) -> None:
+    """A failed install of ``integration`` is analysed."""
+    bus, spool = agent
+    workflow = f"w-{integration}-{failure.exit_code}"
+    spool.start_workflow(workflow_id=workflow, action="install", integration=integration,
+                         target="t", params={})
+
+    async def go() -> None:
+        await bus.request(ANALYSE, AnalyseRequest(workflow, integration, failure), timeout=30)
+    asyncio.run(go())
+
+
+def fixes_of(agent: tuple[MemoryBus, HistorySpool], integration: str, hosts: int = 1
+             ) -> list[list[str]]:
+    """What ``hosts`` installs of ``integration`` asking at once are told to apply."""
+    bus = agent[0]
+
+    async def go() -> list[FixPlan]:
+        return list(await asyncio.gather(*(bus.request(FIXES, FixesRequest(
+            f"w{i}", integration, {}, {}, frozenset(), "apt"), timeout=30)
+            for i in range(hosts))))
+    return [[f.fix for f in plan.applied] for plan in asyncio.run(go())]
+
+
+def test_only_a_learned_fix_makes_installs_of_its_integration_look(tmp_path: Path) -> None:
+    looked = Looked(tmp_path)
+    agent = improvement(tmp_path, looked)
+    learn(agent, "alpha", NO_FIX)  # nothing a next run could do differently
+    assert fixes_of(agent, "alpha") == [[]]
+    assert looked.store is None, "the history store was opened for a failure with no fix"
+
+    learn(agent, "alpha", LOCKED)
+    assert (tmp_path / "learned" / "alpha").exists()
+    assert fixes_of(agent, "beta", hosts=30) == [[]] * 30
+    assert looked.store is None, "another integration's fix opened the history store"
+    # A fleet's 30 hosts asking at once share one read, and each gets the fix.
+    assert fixes_of(agent, "alpha", hosts=30) == [[WAIT_DPKG_LOCK]] * 30
+    assert looked.reads == 1
+
+
+def test_the_marker_of_earlier_releases_becomes_one_per_integration(tmp_path: Path) -> None:
+    looked = Looked(tmp_path)
+    spool = HistorySpool(looked.spool, Redactor())
+    spool.start_workflow(workflow_id="w0", action="install", integration="gamma",
+                         target="t", params={})
+    spool.record_failure(workflow_id="w0", integration="gamma", stage="execute",
+                         signature="dpkg-lock", kind="dpkg-lock", summary="locked",
+                         evidence="E: Could not get lock", fix=WAIT_DPKG_LOCK)
+    spool.record_failure(workflow_id="w0", integration="delta", stage="execute",
+                         signature="generic", kind="generic", summary="failed",
+                         evidence="exit 2")
+    (tmp_path / "failures.learned").touch()  # earlier releases' "learned some failure"
+    agent = improvement(tmp_path, looked)
+
+    assert fixes_of(agent, "delta") == [[]]  # looked, once
+    assert not (tmp_path / "failures.learned").exists()
+    assert sorted(p.name for p in (tmp_path / "learned").iterdir()) == ["gamma"]
+    assert fixes_of(agent, "gamma") == [[WAIT_DPKG_LOCK]]
+    assert fixes_of(agent, "delta") == [[]]
+    assert looked.reads == 2  # gamma's own look-up; delta's second answer needed none

@@ -12,6 +12,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,7 @@ from workflow_agent.bus import Message, MessageBus
 from workflow_agent.errors import WorkflowAgentError
 from workflow_agent.execution.pool import TargetPool
 from workflow_agent.facts import Facts
-from workflow_agent.integrations.schema import ParameterSpec
+from workflow_agent.integrations.schema import NAME_PATTERN, ParameterSpec
 from workflow_agent.recovery.failures import (
     APT_UPDATE_FIRST,
     CHOOSE_FREE_PORT,
@@ -44,6 +48,7 @@ from workflow_agent.storage.spool import HistoryWriter
 
 if TYPE_CHECKING:
     from workflow_agent.llm.service import LLMService
+    from workflow_agent.storage.failures import FailureEntry
     from workflow_agent.storage.history import HistoryStore
 
 ANALYSE = "improvement.analyse"
@@ -52,6 +57,13 @@ OUTCOME = "improvement.outcome"
 
 #: Fixes that only make sense where apt and dpkg manage packages.
 _APT_FIXES = (WAIT_DPKG_LOCK, APT_UPDATE_FIRST)
+
+#: How long one look-up of an integration's learned fixes answers the runs that ask (a
+#: fleet's hosts ask within a second or two of each other, each batch again).
+_LOOKUP_REUSE_S = 30.0
+#: The marker of the releases that kept one for every integration: "this machine learned
+#: some failure". Where it is left, the first look-up replaces it by per-integration ones.
+_ANY_MARKER = "failures.learned"
 
 
 class RootCause(BaseModel):
@@ -170,18 +182,24 @@ class ImprovementAgent:
         writer: HistoryWriter,
         history: Callable[[], HistoryStore],
         llm: Callable[[], LLMService | None] = lambda: None,
-        marker: Path | None = None,
+        learned: Path | None = None,
     ) -> None:
         self.pool = pool
-        #: Exists once this machine learned a failure: until then an install need not open
-        #: the history store (importing SQLAlchemy costs a third of a re-run). ``None``:
-        #: always look (a shared store may hold what other machines learned).
-        self.marker = marker
+        #: A folder with a file for each integration this machine learned a fix for:
+        #: until its integration has one, an install need not open the history store
+        #: (importing SQLAlchemy and taking in the spool cost a re-run a third of its
+        #: time, a 30-host fleet run 0.4 s). A failure with no known fix teaches no run
+        #: anything, so it leaves no marker. ``None``: always look (a shared store may
+        #: hold what other machines learned).
+        self.learned = learned
         self.writer = writer
         #: Opened only when a run looks up what was learned.
         self.history = history
         self.llm = llm
         self._bus: MessageBus | None = None
+        #: Each integration's last look-up: when it started, and its fixes.
+        self._lookups: dict[str, tuple[float, asyncio.Future[list[FailureEntry]]]] = {}
+        self._opened = False
 
     def attach(self, bus: MessageBus) -> None:
         """Serve this agent's topics on ``bus``."""
@@ -200,9 +218,13 @@ class ImprovementAgent:
             summary=signature.summary, evidence=signature.evidence, subject=signature.subject,
             fix=signature.fix, llm_summary=analysis.llm_summary,
         )
-        if self.marker is not None:
-            self.marker.parent.mkdir(parents=True, exist_ok=True)
-            self.marker.touch()
+        if signature.fix is not None:
+            # On disk before the marker says so: a look-up takes the spool in.
+            await self.writer.durable(request.workflow_id)
+            if self.learned is not None:
+                self.learned.mkdir(parents=True, exist_ok=True)
+                (self.learned / _marker_name(request.integration)).touch()
+            self._lookups.pop(request.integration, None)
         self.writer.add_artifact(request.workflow_id, stage="analysis", kind="failure",
                                  name=signature.kind, content=analysis.model_dump_json())
         return analysis
@@ -258,10 +280,11 @@ class ImprovementAgent:
 
     async def _fixes(self, message: Message) -> FixPlan:
         request: FixesRequest = message.payload
-        if self.marker is not None and not self.marker.exists():
+        if self.learned is not None and not (
+                (self.learned / _marker_name(request.integration)).exists()
+                or self.learned.with_name(_ANY_MARKER).exists()):
             return FixPlan()
-        learned = [f for f in self.history().list_failures(integration=request.integration)
-                   if f.fix is not None]
+        learned = await self._learned_fixes(request.integration)
         plan = FixPlan()
         listening: list[int] | None = None
         for failure in learned:
@@ -284,6 +307,39 @@ class ImprovementAgent:
                                    failure.last_workflow_id, why, failure.proven,
                                    listening, plan)
         return plan
+
+    async def _learned_fixes(self, integration: str) -> list[FailureEntry]:
+        """The failures of ``integration`` learned with a fix: read in a worker thread
+        (the event loop runs the other hosts of a fleet meanwhile), once for the runs
+        that ask within ``_LOOKUP_REUSE_S`` of each other."""
+        now = time.monotonic()
+        lookup = self._lookups.get(integration)
+        if lookup is None or now - lookup[0] > _LOOKUP_REUSE_S:
+            lookup = (now, asyncio.ensure_future(
+                asyncio.to_thread(self._look_up, integration)))
+            self._lookups[integration] = lookup
+        try:
+            return await asyncio.shield(lookup[1])
+        except Exception:
+            if self._lookups.get(integration) is lookup:  # the next run tries again
+                del self._lookups[integration]
+            raise
+
+    def _look_up(self, integration: str) -> list[FailureEntry]:
+        if self._opened:
+            self.history().ingest()  # what was learned since the store was opened
+        store, self._opened = self.history(), True  # opening it takes the spool in
+        any_marker = None if self.learned is None else self.learned.with_name(_ANY_MARKER)
+        if any_marker is None or not any_marker.exists():
+            return [f for f in store.list_failures(integration=integration)
+                    if f.fix is not None]
+        assert self.learned is not None
+        learned = [f for f in store.list_failures() if f.fix is not None]
+        for name in {f.integration for f in learned}:
+            self.learned.mkdir(parents=True, exist_ok=True)
+            (self.learned / _marker_name(name)).touch()
+        any_marker.unlink(missing_ok=True)
+        return [f for f in learned if f.integration == integration]
 
     def _choose_ports(
         self, request: FixesRequest, signature: str, kind: str, learned_from: str,
@@ -323,3 +379,11 @@ class ImprovementAgent:
             self.writer.record_fix_outcome(
                 workflow_id=request.workflow_id, integration=request.integration,
                 signature=fix.signature, succeeded=request.succeeded)
+
+
+def _marker_name(integration: str) -> str:
+    """The marker file of ``integration``: its name (a file name by the definitions'
+    rules), else a hash of it."""
+    if re.fullmatch(NAME_PATTERN, integration):
+        return integration
+    return hashlib.sha256(integration.encode()).hexdigest()
