@@ -96,16 +96,20 @@ def free_low_port() -> int:
 def run_cli(
     home: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
-    """The real command line in a fresh process with a bare environment: ``PATH``,
-    ``LANG``, ``HOME`` at ``home`` with the data and cache directories under it, and ``env``."""
-    bare = {
+    """The real command line in a fresh process with a bare environment (``cli_env``)."""
+    return subprocess.run([sys.executable, "-m", "workflow_agent", *args],
+                          env=cli_env(home, env), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def cli_env(home: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A bare environment for the command line: ``PATH``, ``LANG``, ``HOME`` at ``home``
+    with the data and cache directories under it, and ``env``."""
+    return {
         "PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
         "WORKFLOW_AGENT_DATA_DIR": str(home / "data"),
-        "WORKFLOW_AGENT_CACHE_DIR": str(home / "cache"),
+        "WORKFLOW_AGENT_CACHE_DIR": str(home / "cache"), **(env or {}),
     }
-    return subprocess.run([sys.executable, "-m", "workflow_agent", *args],
-                          env={**bare, **(env or {})}, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def metrics(address: str, port: int = 9100) -> str:

@@ -145,8 +145,9 @@ class RecoveryNeededError(TargetError):
         super().__init__(
             f"{target} holds changes of interrupted workflow(s) "
             f"{', '.join(w[:8] for w in workflows)} that were never rolled back",
-            hint="Run `workflow-agent recover` to finish their rollback first "
-            "(`workflow-agent changes ID` lists what they changed).",
+            hint="Run `workflow-agent recover` to finish their rollback first (with "
+            "--inventory FILE for an inventory's hosts; `workflow-agent changes ID` lists "
+            "what they changed).",
         )
         self.workflows = list(workflows)
 

@@ -10,8 +10,10 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from helpers import metrics, run_cli
+from helpers import cli_env, metrics, plugin, run_cli
 from lab import SshLab
 from workflow_agent.agent import WorkflowAgent
 from workflow_agent.config import WorkflowConfiguration
@@ -63,9 +65,10 @@ def make_lab() -> Iterator[Callable[[int], SshLab]]:
         lab.stop()
 
 
-def cli(lab: SshLab, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(lab: SshLab, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
     """The real command line; SSH keys come from the inventory, not the settings."""
-    return run_cli(tmp_path, *args, env={
+    return run_cli(tmp_path, *args, env=env or {
         k: v for k, v in lab.config_env().items() if not k.endswith("CLIENT_KEYS")})
 
 
@@ -335,3 +338,53 @@ def test_rollback_all_on_failure_undoes_the_earlier_batches_too(
     assert diff(before, snapshot(lab, 0)).is_empty
     assert not any(serves_metrics(h.address) for h in lab.hosts)
     assert not any(installed(lab, i) for i in range(3))
+
+
+def test_an_interrupted_rollout_names_what_it_left_and_recover_undoes_it_on_each_host(
+    make_lab: Callable[[int], SshLab], tmp_path: Path
+) -> None:
+    lab = make_lab(3)
+    plugins = plugin(tmp_path, "slow-conf", "echo changed > /etc/slow-conf.conf\nsleep 61\n")
+    env = {**{k: v for k, v in lab.config_env().items() if not k.endswith("CLIENT_KEYS")},
+           "WORKFLOW_AGENT_PLUGIN_DIRS": json.dumps([str(plugins)])}
+    inventory = str(ini_inventory(lab, tmp_path / "hosts.ini"))
+    before = [remote(lab, i, "ls -A /etc") for i in range(3)]
+    rollout = subprocess.Popen(
+        [sys.executable, "-m", "workflow_agent", "install", "slow-conf", "--inventory",
+         inventory, "--forks", "3", "--yes"], env=cli_env(tmp_path, env),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not all(
+                remote(lab, i, "test -e /etc/slow-conf.conf && echo yes || true").strip()
+                for i in range(3)):
+            time.sleep(0.2)
+        rollout.send_signal(signal.SIGINT)  # Ctrl-C, while every host runs its script
+        out, err = rollout.communicate(timeout=120)
+    finally:
+        rollout.kill()
+    assert rollout.returncode == 130, out + err
+    message = " ".join(err.split())
+    assert "interrupted" in message and "3 host(s) were left part-way through the change" \
+        in message, message
+    assert all(host.name in message for host in lab.hosts)
+    assert f"workflow-agent recover --inventory {inventory}" in message
+    assert "Traceback" not in message
+
+    again = cli(lab, tmp_path, "install", "slow-conf", "--inventory", inventory, "--yes",
+                "--output", "json", env=env)
+    assert again.returncode != 0
+    assert all("never rolled back" in (h["error"] or "")
+               for h in json.loads(again.stdout)["hosts"]), again.stdout
+
+    # The hosts' key is the inventory's: recover reaches them through it.
+    recovered = cli(lab, tmp_path, "recover", "--inventory", inventory, "--yes", "--forks",
+                    "3", "--output", "json", env=env)
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    found = json.loads(recovered.stdout)
+    assert sorted(item["target"] for item in found if item["result"] == "rolled back") == \
+        sorted(host.spec() for host in lab.hosts), found
+    for index in range(3):
+        # The file is gone again; the script's sleep was stopped.
+        assert remote(lab, index, "ls -A /etc") == before[index]
+        assert remote(lab, index, "pgrep -x sleep || true").strip() == ""

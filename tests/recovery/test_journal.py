@@ -8,6 +8,9 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
+from workflow_agent.errors import InvalidInputError
 from workflow_agent.execution.journal import (
     Entry,
     Header,
@@ -16,6 +19,7 @@ from workflow_agent.execution.journal import (
     ProcessInfo,
 )
 from workflow_agent.execution.journal_probe import observed
+from workflow_agent.recovery.rollback import Full, Staged
 from workflow_agent.verification.snapshot import FileEntry, Snapshot
 
 
@@ -162,3 +166,53 @@ def test_names_that_are_not_utf8_are_written_and_read_back_as_they_were(
     assert state.processes == running
     assert journal.pre_snapshot() == pre
     assert state.entries[1].describe() == "+ file /etc/new-\\xfe (created)"
+
+
+# -- which journals a rollback reads: the index by target -------------------------------------
+
+
+def test_a_targets_journals_are_found_without_reading_the_others(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path / "journal")
+    first = executing(store, "web-1")
+    first.set_phase("committed")
+    for number in range(20):
+        executing(store, f"db-{number}", "ssh://root@db1:22").set_phase("committed")
+    executing(store, "web-2")
+    # The other target's journals made unreadable: a rollback on web1 does not notice.
+    for number in range(20):
+        path = store.directory / f"db-{number}" / "journal.jsonl"
+        path.unlink()
+        path.mkdir()
+    assert [(s.header.workflow_id, s.phase) for s in store.of_target("ssh://root@web1:22")
+            ] == [("web-1", "committed"), ("web-2", "executing")]
+    assert store.of_target("ssh://root@web2:22") == []
+
+
+def test_journals_from_before_the_target_index_are_found_by_one_scan(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path / "journal")
+    executing(store, "old-web").set_phase("committed")
+    executing(store, "old-db", "ssh://root@db1:22")
+    shutil.rmtree(store.directory / ".by-target")  # a data directory from before it
+    (store.directory / "not-a-journal").mkdir()
+    executing(store, "new-web")  # written by this release: builds the index first
+    assert [s.header.workflow_id for s in store.of_target("ssh://root@web1:22")] == [
+        "old-web", "new-web"]
+    assert [s.header.workflow_id for s in store.of_target("ssh://root@db1:22")] == ["old-db"]
+    assert len(os.listdir(store.directory / ".by-target")) == 3
+
+
+def test_a_staged_rollback_under_a_later_install_of_the_same_target_is_refused(
+    tmp_path: Path,
+) -> None:
+    store = JournalStore(tmp_path / "journal")
+    first = executing(store, "first")
+    first.set_phase("committed")
+    executing(store, "elsewhere", "ssh://root@db1:22").set_phase("committed")
+    assert [s.journal.workflow_id for s in Staged().select(store, first)] == ["first"]
+    executing(store, "second").set_phase("committed")
+    with pytest.raises(InvalidInputError, match=r"later workflow.*second"):
+        Staged().select(store, first)
+    second = store.get("second")
+    assert second is not None
+    assert [s.journal.workflow_id for s in Full().select(store, second)] == [
+        "second", "first"]

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from workflow_agent.agent import WorkflowAgent
     from workflow_agent.agents.coordinator import Confirm
     from workflow_agent.container import Container
+    from workflow_agent.execution.journal import JournalSummary
     from workflow_agent.execution.target import Target
     from workflow_agent.state import Action, WorkflowState
 
@@ -83,6 +84,9 @@ RehearseOpt = Annotated[bool | None, typer.Option(
     help="First run the install script on a copy-on-write copy of the target and show "
     "exactly what it changes (files with diffs, packages, users, services); install does "
     "this by default where the target supports it, and backs up exactly that.")]
+ReachOpt = Annotated[Path | None, typer.Option(
+    "--inventory", "-i", help="The inventory a fleet rollout ran with: its hosts are "
+    "reached with their own user, port, key and jump host.")]
 
 
 class OnFailure(StrEnum):
@@ -139,6 +143,20 @@ def _container(config: Path | None, **overrides: Any) -> Container:
     from workflow_agent.container import Container
 
     return Container(load_configuration(config_file=config, **overrides))
+
+
+def _reaching(config: Path | None, inventory: Path | None) -> Container:
+    """The container of a command that reopens the targets of earlier workflows: with
+    ``inventory``, its hosts are reached with their own SSH settings (user, port, key,
+    jump host), as the rollout that ran there reached them."""
+    if inventory is None:
+        return _container(config)
+    from workflow_agent.config import load_configuration
+    from workflow_agent.fleet.inventory import load_inventory
+    from workflow_agent.fleet.plan import FleetTargets
+
+    hosts = load_inventory(inventory).select("all")
+    return FleetTargets(load_configuration(config_file=config), hosts).container
 
 
 def _confirmer(yes: bool, output: OutputFormat) -> Confirm:
@@ -570,6 +588,7 @@ def rollback(
     force: Annotated[bool, typer.Option(
         "--force", help="Restore the pre-install state even over files changed since.")
     ] = False,
+    inventory: ReachOpt = None,
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
     yes: YesOpt = False,
@@ -577,7 +596,7 @@ def rollback(
 ) -> None:
     """Undo what an install changed (even long after it succeeded), and verify the undo."""
     try:
-        container = _container(config)
+        container = _reaching(config, inventory)
         state = asyncio.run(_rollback(container, workflow_id, strategy.value,
                                       tuple(change or ()), _confirmer(yes, output),
                                       _agent(container, output, verbose), force=force))
@@ -592,15 +611,17 @@ def recover(
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
     yes: YesOpt = False,
+    forks: ForksOpt = 5,
+    inventory: ReachOpt = None,
 ) -> None:
     """Finish what crashed workflows left: roll back their changes, list what can resume."""
     from workflow_agent.cli.jsonout import emit_json
     from workflow_agent.cli.output import show_recovery
 
     try:
-        container = _container(config)
+        container = _reaching(config, inventory)
         found = asyncio.run(_recover(container, _confirmer(yes, output),
-                                     _agent(container, output, False)))
+                                     _agent(container, output, False), forks))
         container.sync_history()
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
@@ -684,39 +705,24 @@ async def _rollback(
 
 
 async def _recover(
-    container: Container, confirm: Confirm | None, agent: WorkflowAgent
+    container: Container, confirm: Confirm | None, agent: WorkflowAgent, forks: int = 5,
 ) -> list[dict[str, Any]]:
-    """Roll back every journal a crash left unfinished; list interrupted workflows."""
-    from workflow_agent.container import DISPOSABLE_KINDS
-    from workflow_agent.execution.lock import TargetLock
+    """Roll back every journal a crash left unfinished; list interrupted workflows.
+    Targets are recovered ``forks`` at a time (an interrupted fleet leaves one journal
+    on each of its hosts), each target's journals newest first."""
+    by_target: dict[str, list[JournalSummary]] = {}
+    for summary in container.journals.summaries():  # oldest first
+        if summary.unfinished:
+            by_target.setdefault(summary.header.target_identity, []).append(summary)
+    slots = asyncio.Semaphore(forks)
 
-    found: list[dict[str, Any]] = []
-    for summary in container.journals.summaries():
-        if not summary.unfinished:
-            continue
-        journal, header = summary.journal, summary.header
-        item: dict[str, Any] = {"workflow": header.workflow_id, "target": header.target_identity,
-                                "integration": header.integration, "phase": summary.phase}
-        probe = TargetLock(container.config.data_dir / "locks", header.target_identity,
-                           holder={"action": "recover"})
-        try:
-            probe.acquire()
-            probe.release()
-        except WorkflowAgentError:
-            found.append({**item, "result": "still running (its process holds the target)"})
-            continue
-        if header.target.split(":", 1)[0] in DISPOSABLE_KINDS:
-            journal.set_phase("rolled-back", "its disposable target is gone with its changes")
-            found.append({**item, "result": "nothing to undo: the disposable target is gone"})
-            continue
-        # A crashed run's changes are undone whatever happened since: nobody accepted them.
-        done = await _rollback(container, header.workflow_id, "staged", (), confirm, agent,
-                               force=True)
-        item.update(result="rolled back" if done.exit_code == 0 else "rollback failed",
-                    rollback=done.workflow_id, exit_code=done.exit_code,
-                    problems=done.rollback.problems if done.rollback else [],
-                    error=done.error.message if done.error else None)
-        found.append(item)
+    async def recover_target(summaries: list[JournalSummary]) -> list[dict[str, Any]]:
+        async with slots:
+            return [await _recover_one(container, summary, confirm, agent)
+                    for summary in reversed(summaries)]
+
+    found = [item for items in await asyncio.gather(
+        *(recover_target(summaries) for summaries in by_target.values())) for item in items]
     for row in container.history.list_workflows(limit=200, status="incomplete"):
         if row.action in ("install", "uninstall") and not any(
                 f["workflow"] == row.id for f in found):
@@ -724,6 +730,37 @@ async def _recover(
                           "integration": row.integration, "phase": "interrupted",
                           "result": f"resumable: workflow-agent resume {row.id[:8]}"})
     return found
+
+
+async def _recover_one(
+    container: Container, summary: JournalSummary, confirm: Confirm | None,
+    agent: WorkflowAgent,
+) -> dict[str, Any]:
+    """Roll back one unfinished journal (unless its run still holds the target)."""
+    from workflow_agent.container import DISPOSABLE_KINDS
+    from workflow_agent.execution.lock import TargetLock
+
+    journal, header = summary.journal, summary.header
+    item: dict[str, Any] = {"workflow": header.workflow_id, "target": header.target_identity,
+                            "integration": header.integration, "phase": summary.phase}
+    probe = TargetLock(container.config.data_dir / "locks", header.target_identity,
+                       holder={"action": "recover"})
+    try:
+        probe.acquire()
+        probe.release()
+    except WorkflowAgentError:
+        return {**item, "result": "still running (its process holds the target)"}
+    if header.target.split(":", 1)[0] in DISPOSABLE_KINDS:
+        journal.set_phase("rolled-back", "its disposable target is gone with its changes")
+        return {**item, "result": "nothing to undo: the disposable target is gone"}
+    # A crashed run's changes are undone whatever happened since: nobody accepted them.
+    done = await _rollback(container, header.workflow_id, "staged", (), confirm, agent,
+                           force=True)
+    item.update(result="rolled back" if done.exit_code == 0 else "rollback failed",
+                rollback=done.workflow_id, exit_code=done.exit_code,
+                problems=done.rollback.problems if done.rollback else [],
+                error=done.error.message if done.error else None)
+    return item
 
 
 def main() -> None:

@@ -109,6 +109,9 @@ def fleet_command(
     try:
         report = asyncio.run(_roll_out(targets, hosts, options, progress, action,
                                        integration, params))
+    except KeyboardInterrupt:
+        progress.stop()
+        return interrupted(targets, progress, fleet.inventory, json_output)
     finally:
         progress.stop()
     targets.container.sync_history()
@@ -141,6 +144,43 @@ async def _roll_out(targets: FleetTargets, hosts: list[Host], options: RolloutOp
         await targets.close_unused()
 
 
+def interrupted(targets: FleetTargets, progress: FleetProgress, inventory: Path,
+                json_output: bool) -> int:
+    """After Ctrl-C: which hosts were left part-way through a change (their journals are
+    unfinished: nothing undid them) and how to undo that; the exit code, 130."""
+    from workflow_agent.cli.jsonout import emit_json
+    from workflow_agent.execution.journal import UNFINISHED, Journal
+
+    journals = targets.container.journals.directory
+    changing = [h for h in progress.hosts if h.workflow_id and (
+        journals / h.workflow_id).is_dir() and Journal(journals / h.workflow_id).phase
+        in UNFINISHED]
+    left = {h.workflow_id for h in changing}
+    unstarted = sum(1 for h in progress.hosts if h.status == "pending")
+    fleet = progress.fleet_id[:8]
+    if json_output:
+        emit_json({"fleet_id": progress.fleet_id, "interrupted": True, "exit_code": 130,
+                   "hosts": [{**h.as_json(), "left_changing": h.workflow_id in left}
+                             for h in progress.hosts]})
+        return 130
+    import shlex
+
+    from rich.markup import escape
+
+    from workflow_agent.cli.output import err
+
+    names = ", ".join(h.name for h in changing[:10]) + (" ..." if len(changing) > 10 else "")
+    recover = f"workflow-agent recover --inventory {shlex.quote(str(inventory))}"
+    err.print(f"[bold red]interrupted[/] (fleet {fleet}): "
+              + (f"{len(changing)} host(s) were left part-way through the change "
+                 f"({escape(names)}); nothing undid it. Run `{escape(recover)}` to roll "
+                 "them back (--forks N at once). " if changing else
+                 "no host was left part-way through a change. ")
+              + (f"{unstarted} host(s) never started. " if unstarted else "")
+              + f"`workflow-agent history --fleet {fleet}` shows every host's run.")
+    return 130
+
+
 def _import(*modules: str) -> None:
     for module in modules:
         importlib.import_module(module)
@@ -168,7 +208,9 @@ class FleetProgress:
     def __init__(self, *, live: bool, quiet: bool = False) -> None:
         self.live = live
         self.quiet = quiet
-        self._hosts: list[HostResult] = []
+        #: The rollout's hosts, as they stand (empty until it starts).
+        self.hosts: list[HostResult] = []
+        self.fleet_id = ""
         self._seen: dict[str, tuple[str, str]] = {}
         self._display: Any = None
         self._title = ""
@@ -176,7 +218,7 @@ class FleetProgress:
     def start(self, hosts: list[HostResult], fleet_id: str, action: str,
               integration: str) -> None:
         """Show the hosts before anything runs."""
-        self._hosts = hosts
+        self.hosts, self.fleet_id = hosts, fleet_id
         self._title = f"{action} {integration} on {len(hosts)} host(s), fleet {fleet_id}"
         if self.quiet:
             return
@@ -224,7 +266,7 @@ class FleetProgress:
         for column in ("", "host", "batch", "status", "stage", "time"):
             table.add_column(column)
         now = time.monotonic()
-        for host in self._hosts:
+        for host in self.hosts:
             took = host.duration if host.duration is not None else (
                 now - host.started if host.started else None)
             table.add_row(_MARK[host.status], escape(host.name), str(host.batch),

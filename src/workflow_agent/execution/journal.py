@@ -56,7 +56,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -269,7 +269,7 @@ class Journal:
         """Record that the workflow reached ``phase``, durably, and mirror it in the
         ``phase`` file. An unfinished phase is preceded by the journal's file in the
         index of open journals, a finished one followed by its removal."""
-        index = _OpenIndex(self.directory.parent)
+        index = _Index.open(self.directory.parent)
         unfinished = phase in UNFINISHED
         record = {"type": "phase", "phase": phase, "at": _now(), "detail": detail}
         try:
@@ -407,6 +407,8 @@ class JournalStore:
         try:
             (folder / "journal.jsonl").write_bytes(
                 _lines([{"type": "header", **header.model_dump(mode="json")}]))
+            # Before anything is changed under it (``record_prepared``).
+            _Index.by_target(self.directory).add(journal)
         except OSError as exc:
             raise _unwritable(folder, exc) from exc
         return journal
@@ -424,23 +426,41 @@ class JournalStore:
         (but those the index holds, whose phase comes from their journal)."""
         if not self.directory.is_dir():
             return []
-        indexed = {workflow_id for _, workflow_id in _OpenIndex(self.directory).entries()}
-        found = []
-        for folder in self.directory.iterdir():
-            if folder.name.startswith("."):
-                continue
-            journal = Journal(folder)
-            try:
-                header = journal.header
-                if folder.name in indexed:
-                    phase = journal.phase
-                else:
-                    phase = (folder / "phase").read_text().strip() if (
-                        folder / "phase").exists() else "prepared"
-            except (OSError, HistoryError):
-                continue  # not a journal, or unreadable: `changes ID` reports it
-            found.append(JournalSummary(journal, header, phase))
-        return sorted(found, key=lambda summary: summary.header.created)
+        indexed = {workflow_id for _, workflow_id in _Index.open(self.directory).entries()}
+        found = (self._summary(folder.name, folder.name in indexed)
+                 for folder in self.directory.iterdir() if not folder.name.startswith("."))
+        return sorted(filter(None, found), key=lambda summary: summary.header.created)
+
+    def of_target(self, target_identity: str) -> list[JournalSummary]:
+        """The journals of ``target_identity``, oldest first: only those the index of
+        journals by target names are read (a rollback asks; a machine that manages a
+        fleet keeps thousands)."""
+        if not self.directory.is_dir():
+            return []
+        key = _target_key(target_identity)
+        indexed = {workflow_id for _, workflow_id in _Index.open(self.directory).entries()}
+        found = (self._summary(workflow_id, workflow_id in indexed) for entry_key, workflow_id
+                 in _Index.by_target(self.directory).entries() if entry_key == key)
+        return sorted((summary for summary in found if summary is not None
+                       and summary.header.target_identity == target_identity),
+                      key=lambda summary: summary.header.created)
+
+    def _summary(self, workflow_id: str, indexed: bool) -> JournalSummary | None:
+        """A journal's header and phase: from ``journal.jsonl`` while it is ``indexed``
+        as open, else from its ``phase`` file; None for a folder that is not a journal
+        (or is unreadable: `changes ID` reports it)."""
+        folder = self.directory / workflow_id
+        journal = Journal(folder)
+        try:
+            header = journal.header
+            if indexed:
+                phase = journal.phase
+            else:
+                phase = (folder / "phase").read_text().strip() if (
+                    folder / "phase").exists() else "prepared"
+        except (OSError, HistoryError):
+            return None
+        return JournalSummary(journal, header, phase)
 
     def unfinished(self, target_identity: str) -> list[JournalSummary]:
         """Journals of ``target_identity`` a crash left with changes not undone, oldest
@@ -449,7 +469,7 @@ class JournalStore:
             return []
         key = _target_key(target_identity)
         found = []
-        for entry_key, workflow_id in _OpenIndex(self.directory).entries():
+        for entry_key, workflow_id in _Index.open(self.directory).entries():
             folder = self.directory / workflow_id
             if entry_key != key or not folder.is_dir():
                 continue  # another target's, or deleted by hand with its changes
@@ -460,14 +480,29 @@ class JournalStore:
         return sorted(found, key=lambda summary: summary.header.created)
 
 
-class _OpenIndex:
-    """``STORE/.open/``: an empty file ``KEY.WORKFLOW_ID`` per journal that may be
-    unfinished (KEY: ``_target_key`` of its target). It may name more: a journal whose
-    prepare failed, or one a concurrent build saw open; readers check the phase."""
+class _Index:
+    """A folder of the store holding an empty file ``KEY.WORKFLOW_ID`` per journal it
+    names (KEY: ``_target_key`` of the journal's target), built by one scan of the store
+    the first time it is needed (a data directory from before it), kept up by writers.
 
-    def __init__(self, store: Path) -> None:
+    ``.open/``: the journals that may be unfinished. It may name more: a journal whose
+    prepare failed, or one a concurrent build saw open; readers check the phase.
+    ``.by-target/``: every journal (those whose header was written)."""
+
+    def __init__(self, store: Path, name: str, keeps: Callable[[Journal], bool]) -> None:
         self.store = store
-        self.directory = store / ".open"
+        self.directory = store / name
+        self.keeps = keeps
+
+    @classmethod
+    def open(cls, store: Path) -> _Index:
+        """The index of journals that may be unfinished."""
+        return cls(store, ".open", lambda journal: journal.phase in UNFINISHED)
+
+    @classmethod
+    def by_target(cls, store: Path) -> _Index:
+        """The index of every journal, by target."""
+        return cls(store, ".by-target", lambda journal: bool(journal.header))
 
     def add(self, journal: Journal) -> None:
         """Name ``journal`` in the index, durably."""
@@ -491,17 +526,17 @@ class _OpenIndex:
 
     def ensure(self) -> None:
         """Build the index if this data directory has none yet: one scan of every
-        journal, their phases read from ``journal.jsonl``."""
+        journal."""
         if self.directory.is_dir():
             return
         self.store.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".open-", dir=self.store))
+        scratch = Path(tempfile.mkdtemp(prefix=f"{self.directory.name}-", dir=self.store))
         for folder in self.store.iterdir():
             if folder.name.startswith("."):
                 continue
             journal = Journal(folder)
             try:
-                if journal.phase in UNFINISHED:
+                if self.keeps(journal):
                     _create_durably(scratch / _index_name(journal))
             except HistoryError:
                 continue  # not a journal (no journal.jsonl, no header)

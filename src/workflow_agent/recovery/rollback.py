@@ -111,10 +111,9 @@ class Full(RollbackStrategy):
         state = journal.read()
         _refuse_if_later(store, state, self.name)
         chain = [Selection(journal, state, state.changes)]
-        for other in reversed(store.summaries()):
+        for other in reversed(store.of_target(state.header.target_identity)):
             header = other.header
             if (header.created < state.header.created
-                    and header.target_identity == state.header.target_identity
                     and header.integration == state.header.integration
                     and other.phase in ("committed", "kept", "executed")):
                 earlier = other.journal.read()
@@ -160,9 +159,8 @@ def strategy_named(name: str, ids: Sequence[int] = ()) -> RollbackStrategy:
 
 
 def _refuse_if_later(store: JournalStore, state: JournalState, strategy: str) -> None:
-    later = [other for other in store.summaries()
+    later = [other for other in store.of_target(state.header.target_identity)
              if other.header.created > state.header.created
-             and other.header.target_identity == state.header.target_identity
              and other.header.integration == state.header.integration
              and other.phase in ("committed", "kept", "executed", "executing")]
     if later:
