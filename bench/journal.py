@@ -10,6 +10,10 @@
 3. Rollback time for the node-exporter install: an install that fails right after its
    last step (``fail_after_step``: everything is installed, then the script fails) and
    rolls back; and ``rollback --strategy staged`` of the successful installs of (1).
+4. What a rollback reads of a machine's other journals: ``Staged().select`` (which checks
+   that no later workflow changed the target) on a store holding N = 100, 1,000 and
+   10,000 journals of other targets, against one scan of the whole store
+   (``summaries()``, what every rollback read before the index by target).
 
 In-process, as tests/test_workflow.py drives it: one ``WorkflowAgent`` per configuration
 (data and cache directories in a temporary directory), wall time = ``perf_counter``
@@ -27,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +43,20 @@ from workflow_agent.agent import WorkflowAgent
 from workflow_agent.agents.coordinator import WorkflowRequest
 from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.container import Container
+from workflow_agent.execution.journal import Header, JournalStore
 from workflow_agent.execution.rootfs import RootfsCache, default_cache_dir
 from workflow_agent.execution.sandbox import SandboxTarget
+from workflow_agent.recovery.rollback import Staged
 from workflow_agent.scripting.render import script_steps
 from workflow_agent.state import StageRecord, WorkflowState
+from workflow_agent.verification.snapshot import Snapshot
 
 DEFAULT_RUNS = 3
 CHANGES_HOST = False
 PORT = "19190"  # the sandbox shares this host's network: keep off 9100
 FILES = 1000
+#: Part 4: journals of other targets in the store.
+LOOKUP_SIZES = (100, 1000, 10000)
 BENCH_DIR = "/etc/bench"
 PLUGIN = "bench-files"
 MiB = 1024 * 1024
@@ -293,6 +303,38 @@ def rollback_after_failure(bench: Bench, runs: int, steps: int) -> list[Series]:
     return [whole, execute, stage_time, report]
 
 
+def rollback_lookup(runs: int, root: Path) -> list[Series]:
+    """Part 4: in-process, no target; the timed calls read the store only."""
+    rows: list[Series] = []
+    store = JournalStore(root / "lookup")
+    mine = store.create(_header("mine", "ssh://root@web1:22"))
+    mine.record_prepared(Snapshot(), None, [], [])
+    others = 0
+    for count in LOOKUP_SIZES:
+        while others < count:
+            # Finished installs on other hosts, as a fleet's machine accumulates them.
+            store.create(_header(f"other-{others:05d}", f"ssh://root@10.0.{others}:22")
+                         ).set_phase("committed")
+            others += 1
+        select = Series(f"N = {count}: Staged().select (index by target)")
+        scan = Series(f"N = {count}: one scan of the store (summaries())")
+        for _ in range(runs):
+            started = time.perf_counter()
+            Staged().select(store, mine)
+            select.samples.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            store.summaries()
+            scan.samples.append(time.perf_counter() - started)
+        rows += [select, scan]
+    return rows
+
+
+def _header(workflow_id: str, target: str) -> Header:
+    return Header(workflow_id=workflow_id, action="install", integration="bench",
+                  target=target, target_identity=target, paths=["/etc/bench"], ignore=[],
+                  predicted=False, pid=os.getpid(), created=datetime.now(UTC))
+
+
 def load() -> str:
     return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -314,6 +356,9 @@ def main(runs: int) -> None:
         print_table(f"journal (3): rollback of the {NODE_EXPORTER} install, {runs} runs after "
                     "1 warm-up (the later rollbacks: one after each install of (1))",
                     failed + later_rollback)
+        lookup = rollback_lookup(runs, root)
+        print_table(f"journal (4): what a rollback reads, with N journals of other targets "
+                    f"in the store, {runs} runs", lookup)
         print(f"\n{load()} at the end")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -374,7 +374,7 @@ def test_an_interrupted_rollout_names_what_it_left_and_recover_undoes_it_on_each
     again = cli(lab, tmp_path, "install", "slow-conf", "--inventory", inventory, "--yes",
                 "--output", "json", env=env)
     assert again.returncode != 0
-    assert all("never rolled back" in (h["error"] or "")
+    assert all("never rolled back" in (h["error"] or "") and "recover" in (h["hint"] or "")
                for h in json.loads(again.stdout)["hosts"]), again.stdout
 
     # The hosts' key is the inventory's: recover reaches them through it.

@@ -48,6 +48,8 @@ RollbackAllOpt = Annotated[bool, typer.Option(
 
 _MARK = {"pending": "[dim]·[/]", "running": "[cyan]…[/]", "succeeded": "[green]✓[/]",
          "failed": "[red]✗[/]", "unreachable": "[magenta]⚡[/]", "skipped": "[dim]-[/]"}
+#: Distinct hints the summary shows under its table.
+_HINTS = 5
 _STYLE = {"succeeded": "green", "failed": "red", "unreachable": "magenta", "skipped": "dim",
           "running": "cyan", "pending": "dim"}
 
@@ -295,6 +297,18 @@ def show_report(report: RolloutReport) -> None:
                       f"[{_STYLE[host.status]}]{host.status}[/]", rolled,
                       (host.workflow_id or "")[:8], escape(detail))
     out.print(table)
+    # What the errors say to do (or their script's last output), once per wording.
+    hints: dict[str, list[str]] = {}
+    for host in report.hosts:
+        if host.hint and host.status in ("failed", "unreachable"):
+            line = " / ".join(part.strip() for part in host.hint.splitlines() if part.strip())
+            hints.setdefault(line[:300], []).append(host.name)
+    for hint, names in list(hints.items())[:_HINTS]:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        out.print(f"[bold]{escape(shown)}:[/] {escape(hint)}")
+    if len(hints) > _HINTS:
+        out.print(f"[dim]{len(hints) - _HINTS} more: `workflow-agent show WORKFLOW` tells "
+                  "each host's whole story[/]")
     counts = ", ".join(f"{report.count(s)} {s}" for s in
                        ("succeeded", "failed", "unreachable", "skipped") if report.count(s))
     out.print(f"{counts} in {report.duration:.1f}s  [dim](workflow-agent history --fleet "

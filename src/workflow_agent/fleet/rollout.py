@@ -70,6 +70,8 @@ class HostResult:
     stage: str = ""
     workflow_id: str | None = None
     error: str | None = None
+    #: What to do about ``error``, when its error says.
+    hint: str | None = None
     exit_code: int = 0
     #: The workflow reached the execute stage: the host may have been changed.
     changed: bool = False
@@ -90,7 +92,8 @@ class HostResult:
         return {
             "host": self.name, "target": self.target, "batch": self.batch,
             "workflow_id": self.workflow_id, "status": self.status, "stage": self.stage,
-            "error": self.error, "exit_code": self.exit_code, "changed": self.changed,
+            "error": self.error, "hint": self.hint, "exit_code": self.exit_code,
+            "changed": self.changed,
             "rolled_back": self.rolled_back, "rollback_workflow_id": self.rollback_workflow_id,
             "rollback_error": self.rollback_error, "unreachable": self.unreachable,
             "duration": None if self.duration is None else round(self.duration, 3),
@@ -312,6 +315,7 @@ class Rollout:
         unreachable = _UNREACHABLE in (first, error.type if error else None)
         result.status = "unreachable" if unreachable else "failed"
         result.error = error.message if error else state.status
+        result.hint = error.hint if error else None
         result.rolled_back = state.rollback is not None and state.rollback.ok
         if unreachable and result.changed and not result.rolled_back:
             result.error += _HALF_MADE
