@@ -636,6 +636,7 @@ def recover(
 def resume(
     workflow_id: WorkflowArg,
     param: ParamOpt = None,
+    inventory: ReachOpt = None,
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
     yes: YesOpt = False,
@@ -643,7 +644,7 @@ def resume(
 ) -> None:
     """Run an interrupted or failed install/uninstall again, from its recorded request."""
     try:
-        container = _container(config)
+        container = _reaching(config, inventory)
         record = container.history.get_workflow(workflow_id)
         if record.action not in ("install", "uninstall") or record.status == "succeeded":
             raise _invalid(f"workflow {record.id[:8]} ({record.action}, {record.status}) has "
