@@ -171,13 +171,17 @@ class Container:
             hint=f"Use one of: {', '.join(TARGET_KINDS)}.",
         )
 
-    def ssh_target(self, spec: str, settings: SshSettings | None = None) -> Target:
+    def ssh_target(self, spec: str, settings: SshSettings | None = None,
+                   sudo_password: str | None = None) -> Target:
         """``ssh://user@host:port``, with the ssh settings (or ``settings``, e.g. an
-        inventory host's own key and jump host); sudo's password on demand."""
+        inventory host's own key and jump host); sudo's password ``sudo_password`` (an
+        inventory's), else on demand."""
         from workflow_agent.execution.ssh import SshTarget, parse_ssh_spec
 
+        if sudo_password:
+            self.redactor.add([sudo_password])
         return SshTarget(parse_ssh_spec(spec), settings or self.config.ssh,
-                         sudo_password=self._sudo_password)
+                         sudo_password=sudo_password or self._sudo_password)
 
     def _sudo_password(self) -> str | None:
         """The sudo password for ssh targets: from ``ssh.sudo_password_env``, else asked

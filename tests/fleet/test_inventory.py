@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 
 from workflow_agent.errors import InvalidInputError
-from workflow_agent.fleet.inventory import Inventory, InventoryError, load_inventory
+from workflow_agent.fleet.inventory import (
+    Inventory,
+    InventoryError,
+    Vaulted,
+    load_inventory,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -245,6 +250,30 @@ def test_targets_and_connection_variables(tmp_path: Path) -> None:
     assert v6.become and v6.become_user == "admin"
     assert v6.private_key_file == Path.home() / ".ssh" / "fleet"
     assert not hosts["web01.example.com"].become
+
+
+
+VAULT = ("!vault |\n          $ANSIBLE_VAULT;1.1;AES256\n"
+         "          62313365396662343061393464336163383764373764613633653634306231386433\n")
+
+
+def test_ansible_vault_and_unsafe_values_load(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.yml"
+    path.write_text("web:\n  hosts:\n    w1:\n      ansible_host: 10.0.0.1\n"
+                    f"      ansible_become_password: {VAULT}"
+                    "      banner: !unsafe '{{ lookup(\"pipe\", \"id\") }}'\n")
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "group_vars" / "web.yml").write_text(f"db_password: {VAULT}"
+                                                     "ansible_user: deploy\n")
+    host = load_inventory(path).hosts["w1"]
+    assert host.target == "ssh://deploy@10.0.0.1:22"
+    assert isinstance(host.become_password, Vaulted)
+    assert isinstance(host.vars["db_password"], Vaulted)
+    assert host.vars["banner"] == '{{ lookup("pipe", "id") }}'  # text, never evaluated
+    assert "AES256" not in repr(host)  # the variables (passwords too) are not in its repr
+    (tmp_path / "group_vars" / "web.yml").write_text(f"ansible_port: {VAULT}")
+    with pytest.raises(InvalidInputError, match="ansible_port is encrypted with Ansible Vault"):
+        _ = load_inventory(path).hosts["w1"].target
 
 
 # -- bad input --------------------------------------------------------------------------

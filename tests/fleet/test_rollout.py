@@ -388,3 +388,52 @@ def test_an_interrupted_rollout_names_what_it_left_and_recover_undoes_it_on_each
         # The file is gone again; the script's sleep was stopped.
         assert remote(lab, index, "ls -A /etc") == before[index]
         assert remote(lab, index, "pgrep -x sleep || true").strip() == ""
+
+
+def test_an_inventorys_sudo_password_is_used_and_a_vaulted_one_is_said_to_be_unread(
+    make_lab: Callable[[int], SshLab], tmp_path: Path
+) -> None:
+    lab = make_lab(2)
+    plugins = plugin(tmp_path, "root-conf", "echo ok > /etc/root-conf.conf\n")
+    password = lab.sudo_password
+    vault = ("!vault |\n          $ANSIBLE_VAULT;1.1;AES256\n"
+             "          6231336539666234306139346433616338376437376461363365363430623138\n")
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        "all:\n"
+        "  vars:\n"
+        "    ansible_user: deploy\n"
+        "    ansible_become: true\n"
+        f"    ansible_ssh_private_key_file: {lab.client_key}\n"
+        f"    app_token: {vault}"
+        "    motd: !unsafe '{{ not a template }}'\n"
+        "  hosts:\n"
+        f"    {lab.hosts[0].name}:\n"
+        f"      ansible_host: {lab.hosts[0].address}\n"
+        f"      ansible_become_password: {json.dumps(password)}\n"
+        f"    {lab.hosts[1].name}:\n"
+        f"      ansible_host: {lab.hosts[1].address}\n"
+        f"      ansible_become_password: {vault}", encoding="utf-8")
+    env = {**{k: v for k, v in lab.config_env().items() if not k.endswith("CLIENT_KEYS")},
+           "WORKFLOW_AGENT_PLUGIN_DIRS": json.dumps([str(plugins)])}
+
+    done = cli(lab, tmp_path, "install", "root-conf", "--inventory", str(inventory),
+               "--forks", "2", "--max-fail", "100%", "--yes", "--output", "json", env=env)
+    hosts = {h["host"]: h for h in json.loads(done.stdout)["hosts"]}
+    assert hosts[lab.hosts[0].name]["status"] == "succeeded", done.stdout + done.stderr
+    assert remote(lab, 0, "cat /etc/root-conf.conf") == "ok\n"
+    vaulted = hosts[lab.hosts[1].name]
+    assert vaulted["status"] == "failed" and "sudo needs a password" in vaulted["error"]
+    assert "encrypted with Ansible Vault, which workflow-agent does not decrypt" in " ".join(
+        done.stderr.split())
+    assert password not in done.stdout + done.stderr
+    assert not [path for path in (tmp_path / "data").rglob("*")
+                if path.is_file() and password.encode() in path.read_bytes()]
+
+    # A connection variable it needs cannot be vaulted: refused before any host is touched.
+    inventory.write_text(inventory.read_text().replace(
+        "ansible_user: deploy", f"ansible_user: {vault.rstrip()}\n"), encoding="utf-8")
+    refused = cli(lab, tmp_path, "install", "root-conf", "--inventory", str(inventory),
+                  "--yes", env=env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "ansible_user is encrypted with Ansible Vault" in " ".join(refused.stderr.split())

@@ -103,6 +103,7 @@ def fleet_command(
                                 hint="Use --limit to pick inventory hosts.")
     options = fleet.options()
     hosts = load_inventory(fleet.inventory).select(fleet.limit or "all")
+    _note_vaulted_passwords(hosts)
     targets = FleetTargets(load_configuration(config_file=config, **overrides), hosts)
     if action in ("install", "uninstall") and not yes:
         _confirm(action, integration, hosts, json_output)
@@ -181,6 +182,23 @@ def interrupted(targets: FleetTargets, progress: FleetProgress, inventory: Path,
               + (f"{unstarted} host(s) never started. " if unstarted else "")
               + f"`workflow-agent history --fleet {fleet}` shows every host's run.")
     return 130
+
+
+def _note_vaulted_passwords(hosts: list[Host]) -> None:
+    """Say once that an inventory's vault-encrypted sudo password is not used."""
+    from workflow_agent.fleet.inventory import Vaulted
+
+    vaulted = [h.name for h in hosts if h.become and isinstance(h.become_password, Vaulted)]
+    if vaulted:
+        from rich.markup import escape
+
+        from workflow_agent.cli.output import err
+
+        names = ", ".join(vaulted[:5]) + (f" and {len(vaulted) - 5} more" if len(vaulted) > 5
+                                          else "")
+        err.print(f"note: the sudo password the inventory gives {escape(names)} is encrypted "
+                  "with Ansible Vault, which workflow-agent does not decrypt: sudo's password "
+                  "comes from ssh.sudo_password_env, or a prompt on a terminal.")
 
 
 def _import(*modules: str) -> None:

@@ -15,6 +15,10 @@ What is read:
   file (``NAME``, ``NAME.yml``, ``NAME.yaml``, ``NAME.json``) or a directory of them,
   read in name order.
 
+YAML may carry Ansible's tags: ``!unsafe`` text is text; a ``!vault`` value (Ansible
+Vault) is kept encrypted, as ``Vaulted``: workflow-agent does not decrypt it, and a
+connection variable it needs (``ansible_host``, ``ansible_user``, ...) refuses one.
+
 Every host is in ``all``; a host in no other group is in ``ungrouped``. A host's
 variables merge, later winning (key by key, no deep merge): inventory vars of ``all``,
 then of its other groups by depth (parents before children), ``ansible_group_priority``
@@ -72,29 +76,69 @@ class Group:
     parents: list[str] = field(default_factory=list)
 
 
+class Vaulted:
+    """A value Ansible Vault encrypted (a ``!vault`` YAML tag): opaque, never decrypted."""
+
+    __slots__ = ("ciphertext",)
+
+    def __init__(self, ciphertext: str) -> None:
+        self.ciphertext = ciphertext
+
+    def __repr__(self) -> str:
+        return "Vaulted(...)"
+
+
+#: Ansible's names for the sudo password (``ansible_become_method: sudo``).
+BECOME_PASSWORD_VARS = ("ansible_become_password", "ansible_become_pass", "ansible_sudo_pass")
+
+
 @dataclass(frozen=True)
 class Host:
     """One inventory host with its merged variables and every group it belongs to."""
 
     name: str
-    vars: Mapping[str, Any]
+    vars: Mapping[str, Any] = field(repr=False)  # may hold passwords
     groups: tuple[str, ...]
+
+    def plain(self, key: str, default: Any = None) -> Any:
+        """The variable ``key`` (``default`` when unset); ``InventoryError`` when Ansible
+        Vault encrypted it: a variable workflow-agent needs must be readable."""
+        value = self.vars.get(key, default)
+        if isinstance(value, Vaulted):
+            raise InvalidInputError(
+                f"inventory host {self.name!r}: {key} is encrypted with Ansible Vault, "
+                "which workflow-agent does not decrypt",
+                hint=f"Give {key} in plain text in the inventory, group_vars or host_vars "
+                "(it is no secret).")
+        return value
 
     @property
     def address(self) -> str:
         """Where to connect: ``ansible_host``, else the inventory name."""
-        return str(self.vars.get("ansible_host") or self.name)
+        return str(self.plain("ansible_host") or self.name)
 
     @property
     def port(self) -> int:
         """``ansible_port``, else 22."""
-        return int(self.vars.get("ansible_port") or 22)
+        return int(self.plain("ansible_port") or 22)
 
     @property
     def user(self) -> str | None:
         """``ansible_user`` (None: the SSH target's default)."""
-        user = self.vars.get("ansible_user")
+        user = self.plain("ansible_user")
         return str(user) if user else None
+
+    @property
+    def become_password(self) -> str | Vaulted | None:
+        """The sudo password the inventory gives (``ansible_become_password`` or its
+        older names), if any: text, or ``Vaulted`` when Ansible Vault encrypted it."""
+        for key in BECOME_PASSWORD_VARS:
+            value = self.vars.get(key)
+            if isinstance(value, Vaulted):
+                return value
+            if value not in (None, ""):
+                return str(value)
+        return None
 
     @property
     def target(self) -> str:
@@ -111,17 +155,17 @@ class Host:
     @property
     def become(self) -> bool:
         """``ansible_become``: run with privilege escalation (sudo)."""
-        return _truthy(self.vars.get("ansible_become", False))
+        return _truthy(self.plain("ansible_become", False))
 
     @property
     def become_user(self) -> str:
         """``ansible_become_user`` (root by default)."""
-        return str(self.vars.get("ansible_become_user") or "root")
+        return str(self.plain("ansible_become_user") or "root")
 
     @property
     def private_key_file(self) -> Path | None:
         """``ansible_ssh_private_key_file`` (or ``ansible_private_key_file``), if set."""
-        key = self.vars.get("ansible_ssh_private_key_file") or self.vars.get(
+        key = self.plain("ansible_ssh_private_key_file") or self.plain(
             "ansible_private_key_file"
         )
         return Path(str(key)).expanduser() if key else None
@@ -131,7 +175,7 @@ class Host:
         """The ProxyJump host of ``ansible_ssh_common_args`` / ``ansible_ssh_extra_args``
         (``-J host`` or ``-o ProxyJump=host``), if any."""
         for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
-            words = shlex.split(str(self.vars.get(key) or ""))
+            words = shlex.split(str(self.plain(key) or ""))
             for index, word in enumerate(words):
                 if word == "-J" and index + 1 < len(words):
                     return words[index + 1]
@@ -558,6 +602,21 @@ def _load_vars(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     return loaded
 
 
+class _AnsibleLoader(yaml.SafeLoader):
+    """Safe YAML with Ansible's own tags: ``!unsafe`` (text as it stands) and ``!vault``
+    (an encrypted value, kept as ``Vaulted``)."""
+
+
+_AnsibleLoader.add_constructor(
+    "!unsafe", lambda loader, node: loader.construct_scalar(node))  # type: ignore[arg-type]
+_AnsibleLoader.add_constructor(
+    "!vault", lambda loader, node: Vaulted(loader.construct_scalar(node)))  # type: ignore[arg-type]
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_AnsibleLoader)  # a SafeLoader: builds no objects
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -566,7 +625,7 @@ def _read_yaml(path: Path) -> Any:
     try:
         if path.suffix == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else getattr(exc, "lineno", None)
@@ -587,7 +646,7 @@ def load_inventory(path: Path | str) -> Inventory:
     inventory = Inventory(source)
     if _looks_like_yaml(source, text):
         try:
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise InventoryError(source, f"not valid YAML: {exc}",

@@ -162,7 +162,9 @@ class FleetTargets:
         host = self.by_spec.get(spec)
         if host is None or not spec.startswith("ssh://"):
             return self.container.make_target(spec)
-        return self.container.ssh_target(spec, host_ssh_settings(host, self.config.ssh))
+        password = host.become_password
+        return self.container.ssh_target(spec, host_ssh_settings(host, self.config.ssh),
+                                         password if isinstance(password, str) else None)
 
     def open_early(self, hosts: Iterable[Host]) -> None:
         """Start connecting the SSH ``hosts`` now; their workflows then wait for the
