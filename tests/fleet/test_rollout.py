@@ -413,6 +413,7 @@ def test_an_inventorys_sudo_password_is_used_and_a_vaulted_one_is_said_to_be_unr
         f"      ansible_become_password: {json.dumps(password)}\n"
         f"    {lab.hosts[1].name}:\n"
         f"      ansible_host: {lab.hosts[1].address}\n"
+        "      ansible_password: not-for-logins\n"
         f"      ansible_become_password: {vault}", encoding="utf-8")
     env = {**{k: v for k, v in lab.config_env().items() if not k.endswith("CLIENT_KEYS")},
            "WORKFLOW_AGENT_PLUGIN_DIRS": json.dumps([str(plugins)])}
@@ -424,8 +425,10 @@ def test_an_inventorys_sudo_password_is_used_and_a_vaulted_one_is_said_to_be_unr
     assert remote(lab, 0, "cat /etc/root-conf.conf") == "ok\n"
     vaulted = hosts[lab.hosts[1].name]
     assert vaulted["status"] == "failed" and "sudo needs a password" in vaulted["error"]
-    assert "encrypted with Ansible Vault, which workflow-agent does not decrypt" in " ".join(
-        done.stderr.split())
+    said = " ".join(done.stderr.split())
+    assert "encrypted with Ansible Vault, which workflow-agent does not decrypt" in said
+    assert f"login password the inventory gives {lab.hosts[1].name} (ansible_password) is " \
+        "not used" in said
     assert password not in done.stdout + done.stderr
     assert not [path for path in (tmp_path / "data").rglob("*")
                 if path.is_file() and password.encode() in path.read_bytes()]

@@ -103,7 +103,7 @@ def fleet_command(
                                 hint="Use --limit to pick inventory hosts.")
     options = fleet.options()
     hosts = load_inventory(fleet.inventory).select(fleet.limit or "all")
-    _note_vaulted_passwords(hosts)
+    _note_unused_passwords(hosts)
     targets = FleetTargets(load_configuration(config_file=config, **overrides), hosts)
     if action in ("install", "uninstall") and not yes:
         _confirm(action, integration, hosts, json_output)
@@ -184,21 +184,32 @@ def interrupted(targets: FleetTargets, progress: FleetProgress, inventory: Path,
     return 130
 
 
-def _note_vaulted_passwords(hosts: list[Host]) -> None:
-    """Say once that an inventory's vault-encrypted sudo password is not used."""
+def _note_unused_passwords(hosts: list[Host]) -> None:
+    """Say once which passwords of the inventory are not used, and what is instead."""
     from workflow_agent.fleet.inventory import Vaulted
 
     vaulted = [h.name for h in hosts if h.become and isinstance(h.become_password, Vaulted)]
+    logins = [h.name for h in hosts if h.vars.get("ansible_password") is not None
+              or h.vars.get("ansible_ssh_pass") is not None]
+    if not vaulted and not logins:
+        return
+    from rich.markup import escape
+
+    from workflow_agent.cli.output import err
+
+    def names(which: list[str]) -> str:
+        return escape(", ".join(which[:5]) + (f" and {len(which) - 5} more"
+                                              if len(which) > 5 else ""))
+
     if vaulted:
-        from rich.markup import escape
-
-        from workflow_agent.cli.output import err
-
-        names = ", ".join(vaulted[:5]) + (f" and {len(vaulted) - 5} more" if len(vaulted) > 5
-                                          else "")
-        err.print(f"note: the sudo password the inventory gives {escape(names)} is encrypted "
-                  "with Ansible Vault, which workflow-agent does not decrypt: sudo's password "
-                  "comes from ssh.sudo_password_env, or a prompt on a terminal.")
+        err.print(f"note: the sudo password the inventory gives {names(vaulted)} is "
+                  "encrypted with Ansible Vault, which workflow-agent does not decrypt: "
+                  "sudo's password comes from ssh.sudo_password_env, or a prompt on a "
+                  "terminal.")
+    if logins:
+        err.print(f"note: the login password the inventory gives {names(logins)} "
+                  "(ansible_password) is not used: workflow-agent logs in with keys "
+                  "(ansible_ssh_private_key_file, ssh.client_keys) or the ssh-agent.")
 
 
 def _import(*modules: str) -> None:
