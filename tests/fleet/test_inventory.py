@@ -252,6 +252,17 @@ def test_targets_and_connection_variables(tmp_path: Path) -> None:
     assert not hosts["web01.example.com"].become
 
 
+def test_the_older_ssh_connection_variables_are_read_as_ansible_reads_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "hosts.ini"
+    path.write_text("old ansible_ssh_host=10.0.0.7 ansible_ssh_port=2222 ansible_ssh_user=ops\n"
+                    "both ansible_ssh_host=10.0.0.8 ansible_host=10.0.0.9 ansible_user=a\n")
+    hosts = load_inventory(path).hosts
+    assert hosts["old"].target == "ssh://ops@10.0.0.7:2222"
+    assert hosts["both"].target == "ssh://a@10.0.0.8:22"  # the ssh plugin's precedence
+
+
 
 VAULT = ("!vault |\n          $ANSIBLE_VAULT;1.1;AES256\n"
          "          62313365396662343061393464336163383764373764613633653634306231386433\n")

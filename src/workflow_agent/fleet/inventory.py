@@ -112,20 +112,25 @@ class Host:
                 "(it is no secret).")
         return value
 
+    def _connection(self, name: str) -> Any:
+        """``ansible_ssh_NAME`` (the older name, which Ansible's ssh connection still
+        prefers when both are set), else ``ansible_NAME``."""
+        return self.plain(f"ansible_ssh_{name}") or self.plain(f"ansible_{name}")
+
     @property
     def address(self) -> str:
         """Where to connect: ``ansible_host``, else the inventory name."""
-        return str(self.plain("ansible_host") or self.name)
+        return str(self._connection("host") or self.name)
 
     @property
     def port(self) -> int:
         """``ansible_port``, else 22."""
-        return int(self.plain("ansible_port") or 22)
+        return int(self._connection("port") or 22)
 
     @property
     def user(self) -> str | None:
         """``ansible_user`` (None: the SSH target's default)."""
-        user = self.plain("ansible_user")
+        user = self._connection("user")
         return str(user) if user else None
 
     @property
