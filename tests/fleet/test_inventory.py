@@ -14,13 +14,16 @@ from typing import Any
 
 import pytest
 
+from workflow_agent.config import WorkflowConfiguration
 from workflow_agent.errors import InvalidInputError
 from workflow_agent.fleet.inventory import (
+    Host,
     Inventory,
     InventoryError,
     Vaulted,
     load_inventory,
 )
+from workflow_agent.fleet.plan import FleetTargets
 
 BIN = Path(sys.executable).parent
 
@@ -262,6 +265,29 @@ def test_the_older_ssh_connection_variables_are_read_as_ansible_reads_them(
     assert hosts["old"].target == "ssh://ops@10.0.0.7:2222"
     assert hosts["both"].target == "ssh://a@10.0.0.8:22"  # the ssh plugin's precedence
 
+
+
+@pytest.mark.parametrize(("args", "jump"), [
+    ('-o ProxyCommand="ssh -W %h:%p -q ops@bastion"', "ops@bastion"),
+    ("-o 'ProxyCommand=ssh -p 2222 -l ops bastion -W %h:%p'", "ops@bastion:2222"),
+    ('-o ProxyCommand="ssh bastion nc %h %p"', "bastion"),
+    ('-o "ProxyCommand ssh -W %h:%p -i ~/.ssh/b -o BatchMode=yes jump"', "jump"),
+    ("-o ProxyCommand=none", None),
+    ("-J ops@b2 -o ServerAliveInterval=5", "ops@b2"),
+])
+def test_a_proxycommand_through_a_bastion_is_a_jump_host(args: str, jump: str | None
+                                                          ) -> None:
+    assert Host("h", {"ansible_ssh_common_args": args}, ()).jump_host == jump
+
+
+@pytest.mark.parametrize("command", ["aws ssm start-session --target %h", "ssh bastion",
+                                     "corkscrew proxy 8080 %h %p"])
+def test_a_proxycommand_it_cannot_follow_is_refused(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "hosts.ini"
+    path.write_text(f"h1 ansible_ssh_common_args='-o ProxyCommand=\"{command}\"'\n")
+    hosts = load_inventory(path).select("all")
+    with pytest.raises(InvalidInputError, match=r"has a ProxyCommand .* cannot follow"):
+        FleetTargets(WorkflowConfiguration(data_dir=tmp_path / "d"), hosts)
 
 
 VAULT = ("!vault |\n          $ANSIBLE_VAULT;1.1;AES256\n"

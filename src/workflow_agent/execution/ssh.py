@@ -118,7 +118,6 @@ def parse_ssh_spec(spec: str, *, default_user: str = "root") -> SshAddress:
 
 
 # -- the target -----------------------------------------------------------------------
-# -- the target -----------------------------------------------------------------------
 
 
 class SshTarget(Target):

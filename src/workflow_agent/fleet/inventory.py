@@ -177,8 +177,11 @@ class Host:
 
     @property
     def jump_host(self) -> str | None:
-        """The ProxyJump host of ``ansible_ssh_common_args`` / ``ansible_ssh_extra_args``
-        (``-J host`` or ``-o ProxyJump=host``), if any."""
+        """The jump host of ``ansible_ssh_common_args`` / ``ansible_ssh_extra_args``, if
+        any: a ProxyJump (``-J host``, ``-o ProxyJump=host``), or a ProxyCommand that is
+        ssh to a bastion passing the connection on (``ssh -W %h:%p bastion``, ``ssh
+        bastion nc %h %p``). Any other ProxyCommand is refused (``InvalidInputError``):
+        connecting straight to the host is not what the inventory says."""
         for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
             words = shlex.split(str(self.plain(key) or ""))
             for index, word in enumerate(words):
@@ -187,10 +190,56 @@ class Host:
                 option = word.removeprefix("-o") if word.startswith("-o") else word
                 if word == "-o" and index + 1 < len(words):
                     option = words[index + 1]
-                name, sep, value = option.partition("=")
-                if sep and name.strip().lower() == "proxyjump":
-                    return value.strip()
+                match = _SSH_OPTION.fullmatch(option)
+                if match is None:
+                    continue
+                name, value = match.group(1).lower(), match.group(2).strip()
+                if name == "proxyjump":
+                    return value
+                if name == "proxycommand" and value.lower() != "none":
+                    return self._bastion(key, value)
         return None
+
+    def _bastion(self, key: str, command: str) -> str:
+        """The host a ProxyCommand reaches the target through (see ``jump_host``)."""
+        words = shlex.split(command)
+        user = port = destination = None
+        passes_on = False
+        if words and Path(words[0]).name == "ssh":
+            rest = iter(words[1:])
+            for word in rest:
+                if len(word) == 2 and word[0] == "-" and word[1] in _SSH_ARGUMENTS:
+                    argument = next(rest, "")
+                    if word == "-W":
+                        passes_on = passes_on or argument == "%h:%p"
+                    elif word == "-p":
+                        port = argument
+                    elif word == "-l":
+                        user = argument
+                elif word.startswith("-"):
+                    continue  # a flag (-q, -A, ...), or an option joined to its argument
+                elif destination is None:
+                    destination = word
+                else:  # the command run on the bastion: a netcat to the target
+                    remote = [word, *rest]
+                    passes_on = passes_on or (Path(word).name in ("nc", "ncat", "netcat")
+                                              and remote[1:3] == ["%h", "%p"])
+                    break
+        if not passes_on or destination is None:
+            raise InvalidInputError(
+                f"inventory host {self.name!r}: {key} has a ProxyCommand ({command}), "
+                "which workflow-agent cannot follow",
+                hint="Reach the host through a ProxyJump (-J bastion, or "
+                "-o ProxyJump=bastion), or directly.")
+        if user and "@" not in destination:
+            destination = f"{user}@{destination}"
+        return f"{destination}:{port}" if port else destination
+
+
+#: ``Key=Value`` or ``Key Value``, as ssh's ``-o`` takes them.
+_SSH_OPTION = re.compile(r"\s*([A-Za-z]+)\s*(?:=|\s)\s*(.*)", re.DOTALL)
+#: ssh's options that take an argument (of which ``_bastion`` reads -W, -p and -l).
+_SSH_ARGUMENTS = "BbcDEeFIiJLlmOopQRSWw"
 
 
 def _truthy(value: Any) -> bool:

@@ -151,6 +151,8 @@ class FleetTargets:
     def __init__(self, config: WorkflowConfiguration, hosts: Sequence[Host]) -> None:
         self.config = config
         self.by_spec = {target_spec(host): host for host in hosts}
+        for host in hosts:  # a ProxyCommand it cannot follow: refused before any host
+            _ = host.jump_host
         self.container = Container(config, target_factory=self)
         self._early: dict[str, Target] = {}
 
