@@ -72,9 +72,11 @@ ParamOpt = Annotated[
                  help="A parameter; repeat for more. Secrets: prefer their environment variable."),
 ]
 TargetOpt = Annotated[
-    str | None, typer.Option("--target", "-t", help="local (this host), sandbox (a disposable "
-                             "Debian root file system) or systemd-sandbox (the same, booted "
-                             "with systemd in systemd-nspawn).")]
+    str | None, typer.Option("--target", "-t", help="local (this host), ssh://user@host:port, "
+                             "docker://CONTAINER (a running one), docker-image://IMAGE (a "
+                             "fresh container), sandbox (a disposable Debian root file "
+                             "system) or systemd-sandbox (the same, booted with systemd in "
+                             "systemd-nspawn).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file.")]
 OutputOpt = Annotated[OutputFormat, typer.Option("--output", "-o", help="text or json.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Change the target without asking.")]
