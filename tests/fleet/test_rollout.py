@@ -9,6 +9,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -440,3 +441,27 @@ def test_an_inventorys_sudo_password_is_used_and_a_vaulted_one_is_said_to_be_unr
                   "--yes", env=env)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "ansible_user is encrypted with Ansible Vault" in " ".join(refused.stderr.split())
+
+
+def test_a_fleet_plan_shows_each_distinct_script_once_and_changes_nothing(
+    make_lab: Callable[[int], SshLab], tmp_path: Path
+) -> None:
+    lab = make_lab(2)
+    inventory = str(ini_inventory(lab, tmp_path / "hosts.ini"))
+    planned = cli(lab, tmp_path, "plan", NODE, "--inventory", inventory, "--output", "json")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    report = json.loads(planned.stdout)
+    plans = report["plans"]
+    assert list(plans) == [h.name for h in lab.hosts]
+    assert {p["method"] for p in plans.values()} == {"apt"}
+    digest = plans[lab.hosts[0].name]["scripts"]["install"]
+    assert plans[lab.hosts[1].name]["scripts"]["install"] == digest  # the same script
+    assert "apt-get" in report["scripts"][digest]["text"]
+    assert report["scripts"][digest]["findings"] == []
+    assert not any(installed(lab, i) for i in range(2))
+
+    text = cli(lab, tmp_path, "plan", NODE, "--inventory", inventory)
+    assert text.returncode == 0, text.stdout + text.stderr
+    said = " ".join(text.stdout.split())
+    assert f"2 host(s): {lab.hosts[0].name}, {lab.hosts[1].name} (method apt)" in said
+    assert len(re.findall(r"\binstall script \(", said)) == 1 and "2 succeeded" in said

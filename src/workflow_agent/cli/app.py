@@ -397,10 +397,15 @@ def plan(
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
     rehearse: RehearseOpt = None,
+    inventory: InventoryOpt = None,
+    limit: LimitOpt = None,
+    forks: ForksOpt = 5,
 ) -> None:
-    """Show facts, the chosen method, the scripts and every finding; change nothing."""
+    """Show facts, the chosen method, the scripts and every finding; change nothing.
+    With --inventory: on every selected host, each distinct script shown once."""
+    fleet = None if inventory is None else FleetArgs(inventory, limit, forks, max_fail="100%")
     _workflow_command("plan", integration, param, target, config, output, True, False,
-                      rehearse=rehearse)
+                      fleet, rehearse=rehearse)
 
 
 @app.command()

@@ -184,6 +184,28 @@ def interrupted(targets: FleetTargets, progress: FleetProgress, inventory: Path,
     return 130
 
 
+def _show_plans(report: RolloutReport) -> None:
+    """Each distinct set of scripts once: the hosts it is for, the method, the scripts
+    with their validation findings."""
+    from rich.markup import escape
+
+    from workflow_agent.cli.output import out, show_scripts
+
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for host in report.hosts:  # in inventory order
+        state = report.plans.get(host.name)
+        if state is not None:
+            key = tuple(f"{action}:{script.sha256}" for action, script in state.scripts.items())
+            groups.setdefault(key, []).append(host.name)
+    for names in groups.values():
+        first = report.plans[names[0]]
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10
+                                         else "")
+        method = first.strategy.method if first.strategy else "no method"
+        out.rule(f"[bold]{len(names)} host(s)[/]: {escape(shown)} (method {escape(method)})")
+        show_scripts(first, out)
+
+
 def _note_unused_passwords(hosts: list[Host]) -> None:
     """Say once which passwords of the inventory are not used, and what is instead."""
     from workflow_agent.fleet.inventory import Vaulted
@@ -307,11 +329,15 @@ class FleetProgress:
 
 
 def show_report(report: RolloutReport) -> None:
-    """The summary table of a finished rollout (stdout), and why it stopped."""
+    """The summary table of a finished rollout (stdout), and why it stopped; a plan's
+    scripts first, each distinct one once, with the hosts it is for."""
     from rich.markup import escape
     from rich.table import Table
 
     from workflow_agent.cli.output import out
+
+    if report.action == "plan":
+        _show_plans(report)
 
     table = Table(title=f"{report.action} {report.integration}: fleet {report.fleet_id}",
                   title_justify="left")

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 HostStatus = Literal["pending", "running", "succeeded", "failed", "unreachable", "skipped"]
 #: Actions a rollout runs per host (rollback is what it does after a failed batch).
-FLEET_ACTIONS = ("install", "verify", "uninstall")
+FLEET_ACTIONS = ("install", "verify", "uninstall", "plan")
 _UNREACHABLE = TargetUnreachableError.__name__
 _HALF_MADE = ("; its changes may be half-made: run `workflow-agent recover` once the "
               "host is back")
@@ -113,6 +113,8 @@ class RolloutReport:
     #: Why later batches never started; None when every batch ran.
     stopped: str | None = None
     duration: float = 0.0
+    #: A plan's result on each host that finished one (by host name).
+    plans: dict[str, WorkflowState] = field(default_factory=dict)
 
     def count(self, status: HostStatus) -> int:
         """How many hosts ended with ``status``."""
@@ -147,7 +149,29 @@ class RolloutReport:
                        ("succeeded", "failed", "unreachable", "skipped")},
             "batches": self.batches,
             "hosts": [host.as_json() for host in self.hosts],
+            **(self._plans_json() if self.action == "plan" else {}),
         }
+
+    def _plans_json(self) -> dict[str, Any]:
+        """Each host's method and scripts (by digest) and the distinct scripts once."""
+        scripts: dict[str, dict[str, Any]] = {}
+        plans: dict[str, Any] = {}
+        for host in self.hosts:  # in inventory order
+            name, state = host.name, self.plans.get(host.name)
+            if state is None:
+                continue
+            for action, script in state.scripts.items():
+                report = state.validation.get(action)
+                scripts.setdefault(script.sha256, {
+                    **script.model_dump(mode="json"),
+                    "findings": [] if report is None else [
+                        f.model_dump(mode="json") for f in report.findings]})
+            plans[name] = {
+                "method": state.strategy.method if state.strategy else None,
+                "facts": state.facts.summary() if state.facts else None,
+                "scripts": {a: s.sha256 for a, s in state.scripts.items()},
+                "notes": list(state.notes)}
+        return {"plans": plans, "scripts": scripts}
 
 
 # -- the rollout --------------------------------------------------------------------
@@ -202,6 +226,7 @@ class Rollout:
                 self.results.append(HostResult(host.name, target_spec(host), number))
         self._tracking = _Tracking({r.target: r for r in self.results})
         self._forks = asyncio.Semaphore(self.options.forks)
+        self._plans: dict[str, WorkflowState] = {}
         agent.container.bus.subscribe(STAGE_EVENT, self._on_stage)
 
     def _update(self, result: HostResult) -> None:
@@ -239,7 +264,7 @@ class Rollout:
             batches.setdefault(result.batch, []).append(result)
         report = RolloutReport(
             self.fleet_id, action, integration, self.options, self.results,
-            [[r.name for r in batch] for batch in batches.values()],
+            [[r.name for r in batch] for batch in batches.values()], plans=self._plans,
         )
         done: list[HostResult] = []
         for number, batch in batches.items():
@@ -300,6 +325,8 @@ class Rollout:
                 result.error = f"connection lost: {exc}" + (_HALF_MADE if result.changed else "")
             else:
                 self._finish(result, state)
+                if action == "plan":
+                    self._plans[result.name] = state
             result.duration = time.monotonic() - result.started
             self._update(result)
 
