@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -202,6 +203,39 @@ def test_one_workflow_at_a_time_per_target(tmp_path: Path, env: dict[str, str]) 
                           capture_output=True).returncode == 1
     third = cli(env, "install", "quick-local", "--target", "local", "--yes")
     assert third.returncode == 0, third.stderr
+
+
+def test_ctrl_c_mid_install_says_what_it_left_and_recover_undoes_it(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    marker, conf = tmp_path / "started", Path("/opt") / f"wfa-ctrl-c-{unique_sleep()}"
+    duration = unique_sleep()
+    add_plugin(tmp_path, env, {"name": "ctrl-c-local", "uninstall": {"watch": ["/opt"]}},
+               f"echo changed > {conf}\ntouch {marker}\nsleep {duration}\n")
+    run = subprocess.Popen([sys.executable, "-m", "workflow_agent", "install", "ctrl-c-local",
+                            "--target", "local", "--no-rehearse", "--yes"], env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the install never started its script"
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130, err
+    said = " ".join(err.split())
+    assert "left part-way through changing local" in said and "phase executing" in said
+    assert "workflow-agent recover" in said and "Traceback" not in said
+    assert conf.exists()
+    recovered = cli(env, "recover", "--yes", "-o", "json")
+    assert recovered.returncode == 0, recovered.stderr
+    assert [item["result"] for item in json.loads(recovered.stdout)] == ["rolled back"]
+    assert not conf.exists()
+    assert subprocess.run(["pgrep", "-f", f"^sleep {duration}$"],
+                          capture_output=True).returncode == 1
 
 
 def test_listing_with_a_broken_plugin_says_which_file(tmp_path: Path, env: dict[str, str]) -> None:

@@ -271,6 +271,7 @@ def _workflow_command(
         except WorkflowAgentError as exc:
             raise _fail(exc) from None
         raise typer.Exit(code)
+    container = None
     try:
         params = _parse_params(param)
         container = _container(config, target=target, **overrides)
@@ -282,6 +283,9 @@ def _workflow_command(
         container.sync_history()
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
+    except KeyboardInterrupt:
+        raise (typer.Exit(130) if container is None else _interrupted(container, output)
+               ) from None
     if output is OutputFormat.json:
         emit_json(state_json(state, include_scripts=action == "plan"))
     else:
@@ -675,6 +679,28 @@ def resume(
     except WorkflowAgentError as exc:
         raise _fail(exc) from None
     raise _show_state(state, output)
+
+
+def _interrupted(container: Container, output: OutputFormat) -> typer.Exit:
+    """After Ctrl-C: what the run left part-way through a change and how to undo it."""
+    from workflow_agent.cli.jsonout import emit_json
+
+    left = container.journals.left_by(os.getpid())
+    if output is OutputFormat.json:
+        emit_json({"interrupted": True, "exit_code": 130, "left_changing": [
+            {"workflow": s.header.workflow_id, "target": s.header.target_identity,
+             "phase": s.phase} for s in left]})
+        return typer.Exit(130)
+    from workflow_agent.cli.output import err
+
+    if not left:
+        err.print("[bold red]interrupted[/]: nothing was left part-way through a change.")
+    for summary in left:
+        err.print(f"[bold red]interrupted[/]: workflow {summary.header.workflow_id[:8]} was "
+                  f"left part-way through changing {summary.header.target_identity} (phase "
+                  f"{summary.phase}); nothing undid it. Run `workflow-agent recover` to roll "
+                  "it back.")
+    return typer.Exit(130)
 
 
 def _show_state(state: WorkflowState, output: OutputFormat) -> typer.Exit:

@@ -152,13 +152,8 @@ def interrupted(targets: FleetTargets, progress: FleetProgress, inventory: Path,
     """After Ctrl-C: which hosts were left part-way through a change (their journals are
     unfinished: nothing undid them) and how to undo that; the exit code, 130."""
     from workflow_agent.cli.jsonout import emit_json
-    from workflow_agent.execution.journal import UNFINISHED, Journal
-
-    journals = targets.container.journals.directory
-    changing = [h for h in progress.hosts if h.workflow_id and (
-        journals / h.workflow_id).is_dir() and Journal(journals / h.workflow_id).phase
-        in UNFINISHED]
-    left = {h.workflow_id for h in changing}
+    left = {s.header.workflow_id for s in targets.container.journals.left_by(os.getpid())}
+    changing = [h for h in progress.hosts if h.workflow_id in left]
     unstarted = sum(1 for h in progress.hosts if h.status == "pending")
     fleet = progress.fleet_id[:8]
     if json_output:

@@ -462,6 +462,16 @@ class JournalStore:
             return None
         return JournalSummary(journal, header, phase)
 
+    def left_by(self, pid: int) -> list[JournalSummary]:
+        """The unfinished journals process ``pid`` created (say, on its way out after
+        Ctrl-C), oldest first: only those the index of open journals names are read."""
+        if not self.directory.is_dir():
+            return []
+        found = [summary for _, workflow_id in _Index.open(self.directory).entries()
+                 if (summary := self._summary(workflow_id, True)) is not None
+                 and summary.header.pid == pid and summary.unfinished]
+        return sorted(found, key=lambda summary: summary.header.created)
+
     def unfinished(self, target_identity: str) -> list[JournalSummary]:
         """Journals of ``target_identity`` a crash left with changes not undone, oldest
         first: only those the index of open journals names are read."""
