@@ -216,3 +216,14 @@ def test_a_staged_rollback_under_a_later_install_of_the_same_target_is_refused(
     assert second is not None
     assert [s.journal.workflow_id for s in Full().select(store, second)] == [
         "second", "first"]
+
+
+def test_the_journals_a_process_left_unfinished(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path / "journal")
+    executing(store, "mine-open")
+    executing(store, "mine-done").set_phase("committed")
+    store.create(header("mine-prepared"))  # nothing changed yet
+    other = store.create(header("other").model_copy(update={"pid": os.getpid() + 1}))
+    other.record_prepared(Snapshot(), None, [], [])
+    assert [s.header.workflow_id for s in store.left_by(os.getpid())] == ["mine-open"]
+    assert [s.header.workflow_id for s in store.left_by(os.getpid() + 1)] == ["other"]
