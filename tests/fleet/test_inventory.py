@@ -197,6 +197,45 @@ def test_hosts_groups_and_merged_vars_match_ansible(inventory_file: Path) -> Non
     assert inventory.hosts["db-b"].port == 2299  # host_vars beat inventory
 
 
+def test_an_inventory_directory_is_read_as_ansible_reads_it(tmp_path: Path) -> None:
+    directory = tmp_path / "production"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "10-web").write_text(INI)  # every file, in name order, merged
+    (directory / "20-extra.yml").write_text(
+        "extra:\n  hosts:\n    x1:\n      ansible_host: 10.9.9.9\n  vars:\n    tier: x\n")
+    (directory / "sub" / "cache").write_text("[cache]\nc1 ansible_port=2201\n")
+    (directory / "README.md").write_text("# not an inventory\n[nope]\n")
+    (directory / "hosts.bak").write_text("[old]\nold1\n")
+    (directory / ".hidden").write_text("[hidden]\nh1\n")
+    write_vars(directory)
+    inventory = compare_with_ansible(directory)
+    assert {"x1", "c1", "web02.example.com"} <= inventory.hosts.keys()
+    assert "old1" not in inventory.hosts and "h1" not in inventory.hosts
+    assert inventory.hosts["web02.example.com"].vars["special"] is True  # its host_vars
+
+    # What `ansible-inventory --list --yaml` writes is an inventory this reads the same.
+    exported = tmp_path / "exported.yml"
+    exported.write_text(ansible("ansible-inventory", "-i", str(directory), "--list", "--yaml",
+                                cwd=tmp_path))
+    assert {n: dict(h.vars) for n, h in load_inventory(exported).hosts.items()} == {
+        n: dict(h.vars) for n, h in inventory.hosts.items()}
+
+
+def test_an_inventory_script_is_refused_with_the_way_to_export_it(tmp_path: Path) -> None:
+    directory = tmp_path / "inventory"
+    directory.mkdir()
+    (directory / "hosts").write_text("[web]\nw1\n")
+    script = directory / "ec2.py"
+    script.write_text("#!/usr/bin/env python3\nprint('{}')\n")
+    script.chmod(0o755)
+    with pytest.raises(InvalidInputError, match="an inventory script") as caught:
+        load_inventory(directory)
+    assert f"ansible-inventory -i {script} --list --yaml" in (caught.value.hint or "")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InventoryError, match="holds no inventory file"):
+        load_inventory(tmp_path / "empty")
+
+
 def test_ini_values_are_typed_like_ansible(tmp_path: Path) -> None:
     path = tmp_path / "hosts"  # no extension: recognised as INI by its content
     path.write_text(INI)

@@ -32,6 +32,7 @@ import ast
 import fnmatch
 import ipaddress
 import json
+import os
 import re
 import shlex
 import string
@@ -687,17 +688,65 @@ def _read_yaml(path: Path) -> Any:
 
 
 def load_inventory(path: Path | str) -> Inventory:
-    """Read the inventory file at ``path`` (YAML by extension or content, else INI),
-    with the ``group_vars/`` and ``host_vars/`` beside it.
+    """Read the inventory at ``path``: a file (YAML by extension or content, else INI)
+    with the ``group_vars/`` and ``host_vars/`` beside it, or a directory of them as
+    Ansible reads one (every file in it and its subdirectories, in name order, but for
+    hidden files, ``group_vars``, ``host_vars`` and ``INVENTORY_IGNORE_EXTS``), with the
+    ``group_vars/`` and ``host_vars/`` in it.
 
     Raises ``InventoryError`` (an ``InvalidInputError``) naming the file and line.
     """
     source = Path(path)
+    inventory = Inventory(source)
+    if source.is_dir():
+        files = _inventory_files(source)
+        if not files:
+            raise InventoryError(source, "the directory holds no inventory file")
+        base = source
+    else:
+        files, base = [source], source.parent
+    for file in files:
+        _parse_file(inventory, file)
+    group_vars = _load_vars(base / "group_vars", list(inventory.groups))
+    host_files = _load_vars(base / "host_vars", list(inventory.host_vars))
+    try:
+        inventory._reconcile(group_vars, host_files)
+    except ValueError as exc:
+        raise InventoryError(source, str(exc)) from None
+    return inventory
+
+
+#: What Ansible skips in an inventory directory: hidden files, the variable folders, and
+#: its default ``INVENTORY_IGNORE_EXTS``.
+_IGNORED_IN_DIRECTORY = re.compile(
+    r"^\.|^host_vars$|^group_vars$|^vars_plugins$|"
+    r"(\.pyc|\.pyo|\.swp|\.bak|~|\.rpm|\.md|\.txt|\.rst|\.orig|\.cfg|\.retry)$")
+
+
+def _inventory_files(directory: Path) -> list[Path]:
+    """The inventory files of ``directory``, as Ansible walks it."""
+    files: list[Path] = []
+    for name in sorted(os.listdir(directory)):
+        if _IGNORED_IN_DIRECTORY.search(name):
+            continue
+        path = directory / name
+        files.extend(_inventory_files(path) if path.is_dir() else [path])
+    return files
+
+
+def _parse_file(inventory: Inventory, source: Path) -> None:
+    """Add the groups and hosts of one inventory file to ``inventory``."""
     try:
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise InventoryError(source, f"cannot read the inventory: {exc.strerror}") from exc
-    inventory = Inventory(source)
+    except UnicodeDecodeError:
+        raise InventoryError(source, "not a text file (not UTF-8)") from None
+    if text.startswith("#!") and os.access(source, os.X_OK):
+        raise InvalidInputError(
+            f"{source}: an inventory script, which workflow-agent does not run",
+            hint=f"Write what it finds to a file, and use that: ansible-inventory -i "
+            f"{shlex.quote(str(source))} --list --yaml > hosts.yml")
     if _looks_like_yaml(source, text):
         try:
             data = _load_yaml(text)
@@ -708,14 +757,6 @@ def load_inventory(path: Path | str) -> Inventory:
         _parse_yaml(inventory, source, data)
     else:
         _parse_ini(inventory, source, text)
-    base = source.parent
-    group_vars = _load_vars(base / "group_vars", list(inventory.groups))
-    host_files = _load_vars(base / "host_vars", list(inventory.host_vars))
-    try:
-        inventory._reconcile(group_vars, host_files)
-    except ValueError as exc:
-        raise InventoryError(source, str(exc)) from None
-    return inventory
 
 
 def _looks_like_yaml(path: Path, text: str) -> bool:
