@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -72,6 +72,20 @@ class KnowledgeSettings(BaseModel):
     max_document_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
 
 
+def _host_key_policy(value: Any) -> bool | Literal["accept-new"]:
+    """``ssh.check_host_keys``: a boolean (as pydantic reads one) or ``accept-new``."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "accept-new":
+        return "accept-new"
+    if text in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if text in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise ValueError(f"{value!r} is none of true, false, accept-new")
+
+
 class SshSettings(BaseModel):
     """How ``ssh://`` targets connect (see ``execution/ssh.py``)."""
 
@@ -79,9 +93,12 @@ class SshSettings(BaseModel):
 
     #: known_hosts file the host key is checked against; None: ~/.ssh/known_hosts.
     known_hosts: Path | None = None
-    #: Refuse hosts whose key is not in known_hosts. Turning this off accepts any key
-    #: (a man in the middle too): only for throwaway hosts.
-    check_host_keys: bool = True
+    #: Refuse hosts whose key is not in known_hosts. ``accept-new``: a host known_hosts
+    #: has no key for is trusted the first time and its key added there (what OpenSSH's
+    #: ``StrictHostKeyChecking=accept-new`` does); a changed key is refused all the same.
+    #: Turning this off accepts any key (a man in the middle too): throwaway hosts only.
+    check_host_keys: Annotated[bool | Literal["accept-new"],
+                               PlainValidator(_host_key_policy)] = True
     #: Private key files to offer; empty: ~/.ssh/id_* (and the agent, if allowed).
     client_keys: list[Path] = []
     #: Offer the keys of the running ssh-agent (``SSH_AUTH_SOCK``).

@@ -84,6 +84,32 @@ def test_unknown_host_is_refused_unless_checking_is_off(ssh_lab: SshLab, tmp_pat
     assert asyncio.run(unchecked()) == "lab02\n"
 
 
+def test_accept_new_trusts_a_new_host_once_and_still_refuses_a_changed_key(
+    ssh_lab: SshLab, tmp_path: Path
+) -> None:
+    host, other = ssh_lab.hosts[1], ssh_lab.hosts[2]
+    known_hosts = tmp_path / "ssh" / "known_hosts"  # neither the file nor its folder yet
+    settings = ssh_lab.ssh_settings(known_hosts=known_hosts, check_host_keys="accept-new")
+
+    async def hostname() -> str:
+        async with SshTarget(host.spec(), settings) as target:
+            return (await target.run("hostname")).stdout
+
+    assert asyncio.run(hostname()) == "lab02\n"
+    recorded = known_hosts.read_text()
+    assert recorded.split() == [host.address, *host.host_key.export_public_key().decode()
+                                .split()[:2]]
+    assert oct(known_hosts.stat().st_mode & 0o777) == "0o600"
+    assert asyncio.run(hostname()) == "lab02\n" and known_hosts.read_text() == recorded
+
+    # The host is known now: another key for it is a mismatch, refused, not re-learned.
+    known_hosts.write_text(
+        f"{host.address} {other.host_key.export_public_key().decode().strip()}\n")
+    error = open_error(SshTarget(host.spec(), settings))
+    assert isinstance(error, TargetUnreachableError) and "host key mismatch" in error.message
+    assert host.host_key.export_public_key().decode().split()[1] not in known_hosts.read_text()
+
+
 @pytest.mark.parametrize("content", [None, b"this is not a key\n"])
 def test_unusable_key_file(ssh_lab: SshLab, tmp_path: Path, content: bytes | None) -> None:
     key = tmp_path / "id_broken"

@@ -176,6 +176,7 @@ class SshTarget(Target):
         keys = [_load_key(path) for path in settings.client_keys]
         options: dict[str, object] = {
             "known_hosts": self._known_hosts(),
+            **self._accept_new(),
             "client_keys": keys or (),
             "agent_path": () if settings.use_agent else None,
             "connect_timeout": settings.connect_timeout,
@@ -201,7 +202,34 @@ class SshTarget(Target):
         if not self.settings.check_host_keys:
             return None
         path = self.settings.known_hosts
+        if self.settings.check_host_keys == "accept-new":
+            path = _known_hosts_file(path)
         return _read_known_hosts(path) if path is not None else ()
+
+    def _accept_new(self) -> dict[str, object]:
+        """With ``check_host_keys: accept-new``, the client that trusts a host known_hosts
+        has no key for, adding its key there (a key that differs from the one known_hosts
+        holds is refused as ever: asyncssh asks only about keys it does not trust)."""
+        if self.settings.check_host_keys != "accept-new":
+            return {}
+        path = _known_hosts_file(self.settings.known_hosts)
+
+        class AcceptNew(asyncssh.SSHClient):
+            def validate_host_public_key(self, host: str, addr: str, port: int,
+                                         key: asyncssh.SSHKey) -> bool:
+                known = asyncssh.read_known_hosts(str(path)).match(host, addr, port)
+                if any(known[:2]):  # keys for this host, none of them this one
+                    return False
+                name = host if port == 22 else f"[{host}]:{port}"
+                algorithm, data = key.export_public_key().decode().split()[:2]
+                with open(path, "a", encoding="utf-8") as known_hosts:
+                    known_hosts.write(f"{name} {algorithm} {data}\n")
+                log.warning("trusted %s on first use and added its key (%s) to %s "
+                            "(ssh.check_host_keys: accept-new)", name,
+                            key.get_fingerprint(), path)
+                return True
+
+        return {"client_factory": AcceptNew}
 
     async def _connect(
         self, address: SshAddress, options: Mapping[str, object]
@@ -679,6 +707,17 @@ def _read_cached(path: Path, read: Callable[[str], _T]) -> _T:
         _FILE_CACHE[key] = read(str(path))
     value: _T = _FILE_CACHE[key]
     return value
+
+
+def _known_hosts_file(path: Path | None) -> Path:
+    """The known_hosts file (``~/.ssh/known_hosts`` by default), created empty (mode
+    600, its folder 700) when missing, for keys trusted on first use to go to."""
+    path = path or Path.home() / ".ssh" / "known_hosts"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
 
 
 def _read_known_hosts(path: Path) -> object:
