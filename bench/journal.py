@@ -313,8 +313,9 @@ def rollback_lookup(runs: int, root: Path) -> list[Series]:
     for count in LOOKUP_SIZES:
         while others < count:
             # Finished installs on other hosts, as a fleet's machine accumulates them.
-            store.create(_header(f"other-{others:05d}", f"ssh://root@10.0.{others}:22")
-                         ).set_phase("committed")
+            other = store.create(_header(f"other-{others:05d}", f"ssh://root@10.0.{others}:22"))
+            other.record_prepared(Snapshot(), None, [], [])
+            other.set_phase("committed")
             others += 1
         select = Series(f"N = {count}: Staged().select (index by target)")
         scan = Series(f"N = {count}: one scan of the store (summaries())")

@@ -301,6 +301,8 @@ class Journal:
         Blocks on fsync: async code runs it in a thread.
         """
         try:
+            # Found by target from now on: nothing is changed under a journal before this.
+            _Index.by_target(self.directory.parent).add(self)
             self._write("pre.json", _snapshot_json(pre), sync=True)
             if backup is not None:
                 self._write("backup.tar", backup, sync=True)
@@ -407,8 +409,6 @@ class JournalStore:
         try:
             (folder / "journal.jsonl").write_bytes(
                 _lines([{"type": "header", **header.model_dump(mode="json")}]))
-            # Before anything is changed under it (``record_prepared``).
-            _Index.by_target(self.directory).add(journal)
         except OSError as exc:
             raise _unwritable(folder, exc) from exc
         return journal
@@ -497,7 +497,8 @@ class _Index:
 
     ``.open/``: the journals that may be unfinished. It may name more: a journal whose
     prepare failed, or one a concurrent build saw open; readers check the phase.
-    ``.by-target/``: every journal (those whose header was written)."""
+    ``.by-target/``: every journal that got as far as ``record_prepared`` (one that did
+    not changed nothing)."""
 
     def __init__(self, store: Path, name: str, keeps: Callable[[Journal], bool]) -> None:
         self.store = store
