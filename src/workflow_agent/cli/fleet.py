@@ -152,6 +152,7 @@ def interrupted(targets: FleetTargets, progress: FleetProgress, inventory: Path,
     """After Ctrl-C: which hosts were left part-way through a change (their journals are
     unfinished: nothing undid them) and how to undo that; the exit code, 130."""
     from workflow_agent.cli.jsonout import emit_json
+
     left = {s.header.workflow_id for s in targets.container.journals.left_by(os.getpid())}
     changing = [h for h in progress.hosts if h.workflow_id in left]
     unstarted = sum(1 for h in progress.hosts if h.status == "pending")
@@ -167,7 +168,7 @@ def interrupted(targets: FleetTargets, progress: FleetProgress, inventory: Path,
 
     from workflow_agent.cli.output import err
 
-    names = ", ".join(h.name for h in changing[:10]) + (" ..." if len(changing) > 10 else "")
+    names = _some([h.name for h in changing], 10)
     recover = f"workflow-agent recover --inventory {shlex.quote(str(inventory))}"
     err.print(f"[bold red]interrupted[/] (fleet {fleet}): "
               + (f"{len(changing)} host(s) were left part-way through the change "
@@ -194,8 +195,7 @@ def _show_plans(report: RolloutReport) -> None:
             groups.setdefault(key, []).append(host.name)
     for names in groups.values():
         first = report.plans[names[0]]
-        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10
-                                         else "")
+        shown = _some(names, 10)
         method = first.strategy.method if first.strategy else "no method"
         out.rule(f"[bold]{len(names)} host(s)[/]: {escape(shown)} (method {escape(method)})")
         show_scripts(first, out)
@@ -214,19 +214,21 @@ def _note_unused_passwords(hosts: list[Host]) -> None:
 
     from workflow_agent.cli.output import err
 
-    def names(which: list[str]) -> str:
-        return escape(", ".join(which[:5]) + (f" and {len(which) - 5} more"
-                                              if len(which) > 5 else ""))
-
     if vaulted:
-        err.print(f"note: the sudo password the inventory gives {names(vaulted)} is "
+        err.print(f"note: the sudo password the inventory gives {escape(_some(vaulted))} is "
                   "encrypted with Ansible Vault, which workflow-agent does not decrypt: "
                   "sudo's password comes from ssh.sudo_password_env, or a prompt on a "
                   "terminal.")
     if logins:
-        err.print(f"note: the login password the inventory gives {names(logins)} "
+        err.print(f"note: the login password the inventory gives {escape(_some(logins))} "
                   "(ansible_password) is not used: workflow-agent logs in with keys "
                   "(ansible_ssh_private_key_file, ssh.client_keys) or the ssh-agent.")
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """``names`` for a sentence: the first ``shown``, then how many more."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _import(*modules: str) -> None:
@@ -238,7 +240,7 @@ def _confirm(action: str, integration: str, hosts: list[Host], json_output: bool
     """Ask once for the whole fleet; ``NotConfirmedError`` when declined or unaskable."""
     from workflow_agent.errors import NotConfirmedError
 
-    names = ", ".join(host.name for host in hosts[:10]) + (" ..." if len(hosts) > 10 else "")
+    names = _some([host.name for host in hosts], 10)
     if sys.stdin.isatty() and not json_output:
         from rich.prompt import Confirm
 
@@ -354,8 +356,7 @@ def show_report(report: RolloutReport) -> None:
             line = " / ".join(part.strip() for part in host.hint.splitlines() if part.strip())
             hints.setdefault(line[:300], []).append(host.name)
     for hint, names in list(hints.items())[:_HINTS]:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        out.print(f"[bold]{escape(shown)}:[/] {escape(hint)}")
+        out.print(f"[bold]{escape(_some(names))}:[/] {escape(hint)}")
     if len(hints) > _HINTS:
         out.print(f"[dim]{len(hints) - _HINTS} more: `workflow-agent show WORKFLOW` tells "
                   "each host's whole story[/]")
