@@ -217,7 +217,7 @@ class SshTarget(Target):
         class AcceptNew(asyncssh.SSHClient):
             def validate_host_public_key(self, host: str, addr: str, port: int,
                                          key: asyncssh.SSHKey) -> bool:
-                known = asyncssh.read_known_hosts(str(path)).match(host, addr, port)
+                known = _read_cached(path, asyncssh.read_known_hosts).match(host, addr, port)
                 if any(known[:2]):  # keys for this host, none of them this one
                     return False
                 name = host if port == 22 else f"[{host}]:{port}"

@@ -102,8 +102,8 @@ class Host:
     groups: tuple[str, ...]
 
     def plain(self, key: str, default: Any = None) -> Any:
-        """The variable ``key`` (``default`` when unset); ``InventoryError`` when Ansible
-        Vault encrypted it: a variable workflow-agent needs must be readable."""
+        """The variable ``key`` (``default`` when unset); ``InvalidInputError`` when
+        Ansible Vault encrypted it: a variable workflow-agent needs must be readable."""
         value = self.vars.get(key, default)
         if isinstance(value, Vaulted):
             raise InvalidInputError(
